@@ -1,0 +1,408 @@
+"""Corpora, tokenizer, cached token arrays, the fixed evaluation set and repeated random tokens.
+
+The embedded default corpus needs no network: English prose from the public-domain Bible
+translations shipped in ``pythonbible-*`` wheels (parallel versions of the same verses), and Python
+source of pure-Python packages pinned in requirements.txt (sympy, networkx). The interpreter's own
+stdlib is not used: it differs between Python versions, and the book's figures must not.
+
+Documents stay documents: the train/validation split is by document (parallel versions of one
+Bible chapter always fall on the same side), and evaluation windows never cross a document.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+from .io import atomic_write_bytes, atomic_write_json, file_sha256, read_json_checked, CorruptFileError, FileLock
+
+EOS = "<|endoftext|>"
+EOS_ID = 0
+BIBLE_VERSIONS = ("kjv", "asv", "bbe", "web", "akjv", "ylt", "dr", "wbs", "rwebster", "nheb")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # e.g. bible/kjv/01001 or code/sympy/core/add.py
+    split_key: str  # documents with the same key fall on the same side of the split
+    text: str
+
+
+# --- sources -------------------------------------------------------------------------------
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ConfigError(f"corpus package {package!r} is not installed (pip install -r requirements.txt)")
+    locs = list(spec.submodule_search_locations or [])
+    if not locs:
+        raise ConfigError(f"corpus package {package!r} is not a package directory")
+    return Path(locs[0])
+
+
+_VERSE_NUM = re.compile(r"^\s*\d+\.\s*")
+
+
+def bible_verses(version: str) -> dict[int, str]:
+    """{verse_id: text} for one translation (verse_id = book*10**6 + chapter*10**3 + verse).
+
+    Parsed with ``ast`` from the wheel's generated ``plain_text_bible.py`` (no import, no pickle).
+    """
+    pkg = _package_dir(f"pythonbible_{version}")
+    src = (pkg / "plain_text_bible.py").read_text(encoding="utf-8")
+    call = ast.parse(src).body[-1].value
+    text = call.args[1].value
+    starts, ends = call.args[2], call.args[3]
+    start = {ast.literal_eval(k): ast.literal_eval(v) for k, v in zip(starts.keys, starts.values)}
+    end = {ast.literal_eval(k): ast.literal_eval(v) for k, v in zip(ends.keys, ends.values)}
+    out = {}
+    for vid, a in start.items():
+        t = _VERSE_NUM.sub("", text[a:end[vid]]).replace("[", "").replace("]", "").strip()
+        out[vid] = re.sub(r"\s+", " ", t)
+    return out
+
+
+def bible_documents(versions, max_chars: int = 0) -> list[Document]:
+    docs = []
+    for version in versions:
+        verses = bible_verses(version)
+        chapters: dict[int, list[str]] = {}
+        for vid in sorted(verses):
+            chapters.setdefault(vid // 1000, []).append(verses[vid])
+        n = 0
+        for ch, vs in chapters.items():
+            text = " ".join(vs)
+            docs.append(Document(f"bible/{version}/{ch:05d}", f"bible/{ch:05d}", text))
+            n += len(text)
+            if max_chars and n >= max_chars:
+                break
+    return docs
+
+
+def code_documents(packages, max_chars: int = 0) -> list[Document]:
+    docs = []
+    for package in packages:
+        root = _package_dir(package)
+        n = 0
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root.parent).as_posix()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"corpus file {str(path)!r} is not UTF-8: {e}") from None
+            if not text.strip():
+                continue
+            docs.append(Document(f"code/{rel}", f"code/{rel}", text))
+            n += len(text)
+            if max_chars and n >= max_chars:
+                break
+    return docs
+
+
+def folder_documents(folder: str, max_chars: int = 0) -> list[Document]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"data.sources folder {folder!r} does not exist or is not a directory")
+    docs, n = [], 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"corpus file {str(path)!r} is not valid UTF-8 text") from None
+        if not text.strip():
+            continue
+        rel = path.relative_to(root).as_posix()
+        docs.append(Document(f"folder/{rel}", f"folder/{rel}", text))
+        n += len(text)
+        if max_chars and n >= max_chars:
+            break
+    if not docs:
+        raise ConfigError(f"data.sources folder {folder!r} has no non-empty text files")
+    return docs
+
+
+def hf_documents(spec: str, max_chars: int = 0, loader=None) -> list[Document]:
+    """``hf:name[:split[:column]]`` via the optional ``datasets`` package (needs network).
+
+    ``loader`` (for tests) replaces ``datasets.load_dataset``; it may also return a local Dataset.
+    """
+    parts = spec.split(":")
+    name = parts[1]
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    column = parts[3] if len(parts) > 3 else "text"
+    if loader is None:
+        try:
+            import datasets  # optional extra: requirements-extras.txt
+        except ImportError:
+            raise ConfigError(f"data source {spec!r} needs the optional 'datasets' package "
+                              "(pip install -r requirements-extras.txt)") from None
+        if os.path.isdir(name):
+            def loader(n, split):
+                ds = datasets.load_from_disk(n)
+                return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            loader = lambda n, split: datasets.load_dataset(n, split=split)
+    ds = loader(name, split)
+    if column not in ds.column_names:
+        raise ConfigError(f"dataset {name!r} has no column {column!r} (has {ds.column_names})")
+    docs, n = [], 0
+    for i, text in enumerate(ds[column]):
+        if not text or not text.strip():
+            continue
+        docs.append(Document(f"hf/{name}/{i}", f"hf/{name}/{i}", text))
+        n += len(text)
+        if max_chars and n >= max_chars:
+            break
+    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    docs: list[Document] = []
+    for s in cfg.sources:
+        if s == "bible":
+            for v in cfg.bible_versions:
+                if v not in BIBLE_VERSIONS:
+                    raise ConfigError(f"data.bible_versions has unknown version {v!r} (known: {BIBLE_VERSIONS})")
+            docs += bible_documents(cfg.bible_versions, cfg.max_chars_per_source)
+        elif s == "code":
+            docs += code_documents(cfg.code_packages, cfg.max_chars_per_source)
+        elif s.startswith("folder:"):
+            docs += folder_documents(s[len("folder:"):], cfg.max_chars_per_source)
+        elif s.startswith("hf:"):
+            docs += hf_documents(s, cfg.max_chars_per_source)
+    if not docs:
+        raise ConfigError(f"data.sources={list(cfg.sources)} produced no documents")
+    return docs
+
+
+def is_validation(split_key: str, cfg: DataConfig) -> bool:
+    h = hashlib.sha256(f"{cfg.split_seed}:{split_key}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64 < cfg.val_fraction
+
+
+def source_versions(cfg: DataConfig) -> dict[str, str]:
+    """Versions of the packages the corpus comes from (part of the cache key)."""
+    names = []
+    if "bible" in cfg.sources:
+        names += [f"pythonbible-{v}" for v in cfg.bible_versions]
+    if "code" in cfg.sources:
+        names += list(cfg.code_packages)
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = "missing"
+    return out
+
+
+def corpus_key(cfg: DataConfig) -> str:
+    keep = {k: v for k, v in asdict(cfg).items()
+            if k in ("sources", "bible_versions", "code_packages", "max_chars_per_source", "vocab_size",
+                     "val_fraction", "split_seed")}
+    keep["versions"] = source_versions(cfg)
+    keep["format"] = 1
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- tokenizer and token cache -----------------------------------------------------------------
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE (HF ``tokenizers``), ``<|endoftext|>`` = id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+class Corpus:
+    """Tokenizer + token arrays of one DataConfig, cached on disk under ``cache_dir/corpus-<key>``.
+
+    Files: tokenizer.json, train.npy / val.npy (uint16 tokens, documents separated by EOS),
+    val_offsets.npy (document boundaries), documents.json; manifest.json holds their sha256 and
+    is checked on every load (a corrupt file is rebuilt, never used).
+    """
+
+    def __init__(self, cfg: DataConfig, cache_dir: str | Path):
+        self.cfg = cfg
+        self.key = corpus_key(cfg)
+        self.dir = Path(cache_dir) / f"corpus-{self.key}"
+        self._load_or_build()
+
+    FILES = ("tokenizer.json", "train.npy", "val.npy", "val_offsets.npy", "val_ids.json", "counts.npy")
+
+    def _valid(self) -> bool:
+        man = self.dir / "manifest.json"
+        if not man.exists():
+            return False
+        try:
+            m = read_json_checked(man)
+        except CorruptFileError:
+            return False
+        for f in self.FILES:
+            p = self.dir / f
+            if not p.exists() or m.get("sha256", {}).get(f) != file_sha256(p):
+                return False
+        return True
+
+    def _load_or_build(self):
+        from tokenizers import Tokenizer
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.dir / ".lock"):
+            if not self._valid():
+                if (self.dir / "manifest.json").exists():
+                    print(f"corpus cache {self.dir} failed its checksum: rebuilding")
+                self._build()
+        self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        self.train = np.load(self.dir / "train.npy", mmap_mode="r")
+        self.val = np.load(self.dir / "val.npy", mmap_mode="r")
+        self.val_offsets = np.load(self.dir / "val_offsets.npy")
+        self.val_ids = json.loads((self.dir / "val_ids.json").read_text())
+        self.counts = np.load(self.dir / "counts.npy")
+        self.manifest = read_json_checked(self.dir / "manifest.json")
+
+    def _build(self):
+        import io
+
+        docs = load_documents(self.cfg)
+        train_docs = [d for d in docs if not is_validation(d.split_key, self.cfg)]
+        val_docs = [d for d in docs if is_validation(d.split_key, self.cfg)]
+        if not train_docs or not val_docs:
+            raise ConfigError(f"data split left {len(train_docs)} train and {len(val_docs)} validation "
+                              f"documents; need both (corpus has {len(docs)} documents; "
+                              f"data.val_fraction={self.cfg.val_fraction})")
+        tok = train_tokenizer((d.text for d in train_docs), self.cfg.vocab_size)
+        if tok.get_vocab_size() > 65535:
+            raise ConfigError("vocab too large for uint16 token arrays")
+
+        def encode(ds):
+            ids = tok.encode_batch([d.text for d in ds])
+            arrs, offsets = [], [0]
+            for e in ids:
+                a = np.asarray([EOS_ID] + e.ids, dtype=np.uint16)
+                arrs.append(a)
+                offsets.append(offsets[-1] + len(a))
+            return np.concatenate(arrs), np.asarray(offsets, dtype=np.int64)
+
+        train, _ = encode(train_docs)
+        val, val_off = encode(val_docs)
+        counts = np.bincount(train, minlength=tok.get_vocab_size()).astype(np.int64)
+        blobs = {"tokenizer.json": tok.to_str().encode()}
+        for name, arr in (("train.npy", train), ("val.npy", val), ("val_offsets.npy", val_off),
+                          ("counts.npy", counts)):
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            blobs[name] = buf.getvalue()
+        blobs["val_ids.json"] = json.dumps([d.id for d in val_docs]).encode()
+        for name, b in blobs.items():
+            atomic_write_bytes(self.dir / name, b)
+        atomic_write_json(self.dir / "manifest.json", {
+            "key": self.key, "config": asdict(self.cfg), "versions": source_versions(self.cfg),
+            "n_docs": {"train": len(train_docs), "val": len(val_docs)},
+            "n_tokens": {"train": int(len(train)), "val": int(len(val))},
+            "n_chars": {"train": sum(len(d.text) for d in train_docs), "val": sum(len(d.text) for d in val_docs)},
+            "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()},
+        })
+
+    # --- helpers --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def token_str(self, i: int) -> str:
+        return self.decode([i])
+
+    def val_document(self, doc_id: str) -> np.ndarray:
+        i = self.val_ids.index(doc_id)
+        return np.asarray(self.val[self.val_offsets[i]:self.val_offsets[i + 1]])
+
+
+def train_batch(corpus: Corpus, batch_size: int, n_ctx: int, seed: int, step: int,
+                repeat_fraction: float = 0.0) -> torch.Tensor:
+    """Training batch for ``step``: a pure function of (seed, step), so a resumed run sees the same data.
+
+    Random windows of the packed training stream. With ``repeat_fraction`` > 0 (a labelled
+    deviation from the paper: data where in-context copying pays off sooner) that fraction of rows
+    gets one span of 8-48 of its own tokens copied to a random later place, so the distance between
+    the copies varies and only a content-based (induction) mechanism can exploit it.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    n = len(corpus.train) - n_ctx
+    starts = torch.randint(0, n, (batch_size,), generator=g).numpy()
+    rows = np.stack([corpus.train[s:s + n_ctx] for s in starts]).astype(np.int64)
+    k = int(round(repeat_fraction * batch_size))
+    for r in range(k):
+        ln = int(torch.randint(8, min(48, n_ctx // 3) + 1, (1,), generator=g))
+        a = int(torch.randint(1, n_ctx - 2 * ln, (1,), generator=g))
+        b = int(torch.randint(a + ln, n_ctx - ln + 1, (1,), generator=g))
+        rows[r, b:b + ln] = rows[r, a:a + ln]
+    return torch.from_numpy(rows)
+
+
+def eval_windows(corpus: Corpus, n: int, n_ctx: int, seed: int) -> torch.Tensor:
+    """The fixed evaluation set: ``n`` windows of ``n_ctx`` tokens, each inside one validation document
+    and starting with EOS/BOS followed by n_ctx-1 document tokens. Same for every model and snapshot."""
+    off = corpus.val_offsets
+    lens = np.diff(off) - 1  # tokens after the leading EOS
+    need = n_ctx - 1
+    ok = np.nonzero(lens >= need)[0]
+    if len(ok) == 0:
+        raise ConfigError(f"no validation document has {need} tokens; lower model.n_ctx={n_ctx} "
+                          "or use a larger corpus")
+    g = np.random.default_rng(seed)
+    weights = (lens[ok] - need + 1).astype(np.float64)
+    docs = g.choice(ok, size=n, p=weights / weights.sum())
+    out = np.empty((n, n_ctx), dtype=np.int64)
+    for r, d in enumerate(docs):
+        s = off[d] + 1 + g.integers(0, lens[d] - need + 1)
+        out[r, 0] = EOS_ID
+        out[r, 1:] = corpus.val[s:s + need]
+    return torch.from_numpy(out)
+
+
+def prefix_token_pool(counts: np.ndarray, drop_top: float = 0.02, drop_bottom: float = 0.2) -> np.ndarray:
+    """Token ids for random sequences, excluding the most and least frequent (paper, head scores).
+
+    [book choice] drop the top 2% and the bottom 20% of tokens by training frequency (and EOS).
+    """
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0]
+    n = len(order)
+    pool = order[int(drop_top * n): max(int(drop_top * n) + 1, int((1 - drop_bottom) * n))]
+    pool = pool[pool != EOS_ID]
+    return np.sort(pool)
+
+
+def repeated_random_tokens(pool: np.ndarray, n_seqs: int, seq_len: int, repeats: int, seed: int) -> torch.Tensor:
+    """(n_seqs, 1 + seq_len*repeats): BOS then ``seq_len`` distinct random tokens repeated ``repeats`` times."""
+    if len(pool) < seq_len:
+        raise ConfigError(f"token pool has {len(pool)} tokens, fewer than prefix_seq_len={seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_seqs):
+        idx = torch.randperm(len(pool), generator=g)[:seq_len]
+        seq = torch.as_tensor(pool)[idx].long()
+        rows.append(torch.cat([torch.tensor([EOS_ID]), seq.repeat(repeats)]))
+    return torch.stack(rows)

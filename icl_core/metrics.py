@@ -1,0 +1,415 @@
+"""The paper's metrics (../shared/PAPER.md), all heads at once; per-head results are (n_layers, n_heads).
+
+Behavioural: :func:`per_token_losses`, :func:`icl_score`, :func:`phase_change_window`,
+:func:`loss_pca`, :func:`before_after_projection`.
+Head activity: :func:`prefix_matching_scores`, :func:`previous_token_scores`, :func:`copying_scores`.
+Weights: :func:`ov_eigen_copying_scores`, :func:`k_composition_traces`, :func:`composition_scores`.
+Ablations: :func:`ablation_effects` (full and pattern-preserving).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import hooks as H
+from .config import icl_indices
+from .model import Transformer, loss_fn
+
+
+def _autocast(model: Transformer, precision: str):
+    if precision == "bf16":
+        dev = next(model.parameters()).device.type
+        return torch.autocast(dev, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- behaviour ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int = 32,
+                     precision: str = "fp32", head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, T-1) per-token loss l_n(i) = -log p(x_i | x_<i); column c is the token at 0-based position c+1."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        x = tokens[i:i + batch_size].to(dev)
+        ctx = H.zero_heads(model, head_mask) if head_mask is not None else contextlib.nullcontext()
+        with ctx, _autocast(model, precision):
+            logits = model(x)
+        out.append(loss_fn(logits, x, reduction="none").float().cpu())
+    return torch.cat(out)
+
+
+def icl_score_from_losses(losses: torch.Tensor, n_ctx: int | None = None,
+                          indices: tuple[int, int] | None = None) -> float:
+    """mean_n [l_n(late) - l_n(early)] (nats; negative = in-context learning). [book choice] sign.
+
+    ``indices`` are 1-based text-token indices (default :func:`icl_indices`: 500 and 50, rescaled
+    for contexts shorter than 512). Text token i sits at column i-1 (column 0 follows the BOS).
+    """
+    late, early = indices or icl_indices(n_ctx if n_ctx is not None else losses.shape[1] + 1)
+    if late > losses.shape[1] or early < 1:
+        raise ValueError(f"ICL indices ({late}, {early}) do not fit losses of length {losses.shape[1]}")
+    return float((losses[:, late - 1] - losses[:, early - 1]).mean())
+
+
+def icl_score(model: Transformer, tokens: torch.Tensor, **kw) -> float:
+    return icl_score_from_losses(per_token_losses(model, tokens, **kw), model.cfg.n_ctx)
+
+
+# --- head activity -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def attention_patterns(model: Transformer, tokens: torch.Tensor, batch_size: int = 32,
+                       precision: str = "fp32"):
+    """Yield (batch tokens, patterns (B, L, H, T, T)) over ``tokens``."""
+    model.eval()
+    dev = next(model.parameters()).device
+    for i in range(0, len(tokens), batch_size):
+        x = tokens[i:i + batch_size].to(dev)
+        with H.cache_patterns(model) as c, _autocast(model, precision):
+            model(x)
+        yield x, H.stack_patterns(model, c).float()
+
+
+def prefix_matching_mask(tokens: torch.Tensor, first_query: int) -> torch.Tensor:
+    """(B, T, T) bool: key k for query q is on the induction stripe if token[k-1] == token[q], k <= q.
+
+    Only queries at positions >= ``first_query`` count (the paper: queries in repeats 2-4).
+    """
+    B, T = tokens.shape
+    prev = torch.cat([torch.full((B, 1), -1, dtype=tokens.dtype, device=tokens.device), tokens[:, :-1]], 1)
+    m = tokens[:, :, None] == prev[:, None, :]  # (B, q, k)
+    m &= torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None]
+    m[:, :first_query] = False
+    return m
+
+
+def prefix_matching_scores_from_patterns(patterns: torch.Tensor, tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """patterns (B, L, H, T, T), tokens (B, T) of BOS + repeated random sequence -> (L, H)."""
+    mask = prefix_matching_mask(tokens, 1 + seq_len).to(patterns.dtype)  # (B, T, T)
+    per_query = (patterns * mask[:, None, None]).sum(-1)  # (B, L, H, T)
+    q = slice(1 + seq_len, tokens.shape[1])
+    return per_query[..., q].mean(dim=(0, 3))
+
+
+def prefix_matching_scores(model: Transformer, rep_tokens: torch.Tensor, seq_len: int, **kw) -> torch.Tensor:
+    """Paper's prefix-matching score per head (L, H), in [0, 1], on repeated random tokens."""
+    tot, n = 0, 0
+    for x, pat in attention_patterns(model, rep_tokens, **kw):
+        tot = tot + prefix_matching_scores_from_patterns(pat, x, seq_len) * len(x)
+        n += len(x)
+    return tot / n
+
+
+def previous_token_scores_from_patterns(patterns: torch.Tensor) -> torch.Tensor:
+    """Mean attention A[i, i-1] over positions i >= 1 -> (L, H)."""
+    d = torch.diagonal(patterns, offset=-1, dim1=-2, dim2=-1)  # (B, L, H, T-1)
+    return d.mean(dim=(0, 3))
+
+
+def previous_token_scores(model: Transformer, tokens: torch.Tensor, **kw) -> torch.Tensor:
+    """Previous-token score per head (L, H): mean A[i, i-1] on real text."""
+    tot, n = 0, 0
+    for x, pat in attention_patterns(model, tokens, **kw):
+        tot = tot + previous_token_scores_from_patterns(pat) * len(x)
+        n += len(x)
+    return tot / n
+
+
+@torch.no_grad()
+def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Empirical copying score per head (L, H), in [-1, 1]. [book choice] (the paper under-specifies it).
+
+    For each head and each query position we take the head's direct-path output (its per-head
+    result, passed through the final LayerNorm's scale as a linear map and W_U), mean-centre the
+    logits over the vocabulary and ReLU them. Let a = mean boost on the tokens the head attends to
+    (weighted by attention) and b = mean boost over all tokens of the sequence. The score is
+    (a - b) / (a + b) in [-1, 1]: 1 when the head raises only the tokens it attends to.
+    """
+    model.eval()
+    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    tot = torch.zeros(L, Hn)
+    n = 0
+    W_U = model.W_U.float()
+    for i in range(0, len(rep_tokens), batch_size):
+        x = rep_tokens[i:i + batch_size]
+        names = H.pattern_names(model) + H.result_names(model)
+        with H.cache(model, names) as c:
+            model(x)
+        for l in range(L):
+            pat = c[f"blocks.{l}.attn.hook_pattern"].float()  # (B, H, T, T)
+            res = c[f"blocks.{l}.attn.hook_result"].float()  # (B, T, H, D)
+            if model.cfg.layer_norm:
+                res = res * model.ln_final.w.float()
+            logits = torch.einsum("bthd,dv->bthv", res, W_U)
+            logits = torch.relu(logits - logits.mean(-1, keepdim=True))  # (B, T, H, V)
+            idx = x[:, None, :].expand(-1, x.shape[1], -1)  # (B, Tq, Tk) token ids of keys
+            g = torch.gather(logits, 3, idx[:, :, None, :].expand(-1, -1, Hn, -1))  # (B, Tq, H, Tk)
+            a = (g * pat.permute(0, 2, 1, 3)).sum(-1)  # attention-weighted boost of attended tokens
+            causal = torch.ones(x.shape[1], x.shape[1]).tril()
+            b = (g * causal[None, :, None, :]).sum(-1) / causal.sum(-1)[None, :, None]
+            s = (a - b) / (a + b + 1e-9)
+            tot[l] += s[:, 1:].mean(dim=(0, 1)) * len(x)
+        n += len(x)
+    return tot / n
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ov_circuits(model: Transformer, layer: int) -> torch.Tensor:
+    """(H, d_vocab, d_vocab) full OV circuits W_E W_V W_O W_U in the direct path (LayerNorms ignored)."""
+    a = model.blocks[layer].attn
+    WE, WU = model.W_E.float(), model.W_U.float()
+    WOV = torch.einsum("hmd,hdn->hmn", a.W_V.float(), a.W_O.float())  # (H, D, D)
+    return torch.einsum("vm,hmn,nw->hvw", WE, WOV, WU)
+
+
+@torch.no_grad()
+def ov_eigen_copying_scores(model: Transformer) -> torch.Tensor:
+    """Paper's OV eigenvalue score sum(lambda)/sum(|lambda|) of W_E W_V W_O W_U, per head (L, H).
+
+    The nonzero eigenvalues of W_E (W_V W_O W_U) equal those of the small d_model x d_model matrix
+    (W_V W_O W_U) W_E, so we never form the vocab x vocab matrix.
+    """
+    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.zeros(L, Hn)
+    WE, WU = model.W_E.double(), model.W_U.double()
+    for l in range(L):
+        a = model.blocks[l].attn
+        for h in range(Hn):
+            M = a.W_V[h].double() @ a.W_O[h].double() @ WU @ WE  # (D, D), same nonzero spectrum
+            ev = torch.linalg.eigvals(M)
+            out[l, h] = float(ev.real.sum() / ev.abs().sum())
+    return out
+
+
+@torch.no_grad()
+def eigen_score(M: torch.Tensor) -> float:
+    """sum(lambda)/sum(|lambda|) for a square matrix."""
+    ev = torch.linalg.eigvals(M.double())
+    return float(ev.real.sum() / ev.abs().sum())
+
+
+@torch.no_grad()
+def k_composition_traces(model: Transformer, prev_scores: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """QK K-composition trace per head of layer >= 1 (L, H); layer 0 is NaN.
+
+    W = sum_e p(e) W_E W_Q^h (W_E W_OV^e W_K^h)^T (V x V; entry (a, b): how much a query on token a
+    attends to a key whose previous token is b, through head e), over earlier heads e weighted by
+    their previous-token scores p(e); score tr(W) (= sum of eigenvalues). Positive for induction heads. With ``normalise`` we divide by sum |lambda| of
+    W (the eigenvalue-ratio form, in [-1, 1]) so heads and snapshots compare.
+    Computed on the d_model-sized equivalent so that no vocab x vocab matrix is formed.
+    """
+    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.full((L, Hn), float("nan"))
+    WE = model.W_E.double()
+    G = WE.T @ WE  # (D, D): W_E^T W_E
+    for l in range(1, L):
+        a = model.blocks[l].attn
+        for h in range(Hn):
+            # tr(W_E W_Q (W_E W_OV W_K)^T) = tr(W_Q K^T W_OV^T W_E^T W_E) with the D x D Gram matrix
+            M = torch.zeros(WE.shape[1], WE.shape[1], dtype=torch.float64)
+            for le in range(l):
+                ae = model.blocks[le].attn
+                for e in range(Hn):
+                    ov = ae.W_V[e].double() @ ae.W_O[e].double()  # (D, D)
+                    M += float(prev_scores[le, e]) * (ov @ a.W_K[h].double() @ a.W_Q[h].double().T)
+            # W = W_E W_Q (W_E OV W_K)^T = W_E [W_Q W_K^T OV^T] W_E^T ; nonzero spectrum of
+            # [W_Q W_K^T OV^T] W_E^T W_E = (M)^T G
+            core = M.T @ G
+            ev = torch.linalg.eigvals(core)
+            tr = ev.real.sum()
+            out[l, h] = float(tr / ev.abs().sum()) if normalise else float(tr)
+    return out
+
+
+@torch.no_grad()
+def composition_scores(model: Transformer) -> dict[str, torch.Tensor]:
+    """Q/K/V composition scores ||W_A W_B||_F / (||W_A||_F ||W_B||_F) between every head of layer
+    l1 < l2: dict kind -> (L, H, L, H) with NaN where undefined (Elhage et al. 2021).
+
+    Row-vector convention (x @ W): W_A = W_OV = W_V W_O of the earlier head; the later head reads
+    x W_OV through its query side for Q-composition (W_B = W_QK = W_Q W_K^T), its key side for
+    K-composition (W_B = W_QK^T) and its value side for V-composition (W_B = W_OV)."""
+    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    out = {k: torch.full((L, Hn, L, Hn), float("nan")) for k in "QKV"}
+    OV = [[(b.attn.W_V[h] @ b.attn.W_O[h]).double() for h in range(Hn)] for b in model.blocks]
+    QK = [[(b.attn.W_Q[h] @ b.attn.W_K[h].T).double() for h in range(Hn)] for b in model.blocks]
+    for l1 in range(L):
+        for h1 in range(Hn):
+            A = OV[l1][h1]
+            for l2 in range(l1 + 1, L):
+                for h2 in range(Hn):
+                    for k, B in (("Q", QK[l2][h2]), ("K", QK[l2][h2].T), ("V", OV[l2][h2])):
+                        out[k][l1, h1, l2, h2] = float((A @ B).norm() / (A.norm() * B.norm()))
+    return out
+
+
+def composition_baseline(d_model: int, d_head: int, n: int = 200, seed: int = 0) -> float:
+    """Mean composition score of random rank-d_head matrices (the paper's baseline)."""
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(n):
+        A = torch.randn(d_model, d_head, generator=g) @ torch.randn(d_head, d_model, generator=g)
+        B = torch.randn(d_model, d_head, generator=g) @ torch.randn(d_head, d_model, generator=g)
+        vals.append(float((A @ B).norm() / (A.norm() * B.norm())))
+    return float(np.mean(vals))
+
+
+# --- ablations -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[int, int]] | None = None,
+                    pattern_preserving: bool = True, batch_size: int = 16,
+                    masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token losses with each ablation applied, (n_ablations, N, T-1).
+
+    Each ablation zeroes a set of heads' outputs at test time. By default one ablation per head
+    (``heads``: all heads). ``masks`` (n_ablations, L, H) gives arbitrary sets instead.
+    Full ablation: everything downstream recomputes. Pattern-preserving (the paper's main table):
+    every attention pattern is forced to the one cached from the clean run.
+    All ablations of a batch run in one forward pass (the batch is repeated per ablation).
+    """
+    model.eval()
+    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    if masks is None:
+        heads = heads if heads is not None else [(l, h) for l in range(L) for h in range(Hn)]
+        masks = torch.zeros(len(heads), L, Hn, dtype=torch.bool)
+        for i, (l, h) in enumerate(heads):
+            masks[i, l, h] = True
+    A = len(masks)
+    out = torch.empty(A, len(tokens), tokens.shape[1] - 1)
+    step = max(1, batch_size)
+    for i in range(0, len(tokens), step):
+        x = tokens[i:i + step]
+        B = len(x)
+        pats = None
+        if pattern_preserving:
+            with H.cache_patterns(model) as c:
+                model(x)
+            pats = H.stack_patterns(model, c)  # (B, L, H, T, T)
+        xr = x.repeat(A, 1)  # (A*B, T): ablation-major
+        m = masks.repeat_interleave(B, 0)  # (A*B, L, H)
+        ctx = [H.zero_heads(model, m)]
+        if pattern_preserving:
+            ctx.append(H.force_patterns(model, pats.repeat(A, 1, 1, 1, 1)))
+        with contextlib.ExitStack() as st:
+            for cm in ctx:
+                st.enter_context(cm)
+            logits = model(xr)
+        out[:, i:i + B] = loss_fn(logits, xr, reduction="none").view(A, B, -1).float()
+    return out
+
+
+@dataclass
+class AblationResult:
+    clean_icl: float
+    delta_icl: torch.Tensor  # (L, H) ablated ICL - clean ICL (positive = ablation removes ICL)
+    delta_loss: torch.Tensor  # (L, H) mean loss change
+    losses: torch.Tensor  # (L*H, N, T-1)
+
+
+def ablation_effects(model: Transformer, tokens: torch.Tensor, pattern_preserving: bool = True,
+                     batch_size: int = 16) -> AblationResult:
+    """Per-head change in ICL score and loss when that head alone is ablated."""
+    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    clean = per_token_losses(model, tokens)
+    abl = ablation_losses(model, tokens, pattern_preserving=pattern_preserving, batch_size=batch_size)
+    c_icl = icl_score_from_losses(clean, model.cfg.n_ctx)
+    d_icl = torch.tensor([icl_score_from_losses(a, model.cfg.n_ctx) - c_icl for a in abl]).view(L, Hn)
+    d_loss = (abl.mean(dim=(1, 2)) - clean.mean()).view(L, Hn)
+    return AblationResult(c_icl, d_icl, d_loss, abl)
+
+
+# --- training-dynamics analyses --------------------------------------------------------------------
+
+def sample_token_positions(n_examples: int, n_positions: int, seed: int = 0) -> np.ndarray:
+    """One random loss column per eval example (fixed across models): the paper's PCA sample."""
+    return np.random.default_rng(seed).integers(0, n_positions, size=n_examples)
+
+
+def loss_vectors(losses: torch.Tensor, positions: np.ndarray) -> np.ndarray:
+    """Pick one (example, position) per example: (N,) loss vector of one snapshot."""
+    return losses[torch.arange(len(positions)), torch.as_tensor(positions)].numpy()
+
+
+def loss_pca(vectors: dict[str, np.ndarray], n_components: int = 2):
+    """Fit one PCA on the stacked per-token-loss vectors of all snapshots of all models.
+
+    vectors: model name -> (n_snapshots, N). Returns (pca, {name: (n_snapshots, n_components)}).
+    """
+    from sklearn.decomposition import PCA
+
+    X = np.concatenate(list(vectors.values()))
+    pca = PCA(n_components=n_components).fit(X)
+    return pca, {k: pca.transform(v) for k, v in vectors.items()}
+
+
+def before_after_vector(loss_start: np.ndarray, loss_end: np.ndarray) -> np.ndarray:
+    """u = normalise(L_end - L_start) across the phase change."""
+    d = np.asarray(loss_end, dtype=np.float64) - np.asarray(loss_start, dtype=np.float64)
+    n = np.linalg.norm(d)
+    if n == 0:
+        raise ValueError("loss vectors before and after are identical; no before-and-after direction")
+    return d / n
+
+
+def before_after_projection(u: np.ndarray, clean: np.ndarray, ablated: np.ndarray) -> np.ndarray:
+    """u . (L_ablated - L_clean) for each ablation (rows of ``ablated``); negative for induction heads
+    (ablating them moves the loss back against the direction training took)."""
+    return (np.asarray(ablated) - np.asarray(clean)[None]) @ u
+
+
+@dataclass
+class Window:
+    start: float  # tokens
+    end: float
+    peak: float
+    found: bool
+    reason: str = ""
+
+
+def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
+                        min_change: float = 0.05, smooth: int = 1) -> Window:
+    """Phase-change window from the ICL-score curve over training.
+
+    d = dICL/dlog(tokens) by finite differences (optionally smoothed over ``smooth`` neighbours on
+    each side); the peak is the most negative d; the window is the contiguous run of snapshots
+    around the peak where -d >= ``frac`` x peak. No window is reported if ICL never falls by
+    ``min_change`` nats overall (a 1-layer model, for example).
+    """
+    t = np.asarray(tokens, dtype=np.float64)
+    y = np.asarray(icl, dtype=np.float64)
+    keep = t > 0
+    t, y = t[keep], y[keep]
+    if len(t) < 3:
+        return Window(float("nan"), float("nan"), float("nan"), False, "fewer than 3 snapshots")
+    if smooth > 0:
+        k = np.ones(2 * smooth + 1) / (2 * smooth + 1)
+        ys = np.convolve(np.pad(y, smooth, mode="edge"), k, mode="valid")
+    else:
+        ys = y
+    lt = np.log(t)
+    d = np.diff(ys) / np.diff(lt)  # between snapshots j and j+1
+    drop = y[0] - y.min()
+    if drop < min_change:
+        return Window(float("nan"), float("nan"), float("nan"), False,
+                      f"ICL never fell by {min_change} nats (drop {drop:.3f})")
+    p = int(np.argmin(d))
+    peak = -d[p]
+    if peak <= 0:
+        return Window(float("nan"), float("nan"), float("nan"), False, "ICL never decreases")
+    a = p
+    while a > 0 and -d[a - 1] >= frac * peak:
+        a -= 1
+    b = p
+    while b < len(d) - 1 and -d[b + 1] >= frac * peak:
+        b += 1
+    return Window(float(t[a]), float(t[b + 1]), float(np.sqrt(t[p] * t[p + 1])), True)

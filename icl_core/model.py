@@ -1,0 +1,225 @@
+"""A small decoder-only transformer with the paper's architecture options.
+
+One file a reader can hold in their head (after nanoGPT), with TransformerLens' names and per-head
+weight shapes so the circuit metrics read them directly:
+
+    W_E [d_vocab, d_model]   W_pos [n_ctx, d_model]   W_U [d_model, d_vocab]
+    blocks[l].attn.W_Q, W_K, W_V [n_heads, d_model, d_head]   W_O [n_heads, d_head, d_model]
+
+Options (``ModelConfig``): attention-only or with MLPs; positions ``learned`` (added to the
+residual), ``shortformer`` (added to the inputs of queries and keys only, as in the paper), ``rope``
+or ``none``; pre-LayerNorm on/off; smeared keys (paper, Argument 2): k'_j = s k_j + (1 - s) k_{j-1}
+with s = sigmoid(alpha_h), one trainable alpha per head, the first key unchanged.
+
+Hook points (TransformerLens names) are active only inside the context managers of
+:mod:`icl_core.hooks`. Without hooks, attention runs through ``scaled_dot_product_attention``;
+with an attention hook registered for a layer, that layer switches to the explicit path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d: int, enabled: bool):
+        super().__init__()
+        self.enabled = enabled
+        if enabled:
+            self.w = nn.Parameter(torch.ones(d))
+            self.b = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        if not self.enabled:
+            return x
+        return F.layer_norm(x, (x.shape[-1],), self.w, self.b, 1e-5)
+
+
+def rope_tables(n_ctx: int, d_head: int, base: float = 10000.0):
+    inv = 1.0 / base ** (torch.arange(0, d_head, 2).float() / d_head)
+    ang = torch.arange(n_ctx).float()[:, None] * inv[None, :]  # (T, dh/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, dh); rotate pairs (even, odd)
+    T = x.shape[-2]
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, model: "Transformer"):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self._model = [model]  # list: not a submodule
+        D, H, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+        # stored fused for one matmul; W_Q/W_K/W_V below are [H, D, dh] views
+        self.W_qkv = nn.Parameter(torch.randn(D, 3, H, dh) * cfg.init_std)
+        self.W_O_ = nn.Parameter(torch.randn(H, dh, D) * cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        if cfg.smeared_keys:
+            # sigmoid(alpha) starts near 1: close to a vanilla model (paper does not specify the init)
+            self.alpha = nn.Parameter(torch.full((H,), 3.0))
+
+    @property
+    def W_Q(self):
+        return self.W_qkv[:, 0].transpose(0, 1)  # (H, D, dh)
+
+    @property
+    def W_K(self):
+        return self.W_qkv[:, 1].transpose(0, 1)
+
+    @property
+    def W_V(self):
+        return self.W_qkv[:, 2].transpose(0, 1)
+
+    @property
+    def W_O(self):
+        return self.W_O_  # (H, dh, D)
+
+    def smear(self, k):
+        """Smeared keys: k'_j = s k_j + (1-s) k_{j-1}, first key unchanged. k: (B, H, T, dh)."""
+        s = torch.sigmoid(self.alpha).to(k.dtype)[None, :, None, None]
+        prev = torch.cat([k[:, :, :1], k[:, :, :-1]], dim=2)
+        out = s * k + (1 - s) * prev
+        return torch.cat([k[:, :, :1], out[:, :, 1:]], dim=2)
+
+    def forward(self, x, pos=None):
+        """x: (B, T, D) normalised residual; pos: (B, T, D) normalised residual + W_pos, the
+        query/key input for shortformer positions (None otherwise)."""
+        cfg, model = self.cfg, self._model[0]
+        B, T, D = x.shape
+        H, dh = cfg.n_heads, cfg.d_head
+        W = self.W_qkv.reshape(D, 3 * H * dh)
+        if pos is not None:  # shortformer: positions enter queries and keys only
+            xp = pos  # the caller passes LN(resid) + W_pos as the query/key input
+            qk = (xp @ W[:, : 2 * H * dh]).view(B, T, 2, H, dh)
+            q, k = qk[:, :, 0], qk[:, :, 1]
+            v = (x @ W[:, 2 * H * dh:]).view(B, T, H, dh)
+        else:
+            qkv = (x @ W).view(B, T, 3, H, dh)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
+        if cfg.positional == "rope":
+            q = apply_rope(q, model.rope_cos, model.rope_sin)
+            k = apply_rope(k, model.rope_cos, model.rope_sin)
+        if cfg.smeared_keys:
+            k = self.smear(k)
+        name = f"blocks.{self.layer}.attn"
+        explicit = model._wants(name) or not model.use_sdpa
+        if not explicit:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+            z = z.transpose(1, 2).reshape(B, T, H * dh)
+            return z @ self.W_O_.reshape(H * dh, D)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, T, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+        scores = model._hook(f"{name}.hook_attn_scores", scores)
+        pattern = scores.softmax(-1)
+        pattern = model._hook(f"{name}.hook_pattern", pattern)  # (B, H, T, T)
+        z = (pattern.to(v.dtype) @ v)  # (B, H, T, dh)
+        if not model._wants(f"{name}.hook_result"):
+            z = z.transpose(1, 2).reshape(B, T, H * dh)
+            return z @ self.W_O_.reshape(H * dh, D)
+        result = torch.einsum("bhtd,hdm->bthm", z, self.W_O_.to(z.dtype))  # (B, T, H, D)
+        result = model._hook(f"{name}.hook_result", result)
+        return result.sum(2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.randn(cfg.d_model, cfg.d_mlp) * cfg.init_std)
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.randn(cfg.d_mlp, cfg.d_model) * cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x):
+        return F.gelu(x @ self.W_in + self.b_in) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, model: "Transformer"):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm)
+        self.attn = Attention(cfg, layer, model)
+        if not cfg.attn_only:
+            self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm)
+            self.mlp = MLP(cfg)
+
+    def forward(self, x, pos=None):
+        # shortformer (as in TransformerLens): queries and keys read LN(resid) + W_pos, values LN(resid)
+        h = self.ln1(x)
+        x = x + self.attn(h, h + pos[: x.shape[1]] if pos is not None else None)
+        if not self.cfg.attn_only:
+            x = x + self.mlp(self.ln2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = nn.Parameter(torch.randn(cfg.d_vocab, cfg.d_model) * cfg.init_std)
+        if cfg.positional in ("learned", "shortformer"):
+            self.W_pos = nn.Parameter(torch.randn(cfg.n_ctx, cfg.d_model) * cfg.init_std)
+        if cfg.positional == "rope":
+            cos, sin = rope_tables(cfg.n_ctx, cfg.d_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([Block(cfg, l, self) for l in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm)
+        self.W_U = nn.Parameter(torch.randn(cfg.d_model, cfg.d_vocab) * cfg.init_std)
+        self._hooks: dict[str, list[HookFn]] = {}
+        self.use_sdpa = True
+
+    # --- hooks (registered only by the context managers in icl_core.hooks) ------------------
+    def _wants(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self._hooks)
+
+    def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        for fn in self._hooks.get(name, ()):
+            out = fn(x)
+            if out is not None:
+                x = out
+        return x
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int -> logits (B, T, d_vocab)."""
+        B, T = tokens.shape
+        if T > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {T} exceeds n_ctx={self.cfg.n_ctx}")
+        x = self.W_E[tokens]  # (B, T, D)
+        pos = None
+        if self.cfg.positional == "learned":
+            x = x + self.W_pos[:T]
+        elif self.cfg.positional == "shortformer":
+            pos = self.W_pos
+        x = self._hook("hook_embed", x)
+        for l, block in enumerate(self.blocks):
+            x = self._hook(f"blocks.{l}.hook_resid_pre", x)
+            x = block(x, pos)
+        x = self._hook("hook_resid_final", x)
+        return self.ln_final(x) @ self.W_U
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy; with reduction='none' returns (B, T-1) per-token losses."""
+    B, T, V = logits.shape
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction=reduction)
+    return loss.view(B, T - 1) if reduction == "none" else loss

@@ -1,0 +1,131 @@
+"""The run cache: one folder per run, keyed by a hash of the full config.
+
+    runs/<name>-<hash>/config.json        the RunConfig (checksummed JSON)
+                       manifest.json      snapshots {step: sha256, tokens, cheap metrics}, loss log, done
+                       snapshots/step_XXXXXXXX.safetensors
+
+``get_or_train(config)`` reuses a finished run and trains (or resumes) otherwise, holding a per-run
+lock so that two builds never train the same run at once. The runs folder is ``runs/`` in the
+working directory's project root, or ``$ICL_RUNS_DIR``.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import data as D
+from .config import RunConfig, ConfigError
+from .io import CorruptFileError, FileLock, load_tensors, read_json_checked
+from .model import Transformer
+from .train import EvalData, Trainer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("ICL_RUNS_DIR", PROJECT_ROOT / "runs"))
+
+
+def cache_dir(root: str | Path | None = None) -> Path:
+    """Corpus/tokenizer cache: ``$ICL_CACHE_DIR`` or ``<runs folder>/_cache``."""
+    env = os.environ.get("ICL_CACHE_DIR")
+    return Path(env) if env else Path(root or runs_dir()) / "_cache"
+
+
+def run_path(cfg: RunConfig, root: str | Path | None = None) -> Path:
+    return Path(root or runs_dir()) / f"{cfg.name}-{cfg.hash()}"
+
+
+class Run:
+    """A finished (or partial) run on disk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            c = read_json_checked(self.path / "config.json")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path} is not a run folder (no config.json)") from None
+        self.config = RunConfig.from_dict(c["config"])
+        if self.config.hash() != c["hash"]:
+            raise CorruptFileError(f"{self.path}/config.json does not match its recorded hash")
+        self.manifest = read_json_checked(self.path / "manifest.json")
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def done(self) -> bool:
+        return bool(self.manifest.get("done"))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(int(s) for s in self.manifest["snapshots"])
+
+    def tokens(self, step: int) -> int:
+        return step * self.config.tokens_per_step
+
+    def load(self, step: int | None = None, device: str = "cpu") -> Transformer:
+        """The model at snapshot ``step`` (default: the last). Checksum-verified, no pickle."""
+        step = self.steps[-1] if step is None else step
+        entry = self.manifest["snapshots"].get(str(step))
+        if entry is None:
+            raise KeyError(f"run {self.name} has no snapshot at step {step}; steps: {self.steps}")
+        sd = load_tensors(self.path / "snapshots" / f"step_{step:08d}.safetensors", entry["sha256"])
+        model = Transformer(self.config.model)
+        model.load_state_dict(sd)
+        return model.to(device).eval()
+
+    def metrics(self) -> pd.DataFrame:
+        """Cheap per-snapshot metrics logged during training, one row per snapshot."""
+        rows = []
+        for s in self.steps:
+            e = self.manifest["snapshots"][str(s)]
+            m = e.get("metrics", {})
+            rows.append({"step": s, "tokens": e["tokens"],
+                         **{k: v for k, v in m.items() if not isinstance(v, list)},
+                         "prefix": m.get("prefix"), "prev_token": m.get("prev_token"), "smear": m.get("smear")})
+        return pd.DataFrame(rows)
+
+    def train_log(self) -> pd.DataFrame:
+        log = self.manifest.get("train_log", [])
+        df = pd.DataFrame(log, columns=["step", "loss"])
+        df["tokens"] = df["step"] * self.config.tokens_per_step
+        return df
+
+    @property
+    def train_seconds(self) -> float:
+        return float(self.manifest.get("train_seconds", float("nan")))
+
+    # --- data the run was trained and evaluated on --------------------------------------------
+    @cached_property
+    def corpus(self) -> D.Corpus:
+        return D.Corpus(self.config.data, cache_dir(self.path.parent))
+
+    @cached_property
+    def eval_data(self) -> EvalData:
+        return EvalData(self.config, self.corpus)
+
+    def __repr__(self):
+        return f"Run({self.name!r}, {len(self.steps)} snapshots, done={self.done})"
+
+
+def get_or_train(cfg: RunConfig, root: str | Path | None = None, device: str = "cpu",
+                 progress: bool = True) -> Run:
+    """Reuse the finished run for ``cfg`` or train it (resuming a partial one)."""
+    path = run_path(cfg, root)
+    path.mkdir(parents=True, exist_ok=True)
+    with FileLock(path / ".lock"):
+        if (path / "manifest.json").exists():
+            try:
+                run = Run(path)
+                if run.done:
+                    return run
+            except CorruptFileError as e:
+                print(f"warning: {e}; resuming/retraining {cfg.name}")
+        Trainer(cfg, path, device=device, cache_dir=cache_dir(path.parent)).run(progress=progress)
+        return Run(path)

@@ -1,0 +1,96 @@
+"""Sweep harness for the laptop recipe (issue: a vanilla phase change on 2 CPU cores).
+
+    python -m icl_core.sweep configs/sweeps/recipe.yaml [--jobs 2] [--only NAME ...]
+
+The YAML has ``base`` (a RunConfig dict) and ``variants`` ({name: overrides}). Every variant trains
+through the run cache (so reruns reuse finished runs) with one thread per job, ``--jobs`` at once,
+and only cheap metrics. A summary table is written next to the YAML as ``<stem>.summary.csv`` / ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig, load_yaml, merge
+from .metrics import phase_change_window
+
+
+def summarise(run) -> dict:
+    m = run.metrics()
+    t = m["tokens"].to_numpy()
+    icl = m["icl"].to_numpy()
+    pm = m["prefix_max"].to_numpy()
+    w = phase_change_window(t, icl)
+    cfg = run.config
+    row = {
+        "variant": cfg.name, "hash": cfg.hash(),
+        "layers": cfg.model.n_layers, "tokens_M": t[-1] / 1e6,
+        "minutes": run.train_seconds / 60, "ktok_s": t[-1] / max(run.train_seconds, 1e-9) / 1e3,
+        "loss_final": m["loss"].iloc[-1],
+        "icl_first": icl[1] if len(icl) > 1 else icl[0], "icl_min": icl.min(), "icl_final": icl[-1],
+        "prefix_first": pm[1] if len(pm) > 1 else pm[0], "prefix_final": pm[-1], "prefix_maxall": pm.max(),
+        "prev_final": m["prev_token_max"].iloc[-1],
+        "tokens_prefix_0.3_M": (t[np.argmax(pm > 0.3)] / 1e6) if (pm > 0.3).any() else np.nan,
+        "window_M": f"{w.start / 1e6:.2f}-{w.end / 1e6:.2f}" if w.found else "none",
+    }
+    if w.found:
+        inside = (t >= w.start) & (t <= w.end)
+        row["icl_change_in_window"] = icl[inside][-1] - icl[inside][0]
+        row["prefix_in_window"] = f"{pm[inside][0]:.2f}->{pm[inside][-1]:.2f}"
+    return row
+
+
+def _run_one(args):
+    name, cfg_dict, root = args
+    import torch
+    torch.set_num_threads(1)
+    from .runs import get_or_train
+    cfg = RunConfig.from_dict(cfg_dict)
+    run = get_or_train(cfg, root=root, progress=False)
+    return summarise(run)
+
+
+def variant_configs(spec: dict) -> dict[str, dict]:
+    base = spec.get("base", {})
+    out = {}
+    for name, over in (spec.get("variants") or {}).items():
+        d = merge(base, over or {})
+        d["name"] = name
+        d.setdefault("train", {})["threads"] = 1
+        RunConfig.from_dict(d)  # validate everything before training anything
+        out[name] = d
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--root", default=None, help="runs folder (default $ICL_RUNS_DIR or runs/)")
+    a = ap.parse_args(argv)
+    spec = load_yaml(a.spec)
+    cfgs = variant_configs(spec)
+    if a.only:
+        cfgs = {k: v for k, v in cfgs.items() if k in a.only}
+    jobs = [(k, v, a.root) for k, v in cfgs.items()]
+    rows = []
+    ctx = mp.get_context("spawn")
+    out = Path(a.spec).with_suffix("")
+    with ctx.Pool(a.jobs) as pool:
+        for row in pool.imap_unordered(_run_one, jobs):
+            rows.append(row)
+            print(pd.DataFrame([row]).to_string(index=False), flush=True)
+            df = pd.DataFrame(rows)
+            df.to_csv(f"{out}.summary.csv", index=False)
+            Path(f"{out}.summary.md").write_text(df.to_markdown(index=False, floatfmt=".3g"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

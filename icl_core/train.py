@@ -1,0 +1,273 @@
+"""train(config, run_dir): AdamW with warmup, clipping, bf16 autocast, dense snapshots, exact resume.
+
+Determinism: model init is seeded inside a forked RNG; the batch at step s is a pure function of
+(seed, s) (:func:`icl_core.data.train_batch`). The resume state (weights, AdamW moments, step, loss
+log) is written atomically at every snapshot and every ``RESUME_EVERY`` steps, so a run killed at any
+point and rerun ends with weights bit-identical to an uninterrupted one (same device and threads).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import metrics as M
+from .config import RunConfig, ConfigError
+from .io import (CorruptFileError, atomic_write_json, load_tensors, read_json_checked, save_tensors)
+from .model import Transformer, loss_fn
+
+RESUME_EVERY = 200
+
+
+def snapshot_steps(total_steps: int, n: int) -> list[int]:
+    """Half log-spaced (dense early, where induction heads may form) and half linear, plus 0 and the end."""
+    n_log = max(2, n // 2)
+    log = np.unique(np.round(np.logspace(0, math.log10(max(total_steps, 1)), n_log)).astype(int))
+    lin = np.unique(np.round(np.linspace(0, total_steps, max(2, n - len(log)))).astype(int))
+    return sorted(set(log.tolist()) | set(lin.tolist()) | {0, total_steps})
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        total = cfg.total_steps
+        p = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+        return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+    return t.lr
+
+
+def init_model(cfg: RunConfig, device: str = "cpu") -> Transformer:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model)
+    return model.to(device)
+
+
+def make_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
+    t = cfg.train
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": other, "weight_decay": 0.0}],
+                             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+
+
+class EvalData:
+    """What the cheap in-training metrics use: fixed eval windows and repeated random tokens."""
+
+    def __init__(self, cfg: RunConfig, corpus: D.Corpus, n_eval: int | None = None):
+        d = cfg.data
+        self.tokens = D.eval_windows(corpus, d.n_eval if n_eval is None else n_eval, cfg.model.n_ctx, d.eval_seed)
+        pool = D.prefix_token_pool(corpus.counts)
+        self.rep = D.repeated_random_tokens(pool, d.n_prefix_seqs, d.prefix_seq_len, d.prefix_repeats, d.eval_seed)
+
+
+def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: str = "fp32") -> dict:
+    """Loss, ICL score, prefix-matching and previous-token scores per head (logged at every snapshot)."""
+    was_training = model.training
+    losses = M.per_token_losses(model, ev.tokens, precision=precision)
+    pm = M.prefix_matching_scores(model, ev.rep, cfg.data.prefix_seq_len, precision=precision)
+    pt = M.previous_token_scores(model, ev.tokens[: min(len(ev.tokens), 32)], precision=precision)
+    model.train(was_training)
+    late, early = M.icl_indices(cfg.model.n_ctx)
+    out = {
+        "loss": float(losses.mean()),
+        "icl": M.icl_score_from_losses(losses, cfg.model.n_ctx),
+        "loss_early": float(losses[:, early - 1].mean()),
+        "loss_late": float(losses[:, late - 1].mean()),
+        "prefix_max": float(pm.max()),
+        "prefix": pm.tolist(),
+        "prev_token": pt.tolist(),
+        "prev_token_max": float(pt.max()),
+    }
+    if cfg.model.smeared_keys:
+        out["smear"] = [torch.sigmoid(b.attn.alpha).tolist() for b in model.blocks]
+    return out
+
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v
+            else:
+                meta["scalars"][f"{idx}.{k}"] = v
+    return tensors, meta
+
+
+def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    state: dict = {}
+    for name, v in tensors.items():
+        if not name.startswith("opt."):
+            continue
+        _, idx, k = name.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, corpus: D.Corpus | None = None,
+                 device: str = "cpu", cache_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.device = device
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "snapshots").mkdir(exist_ok=True)
+        self.corpus = corpus or D.Corpus(cfg.data, cache_dir or self.dir.parent / "_cache")
+        if self.corpus.vocab_size != cfg.model.d_vocab:
+            raise ConfigError(f"tokenizer has {self.corpus.vocab_size} tokens but model.d_vocab={cfg.model.d_vocab}")
+        self.steps = snapshot_steps(cfg.total_steps, cfg.train.n_snapshots)
+        self._write_config()
+
+    # --- files ----------------------------------------------------------------------------------
+    def _write_config(self):
+        p = self.dir / "config.json"
+        if p.exists():
+            try:
+                old = read_json_checked(p)
+            except CorruptFileError:
+                old = None
+            if old is not None and old.get("hash") != self.cfg.hash():
+                raise ConfigError(f"run folder {self.dir} holds a different config (hash {old.get('hash')})")
+            if old is not None:
+                return
+        atomic_write_json(p, {"hash": self.cfg.hash(), "config": self.cfg.to_dict()})
+
+    def manifest(self) -> dict:
+        p = self.dir / "manifest.json"
+        if p.exists():
+            try:
+                return read_json_checked(p)
+            except CorruptFileError as e:
+                print(f"warning: {e}; snapshots will be re-verified")
+        return {"hash": self.cfg.hash(), "snapshots": {}, "done": False}
+
+    def _resume_state(self):
+        p = self.dir / "resume.json"
+        if not p.exists():
+            return None
+        try:
+            meta = read_json_checked(p)
+            tensors = load_tensors(self.dir / meta["file"], meta["sha256"])
+        except (CorruptFileError, KeyError) as e:
+            print(f"warning: resume state unusable ({e}); restarting this run from step 0")
+            return None
+        return meta, tensors
+
+    def _save_resume(self, step: int, model, opt, log):
+        ot, ometa = _opt_tensors(opt)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update(ot)
+        fname = f"resume_{step:08d}.safetensors"
+        sha = save_tensors(self.dir / fname, tensors)
+        atomic_write_json(self.dir / "resume.json", {"file": fname, "sha256": sha, "step": step,
+                                                     "opt": ometa, "log": log})
+        for f in self.dir.glob("resume_*.safetensors"):
+            if f.name != fname:
+                f.unlink(missing_ok=True)
+
+    # --- loop -----------------------------------------------------------------------------------
+    def run(self, progress: bool = True, stop_after: int | None = None) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        man = self.manifest()
+        if man.get("done"):
+            return man
+        model = init_model(cfg, self.device)
+        opt = make_optimizer(model, cfg)
+        start, log = 0, []
+        st = self._resume_state()
+        if st is not None:
+            meta, tensors = st
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            _load_opt(opt, tensors, meta["opt"])
+            start, log = meta["step"], meta["log"]
+        ev = EvalData(cfg, self.corpus)
+        ev.tokens = ev.tokens.to(self.device)
+        ev.rep = ev.rep.to(self.device)
+        total = cfg.total_steps
+        snap = set(self.steps)
+        use_bf16 = t.precision == "bf16"
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+        t0, tok0 = time.time(), 0
+        model.train()
+        train_time = man.get("train_seconds", 0.0)
+        step = start
+        while True:
+            if step in snap:
+                self._snapshot(step, model, ev, man)
+            if step >= total:
+                break
+            if stop_after is not None and step >= stop_after:
+                break
+            x = D.train_batch(self.corpus, t.batch_size, cfg.model.n_ctx, t.seed, step,
+                              cfg.data.repeat_fraction).to(self.device)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            ts = time.time()
+            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x)
+            loss = loss_fn(logits, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            train_time += time.time() - ts
+            step += 1
+            log.append([step, round(loss.item(), 5)])
+            tok0 += x.numel()
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok0 / (time.time() - t0):.0f}")
+            if step % RESUME_EVERY == 0 and step not in snap:
+                self._save_resume(step, model, opt, log)
+                man["train_seconds"] = train_time
+            if step in snap:
+                self._save_resume(step, model, opt, log)
+                man["train_seconds"] = train_time
+        if bar is not None:
+            bar.close()
+        if step >= total:
+            man["done"] = True
+            man["train_seconds"] = train_time
+            man["train_log"] = log
+            man["total_steps"] = total
+            man["tokens_per_step"] = cfg.tokens_per_step
+            atomic_write_json(self.dir / "manifest.json", man)
+            for f in self.dir.glob("resume_*.safetensors"):
+                f.unlink(missing_ok=True)
+            (self.dir / "resume.json").unlink(missing_ok=True)
+        return man
+
+    def _snapshot(self, step: int, model, ev: EvalData, man: dict):
+        sha = save_tensors(self.dir / "snapshots" / f"step_{step:08d}.safetensors", model.state_dict(),
+                           {"step": step})
+        metrics = cheap_metrics(model, self.cfg, ev, precision="fp32") if self.cfg.train.metrics_every_snapshot else {}
+        man["snapshots"][str(step)] = {"sha256": sha, "tokens": step * self.cfg.tokens_per_step, "metrics": metrics}
+        atomic_write_json(self.dir / "manifest.json", man)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, device: str = "cpu", progress: bool = True,
+          corpus: D.Corpus | None = None, stop_after: int | None = None) -> dict:
+    """Train (or resume) ``cfg`` in ``run_dir``; returns the manifest."""
+    return Trainer(cfg, run_dir, corpus=corpus, device=device).run(progress=progress, stop_after=stop_after)

@@ -1,0 +1,207 @@
+"""The book pipeline (icl_core.book): chapter selection, parameters, up-to-date keys, failures.
+
+Execution tests run tiny notebooks (no models) in a temporary project with the real papermill.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat as nbf
+import pytest
+
+from icl_core import book
+from icl_core.profiles import Profile, available_profiles, load_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- a throwaway project with two chapters --------------------------------------------------
+
+def _notebook(path: Path, body: str, extra: str = ""):
+    nb = nbf.v4.new_notebook()
+    params = nbf.v4.new_code_cell('profile = "laptop"\nn = 1' + extra)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbf.v4.new_markdown_cell(f"# {path.stem}"), params, nbf.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbf.write(nb, path)
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "_toc.yml").write_text(
+        "format: jb-book\nroot: index\nparts:\n  - caption: A\n    chapters:\n"
+        "      - file: chapters/00_first\n      - file: chapters/01_second\n      - file: chapters/notes\n")
+    (tmp_path / "index.md").write_text("# Index\n")
+    (tmp_path / "chapters" / "notes.md").write_text("# Notes\n")
+    _notebook(tmp_path / "chapters" / "00_first.ipynb", "print('first', profile, n)")
+    _notebook(tmp_path / "chapters" / "01_second.ipynb", "print('second', profile, n)")
+    prof = Profile("tiny", "a test profile", "", runs={}, chapters={"00_first": {"n": 2}, "01_second": {"n": 3}})
+    return book.Paths(tmp_path, tmp_path), prof
+
+
+def _run(paths, prof, **kw):
+    return book.execute(prof, paths, profiles_dir=paths.root, log=lambda *a: None, **kw)
+
+
+def _stdout(nb_path: Path) -> str:
+    nb = json.loads(nb_path.read_text())
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", [])
+                   if o.get("name") == "stdout")
+
+
+def test_toc_order_and_chapter_selection(project):
+    paths, _ = project
+    assert list(book.chapter_notebooks(paths.root)) == ["00_first", "01_second"]  # md pages are not executed
+    assert book.select_chapters(["00_first", "01_second"], ["01"]) == ["01_second"]
+    assert book.select_chapters(["00_first", "01_second"], ["chapters/00_first.ipynb"]) == ["00_first"]
+    with pytest.raises(book.BookError, match="matches"):
+        book.select_chapters(["00_first", "01_second"], ["0"])
+    with pytest.raises(book.BookError, match="no chapter"):
+        book.select_chapters(["00_first", "01_second"], ["99"])
+
+
+def test_parameters_are_injected(project):
+    paths, prof = project
+    status = _run(paths, prof)
+    assert all(s.startswith("executed") for s in status.values())
+    out = paths.executed("tiny")
+    assert _stdout(out / "00_first.ipynb").strip() == "first tiny 2"
+    assert _stdout(out / "01_second.ipynb").strip() == "second tiny 3"
+    nb = json.loads((out / "00_first.ipynb").read_text())
+    tags = [c["metadata"].get("tags", []) for c in nb["cells"]]
+    assert any("injected-parameters" in t for t in tags)
+    assert any("parameters" in t and "remove-cell" in t for t in tags)  # defaults hidden on the page
+
+
+def test_up_to_date_detection(project):
+    paths, prof = project
+    _run(paths, prof)
+    assert set(_run(paths, prof).values()) == {"up to date"}
+    # editing one notebook re-executes that one only
+    _notebook(paths.root / "chapters" / "01_second.ipynb", "print('second, edited', profile, n)")
+    status = _run(paths, prof)
+    assert status["00_first"] == "up to date" and status["01_second"].startswith("executed")
+    # outputs alone do not count as a change (only cell sources, tags and the kernel do)
+    nb = json.loads((paths.root / "chapters" / "00_first.ipynb").read_text())
+    nb["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "x"}]
+    (paths.root / "chapters" / "00_first.ipynb").write_text(json.dumps(nb))
+    assert _run(paths, prof)["00_first"] == "up to date"
+    # changing a chapter's parameters re-executes it
+    prof.chapters["00_first"] = {"n": 5}
+    status = _run(paths, prof)
+    assert status["00_first"].startswith("executed") and status["01_second"] == "up to date"
+    assert _stdout(paths.executed("tiny") / "00_first.ipynb").strip() == "first tiny 5"
+    # --force re-executes everything; --chapter limits it
+    assert set(_run(paths, prof, chapters=["01"], force=True)) == {"01_second"}
+
+
+def test_key_covers_every_part(tmp_path):
+    nb = tmp_path / "a.ipynb"
+    _notebook(nb, "1")
+    base = book.chapter_key(nb, {"profile": "p"}, "prof", "src")["key"]
+    assert book.chapter_key(nb, {"profile": "q"}, "prof", "src")["key"] != base
+    assert book.chapter_key(nb, {"profile": "p"}, "prof2", "src")["key"] != base
+    assert book.chapter_key(nb, {"profile": "p"}, "prof", "src2")["key"] != base
+    _notebook(nb, "2")
+    assert book.chapter_key(nb, {"profile": "p"}, "prof", "src")["key"] != base
+
+
+def test_source_hash_tracks_icl_core(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = 1\n")
+    h = book.source_hash(pkg)
+    (pkg / "a.py").write_text("x = 2\n")
+    assert book.source_hash(pkg) != h
+
+
+def test_failure_names_chapter_and_cell_and_keeps_other_outputs(project):
+    paths, prof = project
+    _run(paths, prof)
+    good = (paths.executed("tiny") / "00_first.ipynb").read_bytes()
+    _notebook(paths.root / "chapters" / "01_second.ipynb", "x = 1\nraise ValueError('deliberate failure')")
+    _notebook(paths.root / "chapters" / "00_first.ipynb", "print('first', profile, n)  # edited")
+    prof.chapters["00_first"] = {"n": 2}
+    with pytest.raises(book.ChapterFailed) as e:
+        _run(paths, prof)
+    msg = str(e.value)
+    assert e.value.chapter == "01_second" and e.value.cell == 3
+    assert "01_second" in msg and "cell 3" in msg and "x = 1" in msg and "deliberate failure" in msg
+    out = paths.executed("tiny")
+    assert (out / "00_first.ipynb").exists()  # the chapter before the failure was executed and kept
+    assert _stdout(out / "00_first.ipynb").strip() == "first tiny 2" and good
+    assert not (out / "01_second.ipynb").exists()  # no stale output of the failed chapter
+    assert (out / "01_second.failed.ipynb").exists()  # its partial output, for inspection
+    # after the fix only the failed chapter runs again
+    _notebook(paths.root / "chapters" / "01_second.ipynb", "print('second', profile, n)")
+    status = _run(paths, prof)
+    assert status == {"00_first": "up to date", "01_second": status["01_second"]}
+    assert status["01_second"].startswith("executed")
+    assert not (out / "01_second.failed.ipynb").exists()
+
+
+def test_cli_reports_failure(project, capsys, monkeypatch):
+    paths, prof = project
+    _notebook(paths.root / "chapters" / "00_first.ipynb", "1/0")
+    monkeypatch.setattr(book, "PROJECT_ROOT", paths.root)
+    monkeypatch.setattr(book, "load_profile", lambda name, d=None: prof)
+    assert book.main(["execute", "--profile", "tiny", "--chapter", "00"]) == 1
+    err = capsys.readouterr().err
+    assert "chapter 00_first" in err and "cell 3" in err and "ZeroDivisionError" in err
+
+
+def test_a_chapter_whose_runs_are_missing_fails_before_running(project):
+    paths, _ = project
+    smoke = load_profile("smoke")
+    prof = Profile("tiny", "", "", runs={"r": smoke.runs["attn2"].__class__.from_dict(
+        {**smoke.runs["attn2"].to_dict(), "name": "r", "data": {**smoke.runs["attn2"].to_dict()["data"],
+                                                                 "split_seed": 987654}})},
+                   chapters={"00_first": {"runs": ["r"]}})
+    with pytest.raises(book.ChapterFailed, match="not trained"):
+        _run(paths, prof, chapters=["00"])
+
+
+# --- the real book's configuration ----------------------------------------------------------
+
+def test_profiles_share_chapters_and_name_known_runs():
+    names = available_profiles()
+    assert {"smoke", "laptop", "gpu"} <= set(names)
+    chapters = {n: list(load_profile(n).chapters) for n in ("smoke", "laptop", "gpu")}
+    assert chapters["laptop"] == chapters["smoke"] == chapters["gpu"]
+    for n in ("smoke", "laptop", "gpu"):
+        prof = load_profile(n)
+        for c in prof.chapters:
+            params = book.chapter_parameters(prof, c)
+            assert params["profile"] == n
+            assert book.runs_named_in(params, prof.runs), f"{n}:{c} names no run"
+
+
+def test_runs_named_in_finds_nested_names():
+    prof = load_profile("smoke")
+    params = prof.chapter_params("02_coperturbation")
+    assert book.runs_named_in(params, prof.runs) == ["attn1", "smear1", "attn2", "smear2"]
+    assert book.runs_named_in({"seeds": {"attn2": ["attn2", "attn2_seed1"]}}, prof.runs) == ["attn2", "attn2_seed1"]
+
+
+def test_every_profile_chapter_has_a_notebook_in_the_toc():
+    nbs = book.chapter_notebooks(ROOT)
+    for c in load_profile("smoke").chapters:
+        assert c in nbs
+    assert list(nbs)[0] == "00_intro"
+    for f in book.toc_files(ROOT):
+        assert (ROOT / f"{f}.md").exists() or (ROOT / f"{f}.ipynb").exists(), f
+
+
+def test_chapter_notebooks_are_thin_and_stored_without_outputs():
+    for c, path in book.chapter_notebooks(ROOT).items():
+        nb = nbf.read(path, as_version=4)
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        params = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+        assert len(params) == 1 and "profile =" in params[0].source, c
+        for cell in code:
+            assert not cell.outputs and cell.execution_count is None, f"{c}: outputs are committed"
+            src = cell.source
+            assert "\ndef " not in "\n" + src and "\nclass " not in "\n" + src, f"{c}: define functions in icl_core"
+        assert "chapter_banner" in "".join(cell.source for cell in code), f"{c}: no profile banner"

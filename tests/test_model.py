@@ -1,0 +1,109 @@
+"""Model and hooks: known answers, not pinned floats."""
+import pytest
+import torch
+
+from icl_core import hooks as H
+from icl_core.model import Transformer, loss_fn
+from icl_core.config import ModelConfig
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("positional", ["learned", "shortformer", "rope", "none"])
+@pytest.mark.parametrize("attn_only", [True, False])
+def test_explicit_path_equals_sdpa(positional, attn_only):
+    m = tiny_model(positional=positional, attn_only=attn_only)
+    x = torch.randint(0, 50, (3, 40))
+    fast = m(x)
+    with H.cache_patterns(m) as c:
+        slow = m(x)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    pat = H.stack_patterns(m, c)
+    assert pat.shape == (3, 2, 2, 40, 40)
+    assert torch.allclose(pat.sum(-1), torch.ones(3, 2, 2, 40), atol=1e-5)
+    assert (pat.triu(1) == 0).all()  # causal
+
+
+def test_weight_shapes_follow_transformer_lens():
+    m = tiny_model(d_model=32, n_heads=4)
+    a = m.blocks[0].attn
+    assert a.W_Q.shape == a.W_K.shape == a.W_V.shape == (4, 32, 8)
+    assert a.W_O.shape == (4, 8, 32)
+    assert m.W_E.shape == (50, 32) and m.W_U.shape == (32, 50)
+
+
+def test_per_head_results_sum_to_attention_output():
+    m = tiny_model()
+    x = torch.randint(0, 50, (2, 20))
+    with H.cache(m, H.result_names(m)) as c:
+        out = m(x)
+    assert c["blocks.0.attn.hook_result"].shape == (2, 20, 2, 32)
+    assert torch.allclose(out, m(x), atol=1e-5)
+
+
+def test_smeared_keys_with_sigmoid_one_equal_vanilla():
+    van = tiny_model()
+    sm = tiny_model(smeared_keys=True)
+    sd = {k: v for k, v in van.state_dict().items()}
+    missing = sm.load_state_dict(sd, strict=False).missing_keys
+    assert all("alpha" in k for k in missing) and missing
+    for b in sm.blocks:
+        b.attn.alpha.data.fill_(100.0)  # sigmoid(100) == 1 in float32
+    x = torch.randint(0, 50, (2, 30))
+    assert torch.allclose(van(x), sm(x), atol=1e-6)
+
+
+def test_smeared_keys_formula():
+    sm = tiny_model(smeared_keys=True, n_layers=1)
+    a = sm.blocks[0].attn
+    a.alpha.data = torch.tensor([0.0, 1.0])
+    k = torch.randn(1, 2, 5, 16)
+    out = a.smear(k)
+    s = torch.sigmoid(a.alpha.data)
+    assert torch.equal(out[:, :, 0], k[:, :, 0])  # first key unchanged
+    for h in range(2):
+        assert torch.allclose(out[0, h, 1:], s[h] * k[0, h, 1:] + (1 - s[h]) * k[0, h, :-1])
+
+
+def test_zero_no_heads_changes_nothing():
+    m = tiny_model()
+    x = torch.randint(0, 50, (2, 30))
+    base = loss_fn(m(x), x)
+    with H.zero_heads(m, torch.zeros(2, 2, dtype=torch.bool)):
+        same = loss_fn(m(x), x)
+    assert abs(float(base - same)) < 1e-6
+
+
+def test_batched_head_masks_equal_separate_runs():
+    m = tiny_model()
+    x = torch.randint(0, 50, (1, 30))
+    masks = torch.zeros(3, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0] = masks[1, 1, 1] = True
+    masks[2, 0, 1] = masks[2, 1, 0] = True
+    with H.zero_heads(m, masks):
+        batched = m(x.repeat(3, 1))
+    for i in range(3):
+        with H.zero_heads(m, masks[i]):
+            assert torch.allclose(batched[i], m(x)[0], atol=1e-5)
+
+
+def test_force_patterns_to_clean_ones_changes_nothing():
+    m = tiny_model()
+    x = torch.randint(0, 50, (2, 25))
+    with H.cache_patterns(m) as c:
+        clean = m(x)
+    with H.force_patterns(m, H.stack_patterns(m, c)):
+        forced = m(x)
+    assert torch.allclose(clean, forced, atol=1e-5)
+
+
+def test_hooks_are_removed_after_context():
+    m = tiny_model()
+    with H.cache_patterns(m):
+        assert m._hooks
+    assert not m._hooks
+
+
+def test_sequence_longer_than_context_is_refused():
+    m = tiny_model(n_ctx=16)
+    with pytest.raises(ValueError, match="n_ctx"):
+        m(torch.zeros(1, 17, dtype=torch.long))

@@ -1,0 +1,171 @@
+"""Training, the run cache, resume and corruption handling."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from icl_core import data as D
+from icl_core.config import ConfigError, RunConfig
+from icl_core.io import CorruptFileError
+from icl_core.runs import Run, get_or_train, run_path
+from icl_core.train import Trainer, snapshot_steps
+
+
+def test_snapshot_schedule_is_log_then_linear():
+    s = snapshot_steps(10_000, 40)
+    assert s[0] == 0 and s[-1] == 10_000 and s == sorted(set(s))
+    assert {1, 2, 3}.issubset(s)  # dense early
+    assert len(s) >= 30
+
+
+def test_twenty_step_run_is_reused_without_training(tiny_run_cfg, tmp_path, monkeypatch):
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    assert run.done and run.steps[-1] == tiny_run_cfg.total_steps == 20
+    df = run.metrics()
+    assert {"loss", "icl", "prefix_max", "prev_token_max"} <= set(df.columns)
+    assert len(df) == len(run.steps)
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(Trainer, "run", boom)
+    again = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    assert again.steps == run.steps
+    m = again.load()
+    assert m.cfg == tiny_run_cfg.model
+
+
+def _weights(run: Run):
+    return run.load(run.steps[-1]).state_dict()
+
+
+def test_killed_run_resumes_to_identical_weights(tiny_run_cfg, tmp_path):
+    full = get_or_train(tiny_run_cfg, root=tmp_path / "a", progress=False)
+    path = run_path(tiny_run_cfg, tmp_path / "b")
+    Trainer(tiny_run_cfg, path).run(progress=False, stop_after=7)  # "killed" after 7 steps
+    assert not json.loads((path / "manifest.json").read_text())["done"]
+    resumed = get_or_train(tiny_run_cfg, root=tmp_path / "b", progress=False)
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.manifest["train_log"] == resumed.manifest["train_log"]
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "zero"])
+def test_corrupt_checkpoint_is_refused(tiny_run_cfg, tmp_path, how):
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    step = run.steps[-1]
+    f = run.path / "snapshots" / f"step_{step:08d}.safetensors"
+    b = bytearray(f.read_bytes())
+    if how == "truncate":
+        b = b[: len(b) // 2]
+    elif how == "flip":
+        b[len(b) // 2] ^= 0x01
+    else:
+        b = bytearray(len(b))
+    f.write_bytes(bytes(b))
+    with pytest.raises(CorruptFileError, match="checksum"):
+        run.load(step)
+
+
+def test_corrupt_manifest_is_detected(tiny_run_cfg, tmp_path):
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    p = run.path / "manifest.json"
+    d = json.loads(p.read_text())
+    d["snapshots"]["0"]["tokens"] = 12345  # edited without updating the checksum
+    p.write_text(json.dumps(d))
+    with pytest.raises(CorruptFileError):
+        Run(run.path)
+
+
+def test_corrupt_token_cache_is_rebuilt(tiny_run_cfg, tmp_path):
+    c1 = D.Corpus(tiny_run_cfg.data, tmp_path)
+    ref = c1.train.copy()
+    f = c1.dir / "train.npy"
+    b = bytearray(f.read_bytes())
+    b[-3] ^= 0xFF
+    f.write_bytes(bytes(b))
+    c2 = D.Corpus(tiny_run_cfg.data, tmp_path)
+    assert (c2.train == ref).all()
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"model": {"n_layer": 2}}, "n_layer"),
+    ({"model": {"d_model": 30, "n_heads": 4}}, "d_model"),
+    ({"model": {"n_ctx": "big"}}, "n_ctx"),
+    ({"model": {"positional": "sinusoid"}}, "positional"),
+    ({"model": {"n_ctx": 16}}, "n_ctx"),
+    ({"train": {"lr": -1.0}}, "lr"),
+    ({"train": {"precision": "fp8"}}, "precision"),
+    ({"data": {"sources": []}}, "sources"),
+    ({"data": {"vocab_size": 100}}, "vocab_size"),
+])
+def test_bad_config_names_the_field(patch, field):
+    base = {"model": {"d_vocab": 512}, "data": {"vocab_size": 512}}
+    from icl_core.config import merge
+    d = merge(base, patch)
+    if field == "vocab_size":
+        d["model"]["d_vocab"] = 100
+    with pytest.raises(ConfigError, match=field):
+        RunConfig.from_dict(d)
+
+
+def test_unknown_field_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'n_layers'"):
+        RunConfig.from_dict({"model": {"n_layer": 2}})
+
+
+def test_empty_corpus_folder_and_non_utf8_are_clear_errors(tmp_path):
+    from icl_core.config import DataConfig
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no non-empty text files"):
+        D.load_documents(DataConfig(sources=(f"folder:{empty}",)))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.txt").write_bytes(b"caf\xe9 \xff\xfe")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        D.load_documents(DataConfig(sources=(f"folder:{bad}",)))
+
+
+def test_training_batches_are_a_function_of_step(tiny_run_cfg, tmp_path):
+    c = D.Corpus(tiny_run_cfg.data, tmp_path)
+    a = D.train_batch(c, 4, 64, seed=0, step=5)
+    b = D.train_batch(c, 4, 64, seed=0, step=5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, D.train_batch(c, 4, 64, seed=0, step=6))
+
+
+def test_repeat_rows_contain_a_copied_span(tiny_run_cfg, tmp_path):
+    c = D.Corpus(tiny_run_cfg.data, tmp_path)
+    x = D.train_batch(c, 4, 64, seed=0, step=1, repeat_fraction=1.0)
+    for row in x.tolist():
+        found = any(row[a:a + 8] == row[b:b + 8] for a in range(64 - 8) for b in range(a + 8, 64 - 7))
+        assert found
+
+
+def test_eval_windows_stay_inside_validation_documents(tiny_run_cfg, tmp_path):
+    c = D.Corpus(tiny_run_cfg.data, tmp_path)
+    w = D.eval_windows(c, 6, 64, seed=3)
+    assert w.shape == (6, 64) and (w[:, 0] == D.EOS_ID).all()
+    assert ((w[:, 1:] == D.EOS_ID).sum() == 0)  # never crosses a document boundary
+    assert torch.equal(w, D.eval_windows(c, 6, 64, seed=3))
+
+
+def test_split_is_by_document_and_deterministic():
+    from icl_core.config import DataConfig
+    cfg = DataConfig(val_fraction=0.1)
+    keys = [f"k{i}" for i in range(2000)]
+    v = [D.is_validation(k, cfg) for k in keys]
+    assert v == [D.is_validation(k, cfg) for k in keys]
+    assert 0.05 < sum(v) / len(v) < 0.15
+
+
+def test_bible_parallel_versions_share_split():
+    from icl_core.config import DataConfig
+    docs = D.bible_documents(["kjv", "bbe"], max_chars=20000)
+    by_key = {}
+    for d in docs:
+        by_key.setdefault(d.split_key, []).append(d.id)
+    assert any(len(v) == 2 for v in by_key.values())
+    assert docs[0].text.startswith("In the beginning God created")
