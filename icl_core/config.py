@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ class ModelConfig:
     layer_norm: bool = True
     smeared_keys: bool = False
     init_std: float = 0.02
+    pos_init_std: float | None = None  # default init_std; shortformer positions are added after
+    # LayerNorm (as in TransformerLens), where the token signal has unit scale
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "n_ctx", "d_vocab"):
@@ -61,6 +64,8 @@ class ModelConfig:
             raise ConfigError(f"model.d_head={self.d_head} must be even for rope positions")
         if not self.init_std > 0:
             raise ConfigError(f"model.init_std={self.init_std} must be > 0")
+        if self.pos_init_std is not None and not self.pos_init_std > 0:
+            raise ConfigError(f"model.pos_init_std={self.pos_init_std} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,9 @@ class DataConfig:
             raise ConfigError(f"data.prefix_repeats={self.prefix_repeats} must be >= 2")
         if self.max_chars_per_source < 0:
             raise ConfigError(f"data.max_chars_per_source={self.max_chars_per_source} must be >= 0")
+        if self.vocab_size > 65535:
+            raise ConfigError(f"data.vocab_size={self.vocab_size} must be <= 65535 (tokens are stored as uint16)")
+        _seed(self, "eval_seed")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,12 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay={self.weight_decay} must be >= 0")
         if self.threads < 0:
             raise ConfigError(f"train.threads={self.threads} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
+        _seed(self, "seed")
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,10 @@ class RunConfig:
         d = self.to_dict()
         d.pop("name")
         d["train"].pop("threads")
+        # optional fields left at None mean "as before they existed": keep old hashes valid
+        d["model"] = {k: v for k, v in d["model"].items() if v is not None}
+        if self.model.smeared_keys:  # the initial alpha changed from 3 to 0: older runs differ
+            d["model"]["smear_alpha_init"] = 0.0
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -216,6 +234,13 @@ def _positive(obj, name):
         raise ConfigError(f"{section}.{name}={v!r} must be a positive integer")
 
 
+def _seed(obj, name):
+    v = getattr(obj, name)
+    section = {DataConfig: "data", TrainConfig: "train"}.get(type(obj), "")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**32:
+        raise ConfigError(f"{section}.{name}={v!r} must be an integer in [0, 2**32)")
+
+
 def _check_type(value, tp, where: str):
     """Check ``value`` against a (simple) annotation; convert lists to tuples. Return the value."""
     origin = typing.get_origin(tp)
@@ -249,7 +274,13 @@ def _check_type(value, tp, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
-        return float(value)
+        try:
+            f = float(value)
+        except OverflowError:
+            f = math.inf
+        if not math.isfinite(f):
+            raise ConfigError(f"{where}={value!r} must be a finite number")
+        return f
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}={value!r} must be a string")
@@ -293,6 +324,11 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        d = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(d).__name__}")
     return d or {}

@@ -117,8 +117,9 @@ def folder_documents(folder: str, max_chars: int = 0) -> list[Document]:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"corpus file {str(path)!r} is not valid UTF-8 text") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"data.sources folder {folder!r}: corpus file {str(path)!r} is not valid "
+                              f"UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
         if not text.strip():
             continue
         rel = path.relative_to(root).as_posix()
@@ -268,6 +269,8 @@ class Corpus:
             if not self._valid():
                 if (self.dir / "manifest.json").exists():
                     print(f"corpus cache {self.dir} failed its checksum: rebuilding")
+                for tmp in self.dir.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)  # partial writes of a killed build (we hold the lock)
                 self._build()
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
         self.train = np.load(self.dir / "train.npy", mmap_mode="r")

@@ -68,8 +68,9 @@ class Attention(nn.Module):
         self.W_qkv = nn.Parameter(torch.randn(D, 3, H, dh) * cfg.init_std)
         self.W_O_ = nn.Parameter(torch.randn(H, dh, D) * cfg.init_std / math.sqrt(2 * cfg.n_layers))
         if cfg.smeared_keys:
-            # sigmoid(alpha) starts near 1: close to a vanilla model (paper does not specify the init)
-            self.alpha = nn.Parameter(torch.full((H,), 3.0))
+            # [book choice] the paper does not give the initial value: alpha = 0 (sigmoid 0.5, an
+            # even mix of each key and its predecessor); alpha -> +inf recovers a vanilla model
+            self.alpha = nn.Parameter(torch.zeros(H))
 
     @property
     def W_Q(self):
@@ -173,7 +174,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.W_E = nn.Parameter(torch.randn(cfg.d_vocab, cfg.d_model) * cfg.init_std)
         if cfg.positional in ("learned", "shortformer"):
-            self.W_pos = nn.Parameter(torch.randn(cfg.n_ctx, cfg.d_model) * cfg.init_std)
+            std = cfg.init_std if cfg.pos_init_std is None else cfg.pos_init_std
+            self.W_pos = nn.Parameter(torch.randn(cfg.n_ctx, cfg.d_model) * std)
         if cfg.positional == "rope":
             cos, sin = rope_tables(cfg.n_ctx, cfg.d_head)
             self.register_buffer("rope_cos", cos, persistent=False)

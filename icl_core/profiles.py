@@ -72,9 +72,16 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> Profile:
     for k in spec:
         if k not in allowed:
             raise ConfigError(f"profile {name!r}: unknown top-level field {k!r} (known: {sorted(allowed)})")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"profile {name!r} must be a mapping of fields, got {type(spec).__name__}")
+    for k in ("defaults", "runs", "chapters"):
+        if spec.get(k) is not None and not isinstance(spec[k], dict):
+            raise ConfigError(f"profile {name!r}: {k} must be a mapping, got {spec[k]!r}")
     defaults = spec.get("defaults") or {}
     runs = {}
     for rname, over in (spec.get("runs") or {}).items():
+        if over is not None and not isinstance(over, dict):
+            raise ConfigError(f"profile {name!r}, run {rname!r} must be a mapping of overrides, got {over!r}")
         d_ = merge(defaults, over or {})
         d_["name"] = rname
         try:
@@ -83,6 +90,8 @@ def load_profile(name: str, profiles_dir: str | Path | None = None) -> Profile:
             raise ConfigError(f"profile {name!r}, run {rname!r}: {e}") from None
     chapters = spec.get("chapters") or {}
     for ch, params in chapters.items():
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"profile {name!r}, chapter {ch!r} parameters must be a mapping, got {params!r}")
         for r in (params or {}).get("runs", []):
             if r not in runs:
                 raise ConfigError(f"profile {name!r}, chapter {ch!r} names unknown run {r!r}")

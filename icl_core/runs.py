@@ -120,10 +120,15 @@ def get_or_train(cfg: RunConfig, root: str | Path | None = None, device: str = "
     path = run_path(cfg, root)
     path.mkdir(parents=True, exist_ok=True)
     with FileLock(path / ".lock"):
+        # partial writes of a killed trainer (we hold the lock, so no one is writing them)
+        for tmp in [*path.glob(".*.tmp"), *path.glob("snapshots/.*.tmp")]:
+            tmp.unlink(missing_ok=True)
         if (path / "manifest.json").exists():
             try:
                 run = Run(path)
                 if run.done:
+                    for f in [*path.glob("resume_*.safetensors"), path / "resume.json"]:
+                        f.unlink(missing_ok=True)  # killed after finishing, before its cleanup
                     return run
             except CorruptFileError as e:
                 print(f"warning: {e}; resuming/retraining {cfg.name}")

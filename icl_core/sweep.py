@@ -25,7 +25,8 @@ def summarise(run) -> dict:
     t = m["tokens"].to_numpy()
     icl = m["icl"].to_numpy()
     pm = m["prefix_max"].to_numpy()
-    w = phase_change_window(t, icl)
+    band = m["icl_band"].to_numpy() if "icl_band" in m else icl
+    w = phase_change_window(t, band)
     cfg = run.config
     row = {
         "variant": cfg.name, "hash": cfg.hash(),
@@ -33,6 +34,7 @@ def summarise(run) -> dict:
         "minutes": run.train_seconds / 60, "ktok_s": t[-1] / max(run.train_seconds, 1e-9) / 1e3,
         "loss_final": m["loss"].iloc[-1],
         "icl_first": icl[1] if len(icl) > 1 else icl[0], "icl_min": icl.min(), "icl_final": icl[-1],
+        "icl_band_final": band[-1],
         "prefix_first": pm[1] if len(pm) > 1 else pm[0], "prefix_final": pm[-1], "prefix_maxall": pm.max(),
         "prev_final": m["prev_token_max"].iloc[-1],
         "tokens_prefix_0.3_M": (t[np.argmax(pm > 0.3)] / 1e6) if (pm > 0.3).any() else np.nan,
@@ -40,7 +42,7 @@ def summarise(run) -> dict:
     }
     if w.found:
         inside = (t >= w.start) & (t <= w.end)
-        row["icl_change_in_window"] = icl[inside][-1] - icl[inside][0]
+        row["icl_change_in_window"] = band[inside][-1] - band[inside][0]
         row["prefix_in_window"] = f"{pm[inside][0]:.2f}->{pm[inside][-1]:.2f}"
     return row
 
@@ -73,14 +75,30 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--root", default=None, help="runs folder (default $ICL_RUNS_DIR or runs/)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="train nothing; summarise the variants that have a run folder (finished or stopped)")
     a = ap.parse_args(argv)
     spec = load_yaml(a.spec)
     cfgs = variant_configs(spec)
     if a.only:
         cfgs = {k: v for k, v in cfgs.items() if k in a.only}
+    if a.summary_only:
+        from .runs import Run, run_path
+        rows = []
+        for k, v in cfgs.items():
+            p = run_path(RunConfig.from_dict(v), a.root)
+            if (p / "manifest.json").exists():
+                run = Run(p)
+                rows.append({**summarise(run), "finished": run.done})
+        df = pd.DataFrame(rows)
+        out = Path(a.spec).with_suffix("")
+        df.to_csv(f"{out}.summary.csv", index=False)
+        Path(f"{out}.summary.md").write_text(df.to_markdown(index=False, floatfmt=".3g"))
+        print(df.to_string(index=False))
+        return 0
     jobs = [(k, v, a.root) for k, v in cfgs.items()]
     rows = []
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn")  # fresh interpreters: one torch thread each
     out = Path(a.spec).with_suffix("")
     with ctx.Pool(a.jobs) as pool:
         for row in pool.imap_unordered(_run_one, jobs):
@@ -94,3 +112,40 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+
+
+def sweep_notes(spec_path: Path) -> str:
+    """The comment block at the top of a sweep YAML (what the round tested and why)."""
+    lines = []
+    for line in Path(spec_path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return " ".join(lines)
+
+
+def sweep_tables(sweeps_dir: Path = SWEEPS_DIR) -> list[tuple[str, str, pd.DataFrame]]:
+    """(round name, notes, summary table) for every sweep round with a committed summary."""
+    out = []
+    for spec in sorted(Path(sweeps_dir).glob("*.yaml")):
+        csv = spec.with_suffix(".summary.csv")
+        if csv.exists():
+            df = pd.read_csv(csv)
+            cfgs = variant_configs(load_yaml(spec))
+            df.insert(1, "changes from base", [_describe((load_yaml(spec).get("variants") or {}).get(v) or {})
+                                               if v in cfgs else "" for v in df["variant"]])
+            out.append((spec.stem, sweep_notes(spec), df))
+    return out
+
+
+def _describe(over: dict, prefix: str = "") -> str:
+    parts = []
+    for k, v in over.items():
+        if isinstance(v, dict):
+            parts.append(_describe(v, f"{prefix}{k}."))
+        else:
+            parts.append(f"{prefix}{k}={v}")
+    return ", ".join(p for p in parts if p) or "(base)"

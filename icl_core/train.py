@@ -81,6 +81,7 @@ def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: s
     out = {
         "loss": float(losses.mean()),
         "icl": M.icl_score_from_losses(losses, cfg.model.n_ctx),
+        "icl_band": M.icl_band_score(losses, cfg.model.n_ctx),
         "loss_early": float(losses[:, early - 1].mean()),
         "loss_late": float(losses[:, late - 1].mean()),
         "prefix_max": float(pm.max()),
@@ -124,13 +125,27 @@ class Trainer:
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.device = device
+        # data parallel (torchrun): every rank builds the same global batch and trains on its
+        # slice; DDP averages gradients; only rank 0 writes files
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world = torch.distributed.get_world_size() if self.distributed else 1
+        if cfg.train.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                              f"{self.world} data-parallel processes")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "snapshots").mkdir(exist_ok=True)
         self.corpus = corpus or D.Corpus(cfg.data, cache_dir or self.dir.parent / "_cache")
         if self.corpus.vocab_size != cfg.model.d_vocab:
             raise ConfigError(f"tokenizer has {self.corpus.vocab_size} tokens but model.d_vocab={cfg.model.d_vocab}")
         self.steps = snapshot_steps(cfg.total_steps, cfg.train.n_snapshots)
-        self._write_config()
+        if self.rank == 0:
+            self._write_config()
+        self._barrier()
+
+    def _barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
 
     # --- files ----------------------------------------------------------------------------------
     def _write_config(self):
@@ -168,6 +183,8 @@ class Trainer:
         return meta, tensors
 
     def _save_resume(self, step: int, model, opt, log):
+        if self.rank != 0:
+            return self._barrier()
         ot, ometa = _opt_tensors(opt)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(ot)
@@ -178,6 +195,7 @@ class Trainer:
         for f in self.dir.glob("resume_*.safetensors"):
             if f.name != fname:
                 f.unlink(missing_ok=True)
+        self._barrier()
 
     # --- loop -----------------------------------------------------------------------------------
     def run(self, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -192,6 +210,12 @@ class Trainer:
         start, log = 0, []
         st = self._resume_state()
         if st is not None:
+            missing = [s for s in self.steps if s < st[0]["step"] and str(s) not in man["snapshots"]]
+            if missing:  # the manifest was lost or corrupt: its earlier snapshots cannot be trusted
+                print(f"warning: manifest lacks snapshots {missing} before the resume step "
+                      f"{st[0]['step']}; restarting this run from step 0")
+                st = None
+        if st is not None:
             meta, tensors = st
             model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             _load_opt(opt, tensors, meta["opt"])
@@ -202,8 +226,11 @@ class Trainer:
         total = cfg.total_steps
         snap = set(self.steps)
         use_bf16 = t.precision == "bf16"
+        net = model
+        if self.distributed:
+            net = torch.nn.parallel.DistributedDataParallel(model)
         bar = None
-        if progress:
+        if progress and self.rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
         t0, tok0 = time.time(), 0
@@ -218,13 +245,17 @@ class Trainer:
             if stop_after is not None and step >= stop_after:
                 break
             x = D.train_batch(self.corpus, t.batch_size, cfg.model.n_ctx, t.seed, step,
-                              cfg.data.repeat_fraction).to(self.device)
+                              cfg.data.repeat_fraction)
+            if self.distributed:
+                b = t.batch_size // self.world
+                x = x[self.rank * b:(self.rank + 1) * b]
+            x = x.to(self.device)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             ts = time.time()
             with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
+                logits = net(x)
             loss = loss_fn(logits, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -233,8 +264,13 @@ class Trainer:
             opt.step()
             train_time += time.time() - ts
             step += 1
-            log.append([step, round(loss.item(), 5)])
-            tok0 += x.numel()
+            if self.distributed:  # log the global batch's loss, as one process would
+                lg = loss.detach().clone()
+                torch.distributed.all_reduce(lg)
+                log.append([step, round(lg.item() / self.world, 5)])
+            else:
+                log.append([step, round(loss.item(), 5)])
+            tok0 += x.numel() * self.world
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:
@@ -247,6 +283,9 @@ class Trainer:
                 man["train_seconds"] = train_time
         if bar is not None:
             bar.close()
+        if step >= total and self.rank != 0:
+            self._barrier()
+            return self.manifest()
         if step >= total:
             man["done"] = True
             man["train_seconds"] = train_time
@@ -257,17 +296,56 @@ class Trainer:
             for f in self.dir.glob("resume_*.safetensors"):
                 f.unlink(missing_ok=True)
             (self.dir / "resume.json").unlink(missing_ok=True)
+            self._barrier()
         return man
 
     def _snapshot(self, step: int, model, ev: EvalData, man: dict):
+        if self.rank != 0:
+            return self._barrier()
         sha = save_tensors(self.dir / "snapshots" / f"step_{step:08d}.safetensors", model.state_dict(),
                            {"step": step})
         metrics = cheap_metrics(model, self.cfg, ev, precision="fp32") if self.cfg.train.metrics_every_snapshot else {}
         man["snapshots"][str(step)] = {"sha256": sha, "tokens": step * self.cfg.tokens_per_step, "metrics": metrics}
         atomic_write_json(self.dir / "manifest.json", man)
+        self._barrier()
 
 
 def train(cfg: RunConfig, run_dir: str | Path, device: str = "cpu", progress: bool = True,
           corpus: D.Corpus | None = None, stop_after: int | None = None) -> dict:
     """Train (or resume) ``cfg`` in ``run_dir``; returns the manifest."""
     return Trainer(cfg, run_dir, corpus=corpus, device=device).run(progress=progress, stop_after=stop_after)
+
+
+def main(argv=None) -> int:
+    """``python -m icl_core.train CONFIG.yaml --run-dir DIR``; under ``torchrun --nproc_per_node N``
+    the run is trained data-parallel (gloo on CPU, NCCL on CUDA) with the same global batch."""
+    import argparse
+    import os
+
+    from .config import load_yaml
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("config", help="a RunConfig YAML file")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = RunConfig.from_dict(load_yaml(a.config))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = a.device
+    if world > 1:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    try:
+        train(cfg, a.run_dir, device=device, progress=not a.no_progress)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""Benchmarks (issue 11), all in one run on one machine; medians over repeats with min-max.
+
+    python benchmarks/bench.py [--threads 2] [--repeats 5] [--quick] [--skip-book] [--skip-tl]
+
+1. the machine's matmul peak (fp32 and bf16, the same thread count);
+2. the trainer's tokens/s on the laptop profile's model shapes, and the achieved GFLOP/s as a
+   fraction of that peak. FLOPs per trained token are counted as
+       6 * P_matmul + 6 * n_layers * n_ctx * d_model
+   where P_matmul counts the weights used in matrix products (W_Q, W_K, W_V, W_O, MLP, W_U; not
+   the embedding lookup), 6 = 2 (multiply-add) x 3 (forward + two backward products), and the
+   second term is QK^T and AV (2 x 2 x T x d per token and layer forward) halved for the causal
+   mask, times 3 for the backward pass;
+3. the same model and batch trained with TransformerLens' HookedTransformer (optional extra), as
+   a throughput ratio;
+4. the cost of the chapters' metrics: one snapshot and a whole run, as a ratio to its training time;
+5. the whole smoke book build, split into train / execute / render.
+
+Results: benchmarks/results.json and benchmarks/results.md (tables).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from icl_core import data as D  # noqa: E402
+from icl_core.config import RunConfig  # noqa: E402
+from icl_core.model import loss_fn  # noqa: E402
+from icl_core.profiles import load_profile  # noqa: E402
+from icl_core.train import init_model, make_optimizer  # noqa: E402
+
+
+def stats(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def matmul_peak(dtype, n=1024, repeats=5, iters=20):
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        dt = time.perf_counter() - t
+        out.append(2 * n ** 3 * iters / dt / 1e9)
+    return stats(out)
+
+
+def flops_per_token(cfg: RunConfig) -> float:
+    m = cfg.model
+    D_, H, dh = m.d_model, m.n_heads, m.d_head
+    p = m.n_layers * 4 * D_ * H * dh + D_ * m.d_vocab
+    if not m.attn_only:
+        p += m.n_layers * 2 * D_ * m.d_mlp
+    return 6 * p + 6 * m.n_layers * m.n_ctx * D_
+
+
+def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
+    model = init_model(cfg)
+    opt = make_optimizer(model, cfg)
+    bf16 = cfg.train.precision == "bf16"
+    x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(steps)]
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = loss_fn(logits, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for i in range(warmup):
+        step(x_all[i])
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for x in x_all:
+            step(x)
+        out.append(steps * x_all[0].numel() / (time.perf_counter() - t))
+    return stats(out)
+
+
+def tl_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    m = cfg.model
+    tl = HookedTransformer(HookedTransformerConfig(
+        n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, d_head=m.d_head, n_ctx=m.n_ctx,
+        d_vocab=m.d_vocab, attn_only=m.attn_only, d_mlp=None if m.attn_only else m.d_mlp,
+        act_fn=None if m.attn_only else "gelu", normalization_type="LN" if m.layer_norm else None,
+        positional_embedding_type="shortformer" if m.positional == "shortformer" else "standard",
+        seed=0, device="cpu"))
+    opt = torch.optim.AdamW(tl.parameters(), lr=cfg.train.lr)
+    bf16 = cfg.train.precision == "bf16"
+    x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(steps)]
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = tl(x, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tl.parameters(), 1.0)
+        opt.step()
+
+    for i in range(warmup):
+        step(x_all[i])
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for x in x_all:
+            step(x)
+        out.append(steps * x_all[0].numel() / (time.perf_counter() - t))
+    return stats(out)
+
+
+def metrics_cost(run, n_snap=3):
+    """Seconds for the chapters' analyses on one snapshot, and extrapolated to the whole run."""
+    from icl_core import analysis as A
+    from icl_core import metrics as M
+
+    ev = run.eval_data
+    steps = run.steps[-n_snap:]
+    per = []
+    for s in steps:
+        t = time.perf_counter()
+        m = run.load(s)
+        losses = M.per_token_losses(m, ev.tokens)
+        M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len)
+        pt = M.previous_token_scores(m, ev.tokens[:32])
+        M.copying_scores(m, ev.rep)
+        M.ov_eigen_copying_scores(m)
+        M.k_composition_traces(m, pt)
+        M.composition_scores(m)
+        M.ablation_effects(m, ev.tokens[:64], pattern_preserving=True)
+        M.ablation_effects(m, ev.tokens[:64], pattern_preserving=False)
+        per.append(time.perf_counter() - t)
+    one = statistics.median(per)
+    n_abl = 12  # chapters ablate a subsample of snapshots (analysis.select_steps)
+    whole = one * n_abl + (len(run.steps) - n_abl) * statistics.median(per) * 0.25
+    return {"one_snapshot_s": stats(per), "whole_run_s_estimate": whole,
+            "train_s": run.train_seconds, "ratio_to_training": whole / max(run.train_seconds, 1e-9)}
+
+
+def smoke_book():
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, ICL_RUNS_DIR=f"{d}/runs")
+        t = time.time()
+        out = subprocess.run([sys.executable, "-m", "icl_core.book", "build", "--profile", "smoke",
+                              "--out", d, "--force"], cwd=ROOT, env=env, capture_output=True, text=True)
+        total = time.time() - t
+        line = [l for l in out.stdout.splitlines() if l.startswith("[build]")]
+        res = {"total_s": total, "returncode": out.returncode, "split": line[-1] if line else out.stderr[-500:]}
+        return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and shapes")
+    ap.add_argument("--skip-tl", action="store_true")
+    ap.add_argument("--skip-book", action="store_true")
+    ap.add_argument("--skip-metrics", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads,
+                       "torch": torch.__version__}}
+    res["peak_gflops"] = {"fp32": matmul_peak(torch.float32, repeats=a.repeats),
+                          "bf16": matmul_peak(torch.bfloat16, repeats=a.repeats)}
+    print("peak", json.dumps(res["peak_gflops"]), flush=True)
+    prof = load_profile("laptop")
+    shapes = {"attn1": prof.run_config("attn1"), "attn2": prof.run_config("attn2"),
+              "attn3": prof.run_config("attn3"), "mlp2": prof.run_config("mlp2"),
+              "attn2_wide": prof.run_config("attn2_wide")}
+    if a.quick:
+        shapes = {k: shapes[k] for k in ("attn2", "attn2_wide")}
+    corpus = D.Corpus(shapes["attn2"].data, ROOT / "runs" / "_cache")
+    rows = []
+    steps = 8 if a.quick else 20
+    for name, cfg in shapes.items():
+        for precision in ("bf16", "fp32"):
+            import dataclasses
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+            ours = train_throughput(c, corpus, steps=steps, repeats=a.repeats)
+            fl = flops_per_token(c)
+            peak = res["peak_gflops"][precision]["median"]
+            row = {"model": name, "precision": precision, "d_model": c.model.d_model, "layers": c.model.n_layers,
+                   "attn_only": c.model.attn_only, "tok_s": ours, "flops_per_token": fl,
+                   "gflops": ours["median"] * fl / 1e9, "frac_peak": ours["median"] * fl / 1e9 / peak}
+            if not a.skip_tl and c.model.positional in ("shortformer", "learned"):
+                try:
+                    tl = tl_throughput(c, corpus, steps=steps, repeats=a.repeats)
+                    row["tl_tok_s"] = tl
+                    row["speedup_vs_tl"] = ours["median"] / tl["median"]
+                except ImportError:
+                    row["tl_tok_s"] = None
+            rows.append(row)
+            print(name, precision, f"{ours['median']:.0f} tok/s", f"{row['frac_peak']:.1%} of peak",
+                  f"x{row.get('speedup_vs_tl', float('nan')):.2f} vs TL", flush=True)
+    res["training"] = rows
+    if not a.skip_metrics:
+        try:
+            run = prof.run("attn2")
+            res["metrics_cost"] = metrics_cost(run)
+            print("metrics", json.dumps(res["metrics_cost"]), flush=True)
+        except FileNotFoundError as e:
+            res["metrics_cost"] = {"skipped": str(e)}
+    if not a.skip_book:
+        res["smoke_book"] = smoke_book()
+        print("smoke book", json.dumps(res["smoke_book"]), flush=True)
+    out = ROOT / "benchmarks"
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    lines = ["| model | precision | tok/s median (min-max) | GFLOP/s | % of peak | TL tok/s | speedup vs TL |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["tok_s"]
+        tl = r.get("tl_tok_s")
+        lines.append(f"| {r['model']} | {r['precision']} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
+                     f"{r['gflops']:.1f} | {r['frac_peak']:.1%} | {tl['median']:.0f} | {r['speedup_vs_tl']:.2f} |"
+                     if tl else f"| {r['model']} | {r['precision']} | {t['median']:.0f} | {r['gflops']:.1f} | "
+                     f"{r['frac_peak']:.1%} | - | - |")
+    pk = res["peak_gflops"]
+    head = [f"Machine: {res['machine']}", "",
+            f"Matmul peak ({a.threads} threads): fp32 {pk['fp32']['median']:.0f} GFLOP/s "
+            f"({pk['fp32']['min']:.0f}-{pk['fp32']['max']:.0f}), bf16 {pk['bf16']['median']:.0f} "
+            f"({pk['bf16']['min']:.0f}-{pk['bf16']['max']:.0f})", ""]
+    (out / "results.md").write_text("\n".join(head + lines) + "\n")
+    print("\n".join(head + lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Argument 3, direct ablation (chapters/03_ablation): knock out heads at test time, watch ICL.
+
+Olsson et al. (2022), "Argument 3": in small attention-only models, zeroing the output of the
+induction heads at test time removes almost all in-context learning, while ablating other heads
+leaves it or raises it. Per head and per snapshot we measure the change in ICL score
+(:func:`icl_core.analysis.ablations`, full and pattern-preserving) and the projection of the
+per-token loss change onto the before-and-after vector of the phase change; at the final snapshot
+we ablate whole sets of heads (induction, previous-token, random) in one batched pass
+(:func:`icl_core.metrics.ablation_losses` with ``masks``).
+
+Sign conventions: the ICL score is L(late) - L(early) (negative = ICL). ``delta_icl`` = ablated -
+clean, so a positive value means the ablation *removes* ICL. ``fraction removed`` =
+1 - ICL_ablated / ICL_clean (1 = all ICL gone, 0 = untouched, < 0 = ICL increased).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import analysis as A
+from . import metrics as M
+
+# [book choice] thresholds, stated in the chapter
+PREFIX_THRESHOLD = 0.3  # induction head: prefix-matching score >= this
+PREV_THRESHOLD = 0.3  # previous-token head: previous-token score >= this
+REMOVAL_THRESHOLD = 0.7  # "removes almost all ICL": ablating the induction heads removes >= 70 %
+
+
+# --- which runs, which heads ---------------------------------------------------------------------
+
+def run_kind(cfg) -> str:
+    m = cfg.model
+    if not m.attn_only:
+        return "with MLPs"
+    return "smeared keys" if m.smeared_keys else "attention-only"
+
+
+def final_head_scores(run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix, prev_token), each (L, H), at the last snapshot (cheap metrics of the training log)."""
+    df = run.metrics()
+    return (torch.tensor(df["prefix"].iloc[-1], dtype=torch.float32),
+            torch.tensor(df["prev_token"].iloc[-1], dtype=torch.float32))
+
+
+def head_labels(run, prefix_threshold: float = PREFIX_THRESHOLD, prev_threshold: float = PREV_THRESHOLD) -> np.ndarray:
+    """(L, H) labels 'induction' / 'previous-token' / 'other' at the final snapshot
+    (:func:`icl_core.analysis.classify_heads`)."""
+    pm, pt = final_head_scores(run)
+    return A.classify_heads(pm, pt, prefix_threshold, prev_threshold)
+
+
+def runs_overview(runs: list, prefix_threshold: float = PREFIX_THRESHOLD,
+                  prev_threshold: float = PREV_THRESHOLD) -> pd.DataFrame:
+    """One row per run: kind, depth, final ICL, top prefix score and head counts per class."""
+    rows = []
+    for run in runs:
+        lab = head_labels(run, prefix_threshold, prev_threshold)
+        df = run.metrics()
+        rows.append({"run": run.name, "kind": run_kind(run.config), "layers": run.config.model.n_layers,
+                     "heads": lab.size, "final ICL": float(df["icl"].iloc[-1]),
+                     "top prefix": float(df["prefix_max"].iloc[-1]),
+                     "induction heads": int((lab == "induction").sum()),
+                     "previous-token heads": int((lab == "previous-token").sum())})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def evidence_sentence(overview: pd.DataFrame, prefix_threshold: float = PREFIX_THRESHOLD) -> tuple[list[str], str]:
+    """(runs whose analysis is the chapter's main evidence, the sentence saying which and why).
+
+    Main evidence: vanilla attention-only runs with at least one induction head. If there are none,
+    the smeared-key runs with induction heads stand in (and the sentence says so). Runs with MLPs
+    are always flagged as weaker evidence."""
+    has = overview["induction heads"] > 0
+    van = overview.index[has & (overview["kind"] == "attention-only")].tolist()
+    sm = overview.index[has & (overview["kind"] == "smeared keys")].tolist()
+    mlp = overview.index[has & (overview["kind"] == "with MLPs")].tolist()
+    names = lambda xs: ", ".join(f"`{x}`" for x in xs)  # noqa: E731
+    crit = f"at least one head with final prefix-matching score ≥ {prefix_threshold:g}"
+    if van:
+        main = van
+        s = f"The vanilla attention-only runs with {crit} are {names(van)}; they are the main evidence."
+        if sm:
+            s += f" The smeared-key runs {names(sm)} also have induction heads and get the same analysis."
+    elif sm:
+        main = sm
+        s = (f"**No vanilla attention-only run in this profile has {crit}**, so (as the paper's argument "
+             f"allows) the chapter runs the same analysis on the smeared-key models that do: {names(sm)}. "
+             f"Smeared keys change the architecture, so this is evidence about those models.")
+    else:
+        main = []
+        s = (f"**No run in this profile has {crit}**, so the chapter's central test (ablate the induction "
+             f"heads) cannot be run; the per-head results below are shown for completeness.")
+    if mlp:
+        s += (f" The MLP model {names(mlp)} is shown too, but as **weaker evidence**: its MLPs can also "
+              f"carry in-context information, and the paper's causal claim is for attention-only models.")
+    elif (overview["kind"] == "with MLPs").any():
+        s += (f" The MLP model {names(overview.index[overview['kind'] == 'with MLPs'].tolist())} has no "
+              f"induction head by this threshold; it is shown as weaker evidence.")
+    return main, s
+
+
+# --- per-head ablations over training -----------------------------------------------------------
+
+def _step_at(run, tokens: float) -> int:
+    tps = run.config.tokens_per_step
+    s = int(round(tokens / tps))
+    if s not in run.steps:
+        s = min(run.steps, key=lambda x: abs(x * tps - tokens))
+    return s
+
+
+def before_after_steps(run) -> tuple[int, int, str]:
+    """(start step, end step, label) of the before-and-after vector: the phase-change window's edges
+    (:func:`icl_core.analysis.window`), or the first and last snapshots if no window is found."""
+    w = A.window(run)
+    if w.found:
+        s0, s1 = _step_at(run, w.start), _step_at(run, w.end)
+        if s0 != s1:
+            return s0, s1, (f"the phase-change window's start and end (steps {s0} → {s1}, "
+                            f"{run.tokens(s0):,} → {run.tokens(s1):,} tokens)")
+    why = w.reason or "the window is a single snapshot"
+    s0, s1 = run.steps[0], run.steps[-1]
+    return s0, s1, (f"**no phase-change window was found ({why}), so the first and last snapshots** "
+                    f"(steps {s0} → {s1})")
+
+
+def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, pca_seed: int = 0,
+                           n_steps_full: int | None = None) -> dict:
+    """Single-head ablations over training (:func:`icl_core.analysis.ablations`, cached in the run).
+
+    Pattern-preserving ablation ('pp', the paper's main view) at ~``n_steps`` snapshots, full
+    ablation ('full') at ~``n_steps_full`` (default the same), both always including the two
+    before-and-after snapshots (:func:`before_after_steps`, described by ``ba_label``). Returns per
+    mode: steps_<mode>, tokens_<mode> (S,), clean_icl_<mode> (S,), delta_icl_<mode> (S, L, H) and
+    projection_<mode> (S, L, H) = u . (L_ablated - L_clean), u the before-and-after vector of that
+    mode's clean loss vectors; ``seconds`` (compute time of both modes, as cached) and
+    ``wall_seconds`` (this call)."""
+    t0 = time.time()
+    s0, s1, ba_label = before_after_steps(run)
+    L, Hn = run.config.model.n_layers, run.config.model.n_heads
+    out = {"ba_steps": (s0, s1), "ba_label": ba_label, "seconds": 0.0, "n_examples": n_examples}
+    for mode, pp, n in (("pp", True, n_steps), ("full", False, n_steps if n_steps_full is None else n_steps_full)):
+        steps = sorted(set(A.select_steps(run, n)) | {s0, s1})
+        r = A.ablations(run, steps, n_examples=n_examples, pattern_preserving=pp, pca_seed=pca_seed)
+        cvec, avec = r["clean_vec"].numpy(), r["ablated_vec"].numpy()  # (S, N), (S, L*H, N)
+        u = M.before_after_vector(cvec[steps.index(s0)], cvec[steps.index(s1)])
+        proj = np.stack([M.before_after_projection(u, cvec[i], avec[i]) for i in range(len(steps))])
+        out[f"steps_{mode}"] = np.array(steps)
+        out[f"tokens_{mode}"] = r["tokens"].numpy()
+        out[f"clean_icl_{mode}"] = r["clean_icl"].numpy()
+        out[f"delta_icl_{mode}"] = r["delta_icl"].numpy()
+        out[f"projection_{mode}"] = proj.reshape(len(steps), L, Hn)
+        out["seconds"] += float(r["seconds"])
+    out["wall_seconds"] = time.time() - t0
+    return out
+
+
+def per_head_summary(res: dict, labels: np.ndarray, small: float = 0.02) -> dict:
+    """Final-snapshot per-head facts for the prose: ΔICL (pattern-preserving) of each class and how
+    many non-induction heads leave ICL within ``small`` nats or improve it."""
+    d = res["delta_icl_pp"][-1]
+    p = res["projection_pp"][-1]
+    ind, non = labels == "induction", labels != "induction"
+    return {"n_induction": int(ind.sum()), "n_other": int(non.sum()),
+            "induction_delta": d[ind].tolist(), "induction_proj": p[ind].tolist(),
+            "other_small_or_negative": int((d[non] <= small).sum()),
+            "other_max_delta": float(d[non].max()) if non.any() else float("nan"),
+            "top_head": tuple(int(x) for x in np.unravel_index(np.argmax(d), d.shape)),
+            "top_delta": float(d.max()), "most_negative_proj": float(p.min()),
+            "most_negative_proj_head": tuple(int(x) for x in np.unravel_index(np.argmin(p), p.shape))}
+
+
+# --- final-snapshot table --------------------------------------------------------------------------
+
+def random_head_sets(candidates: list[tuple[int, int]], k: int, n_draws: int,
+                     seed: int = 0) -> tuple[list[tuple[tuple[int, int], ...]], bool]:
+    """Sets of ``k`` distinct heads from ``candidates``: all of them if there are at most ``n_draws``
+    (returns exhaustive=True), else ``n_draws`` distinct random sets (a seeded numpy Generator)."""
+    if k <= 0 or k > len(candidates):
+        return [], False
+    total = math.comb(len(candidates), k)
+    if total <= n_draws:
+        return [tuple(c) for c in itertools.combinations(candidates, k)], True
+    rng = np.random.default_rng(seed)
+    seen: list = []
+    while len(seen) < n_draws:
+        idx = tuple(sorted(rng.choice(len(candidates), size=k, replace=False).tolist()))
+        s = tuple(candidates[i] for i in idx)
+        if s not in seen:
+            seen.append(s)
+    return seen, False
+
+
+def heads_mask(heads, L: int, Hn: int) -> torch.Tensor:
+    m = torch.zeros(L, Hn, dtype=torch.bool)
+    for l, h in heads:
+        m[l, h] = True
+    return m
+
+
+def fraction_removed(icl_clean: float, icl_ablated):
+    """1 - ICL_ablated / ICL_clean: share of the (negative) ICL score an ablation removes; NaN if the
+    clean model has no ICL (score >= 0)."""
+    a = np.asarray(icl_ablated, dtype=float)
+    if not icl_clean < 0:
+        return np.full_like(a, np.nan)
+    return 1.0 - a / icl_clean
+
+
+def set_ablation_icl(model, tokens: torch.Tensor, masks: torch.Tensor, pattern_preserving: bool) -> np.ndarray:
+    """ICL score of ``model`` on ``tokens`` with each head set of ``masks`` (A, L, H) ablated, in one
+    batched pass per chunk of examples (about 64 sequences per forward pass)."""
+    bs = max(1, 64 // max(1, len(masks)))
+    losses = M.ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving, batch_size=bs)
+    return np.array([M.icl_score_from_losses(l, model.cfg.n_ctx) for l in losses])
+
+
+def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws: int = 20,
+                         seed: int = 0, interval: float = 0.95) -> dict:
+    """The chapter's table at the final snapshot, for pattern-preserving ('pp') and full ablation.
+
+    Conditions: clean; all induction heads; ``k`` = (number of induction heads) random
+    non-induction heads, over ``n_draws`` draws (all sets when there are fewer); all previous-token
+    heads. Cached in the run folder. Returns per mode the ICL of each condition, the random draws'
+    ICLs, and the sets used."""
+    run_steps = run.steps
+    L, Hn = labels.shape
+    ind = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] == "induction"]
+    prev = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] == "previous-token"]
+    cand = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] != "induction"]
+    rsets, exhaustive = random_head_sets(cand, len(ind), n_draws, seed)
+    ev = run.eval_data.tokens[:n_examples]
+    sets = [[], ind, prev] + [list(s) for s in rsets]
+    masks = torch.stack([heads_mask(s, L, Hn) for s in sets])
+    params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets]}
+
+    def compute():
+        model = run.load(run_steps[-1])
+        return {f"icl_{mode}": torch.tensor(set_ablation_icl(model, ev, masks, pp), dtype=torch.float64)
+                for mode, pp in (("pp", True), ("full", False))}
+
+    t0 = time.time()
+    r = A._cached(run, "ablation_sets", params, compute)
+    out = {"induction": ind, "previous_token": prev, "random_sets": rsets, "exhaustive": exhaustive,
+           "n_examples": len(ev), "seconds": float(r["seconds"]), "wall_seconds": time.time() - t0,
+           "interval": interval}
+    q = ((1 - interval) / 2, 1 - (1 - interval) / 2)
+    for mode in ("pp", "full"):
+        icl = r[f"icl_{mode}"].numpy()
+        clean = float(icl[0])
+        rnd = icl[3:]
+        out[mode] = {"clean": clean,
+                     "induction": float(icl[1]) if ind else float("nan"),
+                     "previous_token": float(icl[2]) if prev else float("nan"),
+                     "random": rnd,
+                     "random_mean": float(rnd.mean()) if len(rnd) else float("nan"),
+                     "random_interval": tuple(np.quantile(rnd, q).tolist()) if len(rnd) else (float("nan"),) * 2}
+    return out
+
+
+def table_rows(run_name: str, t: dict) -> list[dict]:
+    """Rows of the displayed table (one per condition) for one run."""
+    k = len(t["induction"])
+    lo_q = f"{(1 - t['interval']) / 2 * 100:g}–{(1 + t['interval']) / 2 * 100:g}%"
+    fmt_heads = lambda hs: ", ".join(f"L{l}H{h}" for l, h in hs) or "none"  # noqa: E731
+    n_r = len(t["random_sets"])
+    rows = []
+    for cond, heads in (("clean", "—"), ("induction heads", fmt_heads(t["induction"])),
+                        ("random non-induction heads", f"{k} per draw, {n_r} {'sets (all)' if t['exhaustive'] else 'draws'}"),
+                        ("previous-token heads", fmt_heads(t["previous_token"]))):
+        row = {"run": run_name, "ablated": cond, "heads": heads}
+        for mode, name in (("pp", "pattern-preserving"), ("full", "full")):
+            d = t[mode]
+            if cond == "clean":
+                v, txt = d["clean"], f"{d['clean']:+.3f}"
+            elif cond == "induction heads":
+                v, txt = d["induction"], f"{d['induction']:+.3f}" if k else "no induction head"
+            elif cond == "previous-token heads":
+                v, txt = d["previous_token"], (f"{d['previous_token']:+.3f}" if t["previous_token"] else "no such head")
+            else:
+                v = d["random_mean"]
+                lo, hi = d["random_interval"]
+                txt = f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n_r else "no draws"
+            fr = fraction_removed(d["clean"], v)
+            if cond == "random non-induction heads" and n_r:
+                flo, fhi = sorted(fraction_removed(d["clean"], list(d["random_interval"])).tolist())
+                ftxt = f"{float(fr):.0%} [{flo:.0%}, {fhi:.0%}]" if np.isfinite(fr) else "—"
+            else:
+                ftxt = f"{float(fr):.0%}" if np.isfinite(fr) and cond != "clean" else "—"
+            row[f"ICL ({name})"] = txt
+            row[f"ICL removed ({name})"] = ftxt
+        rows.append(row)
+    return rows
+
+
+def table_frame(tables: dict[str, dict]) -> pd.DataFrame:
+    rows = [r for name, t in tables.items() for r in table_rows(name, t)]
+    return pd.DataFrame(rows).set_index(["run", "ablated"])
+
+
+def ablation_verdict(run_name: str, t: dict, threshold: float = REMOVAL_THRESHOLD, mode: str = "pp") -> tuple[bool | None, str]:
+    """(passed, sentence): ablating the induction heads removes >= ``threshold`` of ICL while random
+    non-induction head sets remove "far less": the upper end of their interval is below half of the
+    induction heads' removal. ``passed`` is None when the test cannot be run."""
+    d = t[mode]
+    k = len(t["induction"])
+    if not k:
+        return None, f"`{run_name}` has no induction head, so the test does not apply."
+    if not d["clean"] < 0:
+        return None, f"`{run_name}` has no in-context learning to remove (clean ICL {d['clean']:+.3f} nats)."
+    f_ind = float(fraction_removed(d["clean"], d["induction"]))
+    if len(t["random_sets"]):
+        f_r = np.sort(fraction_removed(d["clean"], list(d["random_interval"])))
+        f_mean = float(fraction_removed(d["clean"], d["random_mean"]))
+        rtxt = (f"the same number of random non-induction heads removes {f_mean:.0%} on average "
+                f"({t['interval']:.0%} of {len(t['random_sets'])} {'sets' if t['exhaustive'] else 'draws'} in "
+                f"[{f_r[0]:.0%}, {f_r[1]:.0%}])")
+        far_less = f_r[1] < f_ind / 2
+    else:
+        rtxt, far_less = "there are no other heads to draw at random", False
+    ok = f_ind >= threshold and far_less
+    head = "Reproduced" if ok else "Not reproduced"
+    crit = (f"(criterion: induction-head ablation removes ≥ {threshold:.0%} of the ICL score and the "
+            f"random interval's upper end is below half of that)")
+    return ok, (f"**{head} for `{run_name}`.** Ablating its {k} induction head{'s' if k > 1 else ''} "
+                f"({'pattern-preserving' if mode == 'pp' else 'full'}) removes {f_ind:.0%} of its ICL score "
+                f"({d['clean']:+.3f} → {d['induction']:+.3f} nats); {rtxt}. {crit}")

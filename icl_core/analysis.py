@@ -1,0 +1,173 @@
+"""Per-snapshot analyses of a run, computed once and cached in the run folder (chapters only load).
+
+    run/analysis/<name>-<key>.safetensors  + .json (sha256, parameters)
+
+Each function returns plain tensors/arrays indexed by snapshot (``steps``), per head as
+(S, n_layers, n_heads). Results are keyed by the analysis name, its parameters and the snapshot
+list; a corrupt cache file is recomputed, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .io import CorruptFileError, atomic_write_json, load_tensors, read_json_checked, save_tensors
+from .runs import Run
+
+ANALYSIS_VERSION = 1
+
+
+def select_steps(run: Run, n: int | None = None) -> list[int]:
+    """All snapshot steps, or ``n`` of them spread evenly in log(step) (always with first and last)."""
+    steps = run.steps
+    if n is None or n >= len(steps):
+        return steps
+    pos = np.unique(np.round(np.geomspace(1, len(steps), n)).astype(int) - 1)
+    return [steps[i] for i in sorted(set(pos.tolist()) | {0, len(steps) - 1})]
+
+
+def _cached(run: Run, name: str, params: dict, compute) -> dict[str, torch.Tensor]:
+    key = hashlib.sha256(json.dumps({"v": ANALYSIS_VERSION, **params}, sort_keys=True).encode()).hexdigest()[:12]
+    d = run.path / "analysis"
+    meta_p, data_p = d / f"{name}-{key}.json", d / f"{name}-{key}.safetensors"
+    if meta_p.exists():
+        try:
+            meta = read_json_checked(meta_p)
+            return load_tensors(data_p, meta["sha256"])
+        except (CorruptFileError, KeyError) as e:
+            print(f"warning: {e}; recomputing {name}")
+    t0 = time.time()
+    out = compute()
+    out["seconds"] = torch.tensor(time.time() - t0)
+    sha = save_tensors(data_p, out)
+    atomic_write_json(meta_p, {"name": name, "params": params, "sha256": sha})
+    return out
+
+
+def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | None = None) -> dict:
+    """Per-token losses on the fixed eval set at every snapshot: losses (S, N, T-1), steps, tokens."""
+    steps = steps or run.steps
+    ev = run.eval_data.tokens[: n_examples or len(run.eval_data.tokens)]
+
+    def compute():
+        out = torch.stack([M.per_token_losses(run.load(s), ev) for s in steps])
+        return {"losses": out.half() if out.numel() > 2e7 else out, "steps": torch.tensor(steps)}
+
+    res = _cached(run, "losses", {"n": len(ev), "steps": steps}, compute)
+    res["losses"] = res["losses"].float()
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    return res
+
+
+def head_scores(run: Run, steps: list[int] | None = None, n_text: int = 32) -> dict:
+    """Per snapshot and head: prefix-matching, previous-token, empirical copying, OV eigenvalue
+    copying and K-composition trace scores, each (S, L, H)."""
+    steps = steps or run.steps
+    ev = run.eval_data
+
+    def compute():
+        keys = ("prefix", "prev_token", "copying", "ov_eigen", "k_comp")
+        acc = {k: [] for k in keys}
+        for s in steps:
+            m = run.load(s)
+            pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len)
+            pt = M.previous_token_scores(m, ev.tokens[:n_text])
+            acc["prefix"].append(pm)
+            acc["prev_token"].append(pt)
+            acc["copying"].append(M.copying_scores(m, ev.rep))
+            acc["ov_eigen"].append(M.ov_eigen_copying_scores(m))
+            acc["k_comp"].append(M.k_composition_traces(m, pt))
+        out = {k: torch.stack(v) for k, v in acc.items()}
+        out["steps"] = torch.tensor(steps)
+        return out
+
+    res = _cached(run, "heads", {"steps": steps, "n_text": n_text}, compute)
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    return res
+
+
+def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
+              pattern_preserving: bool = True, pca_seed: int = 0) -> dict:
+    """Single-head ablations at each snapshot on the first ``n_examples`` eval windows.
+
+    Returns delta_icl and delta_loss (S, L, H), clean_icl (S,), and the per-token loss vectors used
+    for the before-and-after projection: clean_vec (S, N) and ablated_vec (S, L*H, N), one random
+    (example, position) per example (:func:`icl_core.metrics.sample_token_positions`, ``pca_seed``).
+    """
+    steps = steps or run.steps
+    ev = run.eval_data.tokens[:n_examples]
+    L, H = run.config.model.n_layers, run.config.model.n_heads
+    pos = M.sample_token_positions(len(ev), ev.shape[1] - 1, pca_seed)
+
+    def compute():
+        d_icl, d_loss, c_icl, cvec, avec = [], [], [], [], []
+        for s in steps:
+            m = run.load(s)
+            r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving)
+            clean = M.per_token_losses(m, ev)
+            d_icl.append(r.delta_icl)
+            d_loss.append(r.delta_loss)
+            c_icl.append(r.clean_icl)
+            cvec.append(torch.as_tensor(M.loss_vectors(clean, pos)))
+            avec.append(torch.stack([torch.as_tensor(M.loss_vectors(a, pos)) for a in r.losses]))
+        return {"delta_icl": torch.stack(d_icl), "delta_loss": torch.stack(d_loss),
+                "clean_icl": torch.tensor(c_icl), "clean_vec": torch.stack(cvec),
+                "ablated_vec": torch.stack(avec), "steps": torch.tensor(steps)}
+
+    res = _cached(run, "ablations", {"steps": steps, "n": len(ev), "pp": pattern_preserving,
+                                     "seed": pca_seed, "L": L, "H": H}, compute)
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    return res
+
+
+def icl_curve(run: Run, band: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, ICL score) per snapshot from the cheap metrics logged in training. ``band=True``
+    gives the lower-variance banded estimate (:func:`metrics.icl_band_score`) where it was logged."""
+    df = run.metrics()
+    col = "icl_band" if band and "icl_band" in df.columns else "icl"
+    return df["tokens"].to_numpy(), df[col].to_numpy()
+
+
+def window(run: Run, **kw) -> M.Window:
+    """The run's phase-change window, detected from its (banded) ICL curve
+    (:func:`metrics.phase_change_window`)."""
+    t, icl = icl_curve(run, band=True)
+    return M.phase_change_window(t, icl, **kw)
+
+
+def classify_heads(prefix: torch.Tensor, prev: torch.Tensor, prefix_threshold: float = 0.3,
+                   prev_threshold: float = 0.3) -> np.ndarray:
+    """Label each head (L, H) 'induction' (prefix >= threshold), 'previous-token' (prev >= threshold)
+    or 'other'. [book choice] thresholds 0.3, stated in the chapters."""
+    lab = np.full(tuple(prefix.shape), "other", dtype=object)
+    lab[prev.numpy() >= prev_threshold] = "previous-token"
+    lab[prefix.numpy() >= prefix_threshold] = "induction"
+    return lab
+
+
+def summary_row(run: Run) -> dict:
+    """Numbers the chapters' tables report for one run (window, ICL and prefix before/after)."""
+    df = run.metrics()
+    t, icl, pm = df["tokens"].to_numpy(), df["icl"].to_numpy(), df["prefix_max"].to_numpy()
+    w = window(run)
+    row = {"run": run.name, "layers": run.config.model.n_layers, "seed": run.config.train.seed,
+           "tokens": int(t[-1]), "final_icl": float(icl[-1]), "final_prefix_max": float(pm[-1]),
+           "window_found": w.found}
+    if w.found:
+        before = t <= w.start
+        after = t >= w.end
+        i0 = np.nonzero(before)[0][-1]
+        i1 = np.nonzero(after)[0][0]
+        gained = icl[i1] - icl[i0]
+        total = icl[-1] - icl[0]
+        row.update({"window_start": w.start, "window_end": w.end,
+                    "icl_before": float(icl[i0]), "icl_after": float(icl[i1]),
+                    "frac_icl_in_window": float(gained / total) if total else np.nan,
+                    "prefix_before": float(pm[i0]), "prefix_after": float(pm[i1])})
+    return row

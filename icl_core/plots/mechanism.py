@@ -1,0 +1,204 @@
+"""Figures of chapter 5 (Argument 5, mechanism). Data come from :mod:`icl_core.mechanism`."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+SCORE_LABELS = {"prefix": "prefix-matching score", "prev_token": "previous-token score",
+                "ov_eigen": "OV eigenvalue copying score\nΣλ / Σ|λ|", "k_comp": "K-composition trace\n(normalised, Σλ / Σ|λ|)",
+                "copying": "empirical copying score"}
+
+
+def _shade(ax, window):
+    if window is not None and window.found:
+        ax.axvspan(window.start, window.end, color="gold", alpha=0.25, lw=0)
+
+
+def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen", "k_comp"),
+                              title: str = "") -> plt.Figure:
+    """Rows: models; columns: per-head scores over training (``mechanism.scores_over_training``).
+    Induction heads (prefix >= 0.3 at the end) are drawn thick and red-toned, other heads thin and
+    grey; the phase-change window is shaded."""
+    names = list(scores)
+    fig, axes = plt.subplots(len(names), len(keys), figsize=(4.1 * len(keys), 2.5 * len(names)), dpi=90,
+                             squeeze=False)
+    reds = plt.get_cmap("autumn")
+    for i, name in enumerate(names):
+        s = scores[name]
+        t = np.asarray(s["tokens"], dtype=float)
+        keep = t > 0
+        kind = s["kind"]
+        for j, key in enumerate(keys):
+            ax = axes[i, j]
+            v = np.asarray(s[key], dtype=float)
+            _shade(ax, s["window"])
+            n_ind = 0
+            for l in range(v.shape[1]):
+                for h in range(v.shape[2]):
+                    y = v[keep, l, h]
+                    if not np.isfinite(y).any():
+                        continue
+                    if kind[l, h] == "induction":
+                        ax.plot(t[keep], y, lw=2, color=reds(0.15 * n_ind), label=f"L{l}H{h} (induction)")
+                        n_ind += 1
+                    elif kind[l, h] == "previous-token":
+                        ax.plot(t[keep], y, lw=1.2, color="tab:blue", alpha=0.8, label=f"L{l}H{h} (prev-token)")
+                    else:
+                        ax.plot(t[keep], y, lw=0.7, color="0.65")
+            ax.plot([], [], lw=0.7, color="0.65", label="other heads")
+            ax.set_xscale("log")
+            if key in ("ov_eigen", "k_comp"):
+                ax.axhline(0, color="0.3", lw=0.6)
+                ax.set_ylim(-1.05, 1.05)
+            else:
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(SCORE_LABELS.get(key, key), fontsize=8)
+            ax.set_xlabel("training tokens")
+            ax.set_title(f"{name}: {SCORE_LABELS.get(key, key).splitlines()[0]}", fontsize=9)
+            if j == len(keys) - 1:
+                ax.legend(fontsize=6, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_composition_heatmaps(comp: dict, layers=(0, 1), snapshot: int = -1, title: str = "") -> plt.Figure:
+    """Q, K and V composition scores between the heads of two layers at one snapshot (rows:
+    earlier head, columns: later head). The colour scale is centred on the random-matrix baseline,
+    so blue = below and red = above it."""
+    l1, l2 = layers
+    base = comp["baseline"]
+    mats = {k: np.asarray(comp[k][snapshot, l1, :, l2, :], dtype=float) for k in "QKV"}
+    vmax = max(float(np.nanmax(list(mats.values()))), 2 * base)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=90)
+    from matplotlib.colors import TwoSlopeNorm
+
+    norm = TwoSlopeNorm(vmin=0, vcenter=base, vmax=vmax)
+    for ax, (k, m) in zip(axes, mats.items()):
+        im = ax.imshow(m, cmap="RdBu_r", norm=norm)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
+        ax.set_xlabel(f"layer {l2} head (reads)")
+        ax.set_ylabel(f"layer {l1} head (writes)")
+        ax.set_title(f"{k}-composition", fontsize=10)
+    fig.colorbar(im, ax=axes, fraction=0.02, pad=0.02, label=f"score (baseline {base:.3f} = white)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_composition_over_training(comp: dict, pair: tuple[tuple[int, int], tuple[int, int]], window=None,
+                                   title: str = "") -> plt.Figure:
+    """Q/K/V composition between one earlier head and one later head over training, with the
+    random-matrix baseline and the largest score of any pair of heads for comparison."""
+    (l1, h1), (l2, h2) = pair
+    t = np.asarray(comp["tokens"], dtype=float)
+    keep = t > 0
+    fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=90)
+    _shade(ax, window)
+    for k, col in zip("QKV", ("tab:green", "tab:red", "tab:purple")):
+        v = np.asarray(comp[k], dtype=float)
+        ax.plot(t[keep], v[keep, l1, h1, l2, h2], color=col, lw=2, label=f"{k}: L{l1}H{h1} → L{l2}H{h2}")
+        ax.plot(t[keep], np.nanmax(v[keep].reshape(keep.sum(), -1), 1), color=col, lw=0.8, ls=":",
+                label=f"{k}: max over all pairs")
+    ax.axhline(comp["baseline"], color="0.3", ls="--", lw=0.9, label="random-matrix baseline")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("composition score")
+    ax.set_title(title or "composition over training", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_circuit(m, labels: list[str], title: str = "", xlabel: str = "key: previous token b",
+                       ylabel: str = "query: current token a") -> plt.Figure:
+    """A token x token circuit (e.g. W_E W_Q (W_E W_OV^prev W_K)^T) on frequent tokens; an
+    induction circuit is a bright diagonal."""
+    m = np.asarray(m, dtype=float)
+    v = float(np.abs(m).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(6.6, 5.8), dpi=90)
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([repr(s)[1:-1] for s in labels], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels([repr(s)[1:-1] for s in labels], fontsize=6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention score (logits)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_positional_attention(curves: dict[str, dict], title: str = "") -> plt.Figure:
+    """Attention by relative offset (0 = own token, 1 = previous token) for some heads: from the
+    positional QK weights alone (solid, where the model has positional vectors) and measured on
+    text (dashed)."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.4), dpi=90)
+    for i, (name, c) in enumerate(curves.items()):
+        col = plt.get_cmap("tab10")(i)
+        if c.get("weights") is not None:
+            ax.plot(c["offsets"], c["weights"], marker="o", color=col, label=f"{name}: positional QK weights")
+        if c.get("empirical") is not None:
+            ax.plot(c["offsets"], c["empirical"], marker="s", ls="--", color=col, label=f"{name}: measured on text")
+    ax.set_xlabel("relative offset (query position − key position)")
+    ax.set_ylabel("mean attention")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(list(next(iter(curves.values()))["offsets"]))
+    ax.set_title(title or "attention by relative offset", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_smear(sm: dict, window=None, kind=None, title: str = "") -> plt.Figure:
+    """σ(α) per head over training: the weight of a key's own token (1 = vanilla; smaller = the key
+    mixes in the previous token, what an induction head in one layer needs)."""
+    t = np.asarray(sm["tokens"], dtype=float)
+    keep = t > 0
+    s = sm["sigma"]
+    fig, ax = plt.subplots(figsize=(6.2, 3.4), dpi=90)
+    _shade(ax, window)
+    for l in range(s.shape[1]):
+        for h in range(s.shape[2]):
+            ind = kind is not None and kind[l, h] == "induction"
+            ax.plot(t[keep], s[keep, l, h], lw=2 if ind else 1, label=f"L{l}H{h}" + (" (induction)" if ind else ""))
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("σ(α): weight of the key's own token")
+    ax.set_title(title or "smeared keys over training", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
+    """Every head of every model at the last snapshot: the prefix-matching score against the OV
+    copying score (left, all heads) and the K-composition trace (right, layers >= 1)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=90)
+    for i, (name, s) in enumerate(scores.items()):
+        pm = np.asarray(s["prefix"][-1], dtype=float)
+        for ax, key in zip(axes, ("ov_eigen", "k_comp")):
+            v = np.asarray(s[key][-1], dtype=float)
+            ok = np.isfinite(v)
+            ax.scatter(pm[ok], v[ok], marker="osD^vP"[i % 6], s=30, edgecolors="k", linewidths=0.4, label=name)
+    for ax, key in zip(axes, ("ov_eigen", "k_comp")):
+        ax.axvline(0.3, color="tab:red", ls=":", lw=0.8, label="induction threshold (0.3)")
+        ax.axhline(0, color="0.4", lw=0.6)
+        ax.set_xlabel("prefix-matching score")
+        ax.set_ylabel(SCORE_LABELS[key])
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-1.05, 1.05)
+        ax.legend(fontsize=7)
+    axes[0].set_title("OV copying vs prefix matching (all heads)", fontsize=10)
+    axes[1].set_title("K-composition vs prefix matching (layers ≥ 1)", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

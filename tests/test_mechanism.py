@@ -1,0 +1,129 @@
+"""Known-answer tests of chapter 5's weight analyses (icl_core.mechanism)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from icl_core import mechanism as Me
+from icl_core.config import ModelConfig
+from icl_core.metrics import Window
+from icl_core.model import Transformer
+
+
+def _model(**kw):
+    cfg = ModelConfig(**{"n_layers": 2, "d_model": 8, "n_heads": 1, "n_ctx": 16, "d_vocab": 8,
+                         "positional": "shortformer", **kw})
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+@torch.no_grad()
+def _induction_weights(m: Transformer):
+    """Hand-built circuit: W_E = I (token t is basis vector t); the layer-0 head's OV is the
+    identity; the layer-1 head's query reads the token and its key reads the same token: so the
+    K-composition circuit W_E W_Q (W_E W_OV W_K)^T is the identity (times a scale)."""
+    D = m.cfg.d_model
+    m.W_E.copy_(torch.eye(D))
+    a0, a1 = m.blocks[0].attn, m.blocks[1].attn
+    I = torch.eye(D)
+    W = a0.W_qkv.data  # (D, 3, H, dh)
+    W.zero_()
+    W[:, 2, 0] = I  # W_V of layer 0
+    a0.W_O_.data[0] = I
+    W1 = a1.W_qkv.data
+    W1.zero_()
+    W1[:, 0, 0] = I  # W_Q
+    W1[:, 1, 0] = I  # W_K
+
+
+def test_kcomp_circuit_is_diagonal_for_a_hand_built_induction_circuit():
+    m = _model()
+    _induction_weights(m)
+    c = Me.kcomp_circuit(m, 1, 0, (0, 0), np.arange(8))
+    assert torch.allclose(c, torch.eye(8, dtype=c.dtype) / math.sqrt(m.cfg.d_head))
+    st = Me.diagonal_stats(c)
+    assert st["row_argmax_on_diagonal"] == 1.0 and st["chance"] == 1 / 8 and st["diag_z"] > 2
+
+
+def test_kcomp_circuit_matches_explicit_formula():
+    m = _model(init_std=0.3)
+    toks = [1, 3, 5]
+    c = Me.kcomp_circuit(m, 1, 0, (0, 0), toks)
+    a, p = m.blocks[1].attn, m.blocks[0].attn
+    WE = m.W_E[toks].double()
+    ref = (WE @ a.W_Q[0].double()) @ (WE @ (p.W_V[0] @ p.W_O[0]).double() @ a.W_K[0].double()).T
+    assert torch.allclose(c, ref / math.sqrt(m.cfg.d_head))
+
+
+def test_diagonal_stats_on_random_matrix_is_near_chance():
+    g = torch.Generator().manual_seed(0)
+    st = Me.diagonal_stats(torch.randn(200, 200, generator=g))
+    assert st["row_argmax_on_diagonal"] < 0.05
+    assert abs(st["diag_z"]) < 0.5
+
+
+@torch.no_grad()
+def test_positional_attention_of_a_previous_token_head():
+    """Positions one-hot (W_pos = I); W_Q maps position i to the direction of position i - 1 and
+    W_K is the identity, scaled up: the positional QK pattern puts ~all attention at offset 1."""
+    m = _model(n_layers=1, d_model=16, n_ctx=16, d_vocab=8)
+    m.W_pos.copy_(torch.eye(16))
+    a = m.blocks[0].attn
+    W = a.W_qkv.data
+    W.zero_()
+    shift = torch.zeros(16, 16)
+    for i in range(1, 16):
+        shift[i, i - 1] = 1.0
+    W[:, 0, 0] = 40 * shift  # query of position i points at position i-1
+    W[:, 1, 0] = torch.eye(16)
+    out = Me.positional_attention(m, 0, 0, max_offset=4)
+    assert out["weights"].argmax() == 1 and out["weights"][1] > 0.95
+    m2 = _model(n_layers=1, positional="rope", d_model=8)
+    assert Me.positional_attention(m2, 0, 0)["weights"] is None
+
+
+def test_rise_token_and_timing():
+    t = np.array([0, 1e3, 2e3, 4e3, 8e3, 16e3, 32e3])
+    v = np.array([0, 0.0, 0.0, 0.1, 0.9, 1.0, 1.0])
+    r = Me.rise_token(t, v)
+    assert 4e3 < r < 8e3
+    assert np.isnan(Me.rise_token(t, -v))
+    s = {"tokens": t, "prefix": np.zeros((7, 2, 1)), "prev_token": np.zeros((7, 2, 1)),
+         "ov_eigen": np.zeros((7, 2, 1)), "k_comp": np.full((7, 2, 1), np.nan),
+         "window": Window(3e3, 9e3, 5e3, True)}
+    s["prefix"][:, 1, 0] = v
+    s["ov_eigen"][:, 1, 0] = v
+    s["k_comp"][:, 1, 0] = v * 0.01  # too small a rise to count
+    s["prev_token"][:, 0, 0] = v
+    tm = Me.rise_timing(s)
+    assert tm["induction_head"] == (1, 0) and tm["prev_head"] == (0, 0)
+    assert tm["prefix"]["where"] == "inside the window" and tm["ov_eigen"]["where"] == "inside the window"
+    assert tm["k_comp"]["where"] == "no rise"
+    s["window"] = Window(1e4, 2e4, 1.5e4, True)
+    assert Me.rise_timing(s)["prefix"]["where"] == "before the window"
+
+
+def test_agreement_rank_correlation():
+    pm = np.array([[0.0, 0.1, 0.05], [0.9, 0.2, 0.5]])
+    ov = pm * 2 - 0.3  # same ranks
+    kc = np.array([[np.nan] * 3, [0.8, -0.1, 0.2]])
+    scores = {"m": {"prefix": [pm], "ov_eigen": [ov], "k_comp": [kc]}}
+    a = Me.agreement(scores).set_index("model")
+    assert a.loc["m", "rho_prefix_ov"] == pytest.approx(1.0)
+    assert a.loc["m", "rho_prefix_k"] == pytest.approx(1.0)
+    assert a.loc["m", "induction heads"] == 2 and a.loc["m", "with OV > 0"] == 2
+    assert a.loc["m", "with K-comp > 0"] == 2 and a.loc["m", "in layers >= 1"] == 2
+    assert a.loc["all models (pooled)", "n_k"] == 3
+
+
+def test_top_heads():
+    pm = torch.tensor([[0.1, 0.0], [0.2, 0.8]])
+    pt = torch.tensor([[0.1, 0.7], [0.9, 0.0]])
+    assert Me.top_heads(pm, pt) == ((1, 1), (0, 1))  # the previous-token head comes from earlier layers
+    assert Me.top_heads(torch.tensor([[0.9, 0.1]]), torch.tensor([[0.0, 0.5]]))[1] is None
+
+
+def test_frequent_tokens_skips_eos():
+    counts = np.array([100, 5, 50, 7])
+    assert Me.frequent_tokens(counts, 2).tolist() == [2, 3]
