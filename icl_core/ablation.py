@@ -121,12 +121,12 @@ def before_after_steps(run) -> tuple[int, int, str]:
     if w.found:
         s0, s1 = _step_at(run, w.start), _step_at(run, w.end)
         if s0 != s1:
-            return s0, s1, (f"the phase-change window's start and end (steps {s0} → {s1}, "
+            return s0, s1, (f"the start and end of the phase-change window (steps {s0} → {s1}, "
                             f"{run.tokens(s0):,} → {run.tokens(s1):,} tokens)")
     why = w.reason or "the window is a single snapshot"
     s0, s1 = run.steps[0], run.steps[-1]
-    return s0, s1, (f"**no phase-change window was found ({why}), so the first and last snapshots** "
-                    f"(steps {s0} → {s1})")
+    return s0, s1, (f"the **first and last snapshots** (steps {s0} → {s1}), because no phase-change "
+                    f"window was found ({why})")
 
 
 def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, pca_seed: int = 0,
@@ -143,7 +143,8 @@ def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, 
     t0 = time.time()
     s0, s1, ba_label = before_after_steps(run)
     L, Hn = run.config.model.n_layers, run.config.model.n_heads
-    out = {"ba_steps": (s0, s1), "ba_label": ba_label, "seconds": 0.0, "n_examples": n_examples}
+    out = {"ba_steps": (s0, s1), "ba_label": ba_label, "seconds": 0.0,
+           "n_examples": len(run.eval_data.tokens[:n_examples])}
     for mode, pp, n in (("pp", True, n_steps), ("full", False, n_steps if n_steps_full is None else n_steps_full)):
         steps = sorted(set(A.select_steps(run, n)) | {s0, s1})
         r = A.ablations(run, steps, n_examples=n_examples, pattern_preserving=pp, pca_seed=pca_seed)
@@ -226,8 +227,9 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
 
     Conditions: clean; all induction heads; ``k`` = (number of induction heads) random
     non-induction heads, over ``n_draws`` draws (all sets when there are fewer); all previous-token
-    heads. Cached in the run folder. Returns per mode the ICL of each condition, the random draws'
-    ICLs, and the sets used."""
+    heads. Random draws are ablated pattern-preserving only (the paper's table); full ablation covers
+    the other three conditions. Cached in the run folder. Returns per mode the ICL of each condition,
+    the random draws' ICLs (empty for 'full'), and the sets used."""
     run_steps = run.steps
     L, Hn = labels.shape
     ind = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] == "induction"]
@@ -241,8 +243,10 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
 
     def compute():
         model = run.load(run_steps[-1])
-        return {f"icl_{mode}": torch.tensor(set_ablation_icl(model, ev, masks, pp), dtype=torch.float64)
-                for mode, pp in (("pp", True), ("full", False))}
+        # the paper's table is pattern-preserving: random draws only there; full ablation for the
+        # clean / induction / previous-token sets (the first three)
+        return {"icl_pp": torch.tensor(set_ablation_icl(model, ev, masks, True), dtype=torch.float64),
+                "icl_full": torch.tensor(set_ablation_icl(model, ev, masks[:3], False), dtype=torch.float64)}
 
     t0 = time.time()
     r = A._cached(run, "ablation_sets", params, compute)
@@ -285,9 +289,9 @@ def table_rows(run_name: str, t: dict) -> list[dict]:
             else:
                 v = d["random_mean"]
                 lo, hi = d["random_interval"]
-                txt = f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n_r else "no draws"
+                txt = f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(d["random"]) else ("no draws" if not n_r else "not computed")
             fr = fraction_removed(d["clean"], v)
-            if cond == "random non-induction heads" and n_r:
+            if cond == "random non-induction heads" and len(d["random"]):
                 flo, fhi = sorted(fraction_removed(d["clean"], list(d["random_interval"])).tolist())
                 ftxt = f"{float(fr):.0%} [{flo:.0%}, {fhi:.0%}]" if np.isfinite(fr) else "—"
             else:
@@ -323,7 +327,7 @@ def ablation_verdict(run_name: str, t: dict, threshold: float = REMOVAL_THRESHOL
         far_less = f_r[1] < f_ind / 2
     else:
         rtxt, far_less = "there are no other heads to draw at random", False
-    ok = f_ind >= threshold and far_less
+    ok = bool(f_ind >= threshold and far_less)
     head = "Reproduced" if ok else "Not reproduced"
     crit = (f"(criterion: induction-head ablation removes ≥ {threshold:.0%} of the ICL score and the "
             f"random interval's upper end is below half of that)")

@@ -74,6 +74,17 @@ def top_heads(prefix: torch.Tensor, prev: torch.Tensor) -> tuple[tuple[int, int]
     return (int(l), int(h)), (int(lp), int(hp))
 
 
+def circuit_heads(prefix: torch.Tensor, prev: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The two-head circuit's candidates in a model with >= 2 layers: the head of layers >= 1 with
+    the highest prefix score, and the head of an earlier layer with the highest previous-token
+    score (None for a one-layer model)."""
+    pm = np.asarray(prefix, dtype=float).copy()
+    if pm.shape[0] < 2:
+        return None
+    pm[0] = -np.inf
+    return top_heads(pm, prev)  # type: ignore[return-value]
+
+
 # --- circuits -------------------------------------------------------------------------------------
 
 

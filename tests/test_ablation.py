@@ -1,0 +1,114 @@
+"""Chapter 3 logic (icl_core.ablation): head sets, batched set ablation, verdicts, and one tiny trained run."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from icl_core import ablation as AB
+from icl_core import metrics as M
+
+from .conftest import tiny_model
+
+
+def test_random_head_sets_exhaustive_or_sampled():
+    cand = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    sets, exhaustive = AB.random_head_sets(cand, 2, n_draws=20)
+    assert exhaustive and len(sets) == math.comb(4, 2) == len(set(sets))
+    many = [(l, h) for l in range(3) for h in range(4)]
+    sets, exhaustive = AB.random_head_sets(many, 3, n_draws=20, seed=1)
+    assert not exhaustive and len(sets) == 20 == len(set(sets))
+    assert all(len(set(s)) == 3 and set(s) <= set(many) for s in sets)
+    assert sets == AB.random_head_sets(many, 3, n_draws=20, seed=1)[0]  # seeded
+    assert AB.random_head_sets(cand, 0, 20) == ([], False)
+    assert AB.random_head_sets(cand, 5, 20) == ([], False)
+
+
+def test_fraction_removed():
+    np.testing.assert_allclose(AB.fraction_removed(-0.5, [-0.5, 0.0, -0.1, -0.6]), [0, 1, 0.8, -0.2])
+    assert np.isnan(AB.fraction_removed(0.1, [-0.1])).all()
+
+
+def test_heads_mask():
+    m = AB.heads_mask([(0, 1), (1, 0)], 2, 2)
+    assert m.tolist() == [[False, True], [True, False]]
+
+
+def test_set_ablation_known_answers():
+    model = tiny_model(n_layers=1, n_heads=2)
+    x = torch.randint(0, 50, (6, 64), generator=torch.Generator().manual_seed(0))
+    masks = torch.stack([AB.heads_mask([], 1, 2), AB.heads_mask([(0, 0), (0, 1)], 1, 2)])
+    for pp in (True, False):
+        icl = AB.set_ablation_icl(model, x, masks, pattern_preserving=pp)
+        assert icl[0] == pytest.approx(M.icl_score(model, x), abs=1e-5)  # empty set = clean
+        # all heads of a 1-layer attention-only model ablated = a model whose W_O is zero
+        z = tiny_model(n_layers=1, n_heads=2)
+        with torch.no_grad():
+            z.blocks[0].attn.W_O_.zero_()
+        assert icl[1] == pytest.approx(M.icl_score(z, x), abs=1e-5)
+
+
+def overview(kinds_heads):
+    return pd.DataFrame([{"run": r, "kind": k, "induction heads": n} for r, k, n in kinds_heads]).set_index("run")
+
+
+def test_evidence_prefers_vanilla_then_smeared_and_flags_mlp():
+    main, s = AB.evidence_sentence(overview([("attn2", "attention-only", 2), ("smear2", "smeared keys", 1),
+                                             ("mlp2", "with MLPs", 1)]))
+    assert main == ["attn2"] and "weaker evidence" in s
+    main, s = AB.evidence_sentence(overview([("attn2", "attention-only", 0), ("smear1", "smeared keys", 2)]))
+    assert main == ["smear1"] and "No vanilla attention-only run" in s
+    main, s = AB.evidence_sentence(overview([("attn2", "attention-only", 0), ("mlp2", "with MLPs", 0)]))
+    assert main == [] and "No run" in s and "weaker evidence" in s
+
+
+def table(clean, ind, rnd, n_ind=2):
+    rnd = np.asarray(rnd, dtype=float)
+    d = {"clean": clean, "induction": ind, "previous_token": float("nan"), "random": rnd,
+         "random_mean": float(rnd.mean()) if len(rnd) else float("nan"),
+         "random_interval": tuple(np.quantile(rnd, [0.025, 0.975])) if len(rnd) else (float("nan"),) * 2}
+    return {"induction": [(1, h) for h in range(n_ind)], "previous_token": [], "random_sets": [()] * len(rnd),
+            "exhaustive": False, "interval": 0.95, "pp": d, "full": d, "seconds": 0.0}
+
+
+def test_ablation_verdict():
+    ok, s = AB.ablation_verdict("r", table(-0.5, -0.05, [-0.5, -0.48, -0.45, -0.52]))
+    assert ok is True and "90%" in s
+    ok, _ = AB.ablation_verdict("r", table(-0.5, -0.05, [-0.5, -0.1, -0.2, -0.52]))  # random removes too much
+    assert ok is False
+    ok, _ = AB.ablation_verdict("r", table(-0.5, -0.3, [-0.5, -0.5]))  # induction removes only 40%
+    assert ok is False
+    assert AB.ablation_verdict("r", table(-0.5, -0.5, [], n_ind=0))[0] is None
+    assert AB.ablation_verdict("r", table(0.1, 0.1, [0.1]))[0] is None
+
+
+def test_table_rows_format_every_condition():
+    rows = AB.table_rows("r", table(-0.5, -0.05, [-0.5, -0.45]))
+    assert [r["ablated"] for r in rows] == ["clean", "induction heads", "random non-induction heads",
+                                             "previous-token heads"]
+    assert rows[1]["ICL removed (pattern-preserving)"] == "90%"
+    assert rows[3]["ICL (full)"] == "no such head"
+
+
+def test_on_a_tiny_trained_run(tiny_run_cfg, tmp_path):
+    from icl_core.runs import get_or_train
+
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    res = AB.ablation_over_training(run, n_steps=3, n_examples=4, n_steps_full=2)
+    L, H = run.config.model.n_layers, run.config.model.n_heads
+    s0, s1 = res["ba_steps"]
+    for mode in ("pp", "full"):
+        assert res[f"delta_icl_{mode}"].shape == (len(res[f"steps_{mode}"]), L, H)
+        assert {s0, s1} <= set(res[f"steps_{mode}"].tolist())
+        assert np.isfinite(res[f"projection_{mode}"]).all()
+    labels = np.full((L, H), "other", dtype=object)
+    labels[1, 0] = "induction"
+    labels[0, 1] = "previous-token"
+    t = AB.final_ablation_table(run, labels, n_examples=4, n_draws=5)
+    assert t["induction"] == [(1, 0)] and t["previous_token"] == [(0, 1)]
+    assert len(t["random_sets"]) == 3 and t["exhaustive"]  # 3 non-induction heads, 1 per set
+    assert t["pp"]["clean"] == pytest.approx(M.icl_score(run.load(), run.eval_data.tokens[:4]), abs=1e-4)
+    again = AB.final_ablation_table(run, labels, n_examples=4, n_draws=5)  # cached
+    assert again["pp"]["induction"] == t["pp"]["induction"]
+    assert len(AB.table_frame({"tiny": t})) == 4
