@@ -114,16 +114,25 @@ def _step_at(run, tokens: float) -> int:
     return s
 
 
-def before_after_steps(run) -> tuple[int, int, str]:
+def before_after_steps(run, min_share: float = 0.5) -> tuple[int, int, str]:
     """(start step, end step, label) of the before-and-after vector: the phase-change window's edges
-    (:func:`icl_core.analysis.window`), or the first and last snapshots if no window is found."""
+    (:func:`icl_core.analysis.window`), or the first and last snapshots if no window is found or
+    the window holds less than ``min_share`` of the run's ICL change (first to last snapshot)."""
     w = A.window(run)
+    why = w.reason or "the window is a single snapshot"
     if w.found:
         s0, s1 = _step_at(run, w.start), _step_at(run, w.end)
-        if s0 != s1:
+        _, curve = A.icl_curve(run, band=True)  # the curve the window was detected on
+        icl = dict(zip(run.steps, curve))
+        total = float(curve[-1] - curve[0])
+        inside = float(icl[s1] - icl[s0])
+        # [book choice] a window that holds under half of the run's ICL change is not "the" phase change
+        if s0 != s1 and total < 0 and inside <= min_share * total:
             return s0, s1, (f"the start and end of the phase-change window (steps {s0} → {s1}, "
                             f"{run.tokens(s0):,} → {run.tokens(s1):,} tokens)")
-    why = w.reason or "the window is a single snapshot"
+        if s0 != s1:
+            why = (f"the detected window, {run.tokens(s0):,} → {run.tokens(s1):,} tokens, holds "
+                   f"{inside:+.3f} of the run's {total:+.3f} nats of ICL change, under {min_share:.0%}")
     s0, s1 = run.steps[0], run.steps[-1]
     return s0, s1, (f"the **first and last snapshots** (steps {s0} → {s1}), because no phase-change "
                     f"window was found ({why})")

@@ -319,7 +319,8 @@ def head_explorer_data(run: Run, n_snapshots: int = 4, seq_index: int = 0) -> di
     return {"steps": steps, "snapshots": out, "seq_len": run.config.data.prefix_seq_len}
 
 
-def head_explorer_images(runs: dict[str, Run], n_snapshots: int = 4, size: float = 3.0) -> tuple[dict, dict]:
+def head_explorer_images(runs: dict[str, Run], n_snapshots: int = 4, size: float = 3.0,
+                         dpi: int = 64) -> tuple[dict, dict]:
     """Images {(model, snapshot number, layer, head): Figure} for
     :func:`icl_core.widgets.image_grid_selector`, and the labels of the snapshot numbers."""
     from .plots.intro import plot_attention_pattern
@@ -338,6 +339,7 @@ def head_explorer_images(runs: dict[str, Run], n_snapshots: int = 4, size: float
                              f"OV {e['ov_eigen'][l, h]:+.2f} · K-comp " + ("—" if not np.isfinite(kc) else f"{kc:+.2f}"))
                     fig = plot_attention_pattern(e["pattern"][l, h], d["seq_len"], title=title, size=size)
                     fig.axes[0].title.set_fontsize(7.5)
+                    fig.set_dpi(dpi)  # small PNGs: the page embeds every image
                     images[(name, i, l, h)] = fig
     n = max(i for (_, i, _, _) in images) + 1
     labels = {i: f"#{i + 1} of {n}" + (" (first)" if i == 0 else " (last)" if i == n - 1 else "") for i in range(n)}

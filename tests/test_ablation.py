@@ -112,3 +112,25 @@ def test_on_a_tiny_trained_run(tiny_run_cfg, tmp_path):
     again = AB.final_ablation_table(run, labels, n_examples=4, n_draws=5)  # cached
     assert again["pp"]["induction"] == t["pp"]["induction"]
     assert len(AB.table_frame({"tiny": t})) == 4
+
+
+def fake_run(icl_band):
+    from types import SimpleNamespace
+    steps = [0] + [2 ** i for i in range(len(icl_band) - 1)]
+    tokens = [1000 * s for s in steps]
+    df = pd.DataFrame({"step": steps, "tokens": tokens, "icl": icl_band, "icl_band": icl_band})
+    cfg = SimpleNamespace(tokens_per_step=1000)
+    return SimpleNamespace(steps=steps, metrics=lambda: df, config=cfg, tokens=lambda s: 1000 * s)
+
+
+def test_before_after_uses_the_window_or_falls_back_labelled():
+    drop = [0.0, 0.0, -0.01, -0.02, -0.3, -0.5, -0.52, -0.53]
+    run = fake_run(drop)
+    s0, s1, label = AB.before_after_steps(run)
+    assert s0 < s1 and "phase-change window" in label and (s0, s1) != (0, 64)
+    flat = fake_run([0.0] * 8)
+    assert AB.before_after_steps(flat)[:2] == (0, 64)
+    assert "first and last snapshots" in AB.before_after_steps(flat)[2]
+    # a window holding less than min_share of the run's ICL change is not taken as the phase change
+    s0, s1, label = AB.before_after_steps(run, min_share=0.999)
+    assert (s0, s1) == (0, 64) and "under 100%" in label

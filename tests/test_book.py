@@ -180,9 +180,10 @@ def test_profiles_share_chapters_and_name_known_runs():
 
 def test_runs_named_in_finds_nested_names():
     prof = load_profile("smoke")
-    params = prof.chapter_params("02_coperturbation")
+    params = {"pairs": {"1L": [["attn1", "smear1"]], "2L": [["attn2", "smear2"]]}, "n_steps": 3, "label": "x"}
     assert book.runs_named_in(params, prof.runs) == ["attn1", "smear1", "attn2", "smear2"]
-    assert book.runs_named_in({"seeds": {"attn2": ["attn2", "attn2_seed1"]}}, prof.runs) == ["attn2", "attn2_seed1"]
+    assert book.runs_named_in({"seeds": {"attn2": ["attn2", "attn2_s1"]}}, prof.runs) == ["attn2", "attn2_s1"]
+    assert book.runs_named_in({"seeds": {"attn2": ["not_a_run"]}}, prof.runs) == ["attn2"]
 
 
 def test_every_profile_chapter_has_a_notebook_in_the_toc():

@@ -32,6 +32,13 @@ def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen
         for j, key in enumerate(keys):
             ax = axes[i, j]
             v = np.asarray(s[key], dtype=float)
+            if not np.isfinite(v).any():
+                ax.text(0.5, 0.5, "not defined:\nno heads in layers ≥ 1", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, color="0.4")
+                ax.set_title(f"{name}: {SCORE_LABELS.get(key, key).splitlines()[0]}", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             _shade(ax, s["window"])
             n_ind = 0
             for l in range(v.shape[1]):
