@@ -409,3 +409,27 @@ def repeated_random_tokens(pool: np.ndarray, n_seqs: int, seq_len: int, repeats:
         seq = torch.as_tensor(pool)[idx].long()
         rows.append(torch.cat([torch.tensor([EOS_ID]), seq.repeat(repeats)]))
     return torch.stack(rows)
+
+
+def version_alignment(versions, reference: str = "kjv", n: int = 400, seed: int = 0):
+    """How well each translation's verse index lines up with the reference translation's: the
+    median word-sequence similarity (difflib ratio, case-insensitive) of the same verse id over
+    ``n`` random shared verses, and the share of verses starting mid-word (lower-case first letter).
+    A misaligned index (a wheel whose verse offsets drift) shows as a similarity near that of
+    unrelated verses."""
+    import difflib
+    import random
+
+    import pandas as pd
+
+    ref = bible_verses(reference)
+    rows = []
+    for v in versions:
+        vv = ref if v == reference else bible_verses(v)
+        ids = sorted(set(vv) & set(ref))
+        sample = random.Random(seed).sample(ids, min(n, len(ids)))
+        sims = [difflib.SequenceMatcher(None, vv[i].lower().split(), ref[i].lower().split()).ratio()
+                for i in sample]
+        rows.append({"version": v, "verses": len(vv), "median similarity to " + reference: float(np.median(sims)),
+                     "starts mid-word": float(np.mean([vv[i][:1].islower() for i in sample]))})
+    return pd.DataFrame(rows).set_index("version")
