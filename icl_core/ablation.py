@@ -223,11 +223,12 @@ def fraction_removed(icl_clean: float, icl_ablated):
 
 
 def set_ablation_icl(model, tokens: torch.Tensor, masks: torch.Tensor, pattern_preserving: bool) -> np.ndarray:
-    """ICL score of ``model`` on ``tokens`` with each head set of ``masks`` (A, L, H) ablated, in one
-    batched pass per chunk of examples (about 64 sequences per forward pass)."""
+    """ICL score (the book's banded estimate, :func:`icl_core.metrics.icl_band_score`) of ``model`` on
+    ``tokens`` with each head set of ``masks`` (A, L, H) ablated, in one batched pass per chunk of
+    examples (about 64 sequences per forward pass)."""
     bs = max(1, 64 // max(1, len(masks)))
     losses = M.ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving, batch_size=bs)
-    return np.array([M.icl_score_from_losses(l, model.cfg.n_ctx) for l in losses])
+    return np.array([M.icl_score_from_losses(l, model.cfg.n_ctx, band=True) for l in losses])
 
 
 def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws: int = 20,
@@ -248,7 +249,7 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
     ev = run.eval_data.tokens[:n_examples]
     sets = [[], ind, prev] + [list(s) for s in rsets]
     masks = torch.stack([heads_mask(s, L, Hn) for s in sets])
-    params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets]}
+    params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets], "icl": "band"}
 
     def compute():
         model = run.load(run_steps[-1])
@@ -340,6 +341,8 @@ def ablation_verdict(run_name: str, t: dict, threshold: float = REMOVAL_THRESHOL
     head = "Reproduced" if ok else "Not reproduced"
     crit = (f"(criterion: induction-head ablation removes ≥ {threshold:.0%} of the ICL score and the "
             f"random interval's upper end is below half of that)")
+    amount = (f"removes all of its ICL score and more: later tokens become harder to predict than early "
+              f"ones ({d['clean']:+.3f} → {d['induction']:+.3f} nats, {f_ind:.0%})" if f_ind > 1 else
+              f"removes {f_ind:.0%} of its ICL score ({d['clean']:+.3f} → {d['induction']:+.3f} nats)")
     return ok, (f"**{head} for `{run_name}`.** Ablating its {k} induction head{'s' if k > 1 else ''} "
-                f"({'pattern-preserving' if mode == 'pp' else 'full'}) removes {f_ind:.0%} of its ICL score "
-                f"({d['clean']:+.3f} → {d['induction']:+.3f} nats); {rtxt}. {crit}")
+                f"({'pattern-preserving' if mode == 'pp' else 'full'}) {amount}; {rtxt}. {crit}")

@@ -109,8 +109,9 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
         d_icl, d_loss, c_icl, cvec, avec = [], [], [], [], []
         for s in steps:
             m = run.load(s)
-            r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving)
-            clean = M.per_token_losses(m, ev)
+            # all L*H ablations of a batch run in one pass: keep that pass near 64 sequences
+            r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving, batch_size=max(1, 64 // (L * H)))
+            clean = r.clean
             d_icl.append(r.delta_icl)
             d_loss.append(r.delta_loss)
             c_icl.append(r.clean_icl)

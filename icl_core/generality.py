@@ -647,3 +647,16 @@ def behaviour_sentences(status: pd.DataFrame) -> str:
             s += f", in {', '.join(part)}"
         out.append(f"- {paper[beh][0].upper() + paper[beh][1:]} {s}.")
     return "\n".join(out)
+
+
+def fuzzy_task_lines(rows) -> str:
+    """Markdown bullet list, one line per fuzzy-copying task: attention and loss benefit with their
+    95% intervals, chance baselines and verdicts (``rows``: the ``rows`` table of the fuzzy tasks)."""
+    r = rows.set_index("task")
+    lines = []
+    for task, x in r.iterrows():
+        lines.append(
+            f"- {task}: attention {x.attention:.3f} (95% CI {x.attention_lo:.3f}–{x.attention_hi:.3f}) vs chance "
+            f"{x.attention_chance:.3f}, *{x.attention_verdict}*; loss benefit {x.loss_benefit:+.3f} nats "
+            f"({x.loss_benefit_lo:+.3f} to {x.loss_benefit_hi:+.3f}), *{x.loss_benefit_verdict}*")
+    return "\n".join(lines)

@@ -333,6 +333,7 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
 
 @dataclass
 class AblationResult:
+    clean: torch.Tensor  # (N, T-1) clean per-token losses
     clean_icl: float
     delta_icl: torch.Tensor  # (L, H) ablated ICL - clean ICL (positive = ablation removes ICL)
     delta_loss: torch.Tensor  # (L, H) mean loss change
@@ -348,7 +349,7 @@ def ablation_effects(model: Transformer, tokens: torch.Tensor, pattern_preservin
     c_icl = icl_score_from_losses(clean, model.cfg.n_ctx, band=True)
     d_icl = torch.tensor([icl_score_from_losses(a, model.cfg.n_ctx, band=True) - c_icl for a in abl]).view(L, Hn)
     d_loss = (abl.mean(dim=(1, 2)) - clean.mean()).view(L, Hn)
-    return AblationResult(c_icl, d_icl, d_loss, abl)
+    return AblationResult(clean, c_icl, d_icl, d_loss, abl)
 
 
 # --- training-dynamics analyses --------------------------------------------------------------------
@@ -412,6 +413,11 @@ def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
     y = np.asarray(icl, dtype=np.float64)
     keep = t > 0
     t, y = t[keep], y[keep]
+    # where the log-spaced and linear snapshot grids meet, two snapshots can be a few steps apart;
+    # their tiny log-token gap would turn noise into a huge derivative: keep one of each such pair
+    if len(t) > 1:
+        keep = np.concatenate([[True], t[1:] / t[:-1] >= 1.02])
+        t, y = t[keep], y[keep]
     if len(t) < 3:
         return Window(float("nan"), float("nan"), float("nan"), False, "fewer than 3 snapshots")
     if smooth > 0:

@@ -41,12 +41,13 @@ def test_set_ablation_known_answers():
     masks = torch.stack([AB.heads_mask([], 1, 2), AB.heads_mask([(0, 0), (0, 1)], 1, 2)])
     for pp in (True, False):
         icl = AB.set_ablation_icl(model, x, masks, pattern_preserving=pp)
-        assert icl[0] == pytest.approx(M.icl_score(model, x), abs=1e-5)  # empty set = clean
+        band = lambda m: M.icl_score_from_losses(M.per_token_losses(m, x), 64, band=True)  # noqa: E731
+        assert icl[0] == pytest.approx(band(model), abs=1e-5)  # empty set = clean
         # all heads of a 1-layer attention-only model ablated = a model whose W_O is zero
         z = tiny_model(n_layers=1, n_heads=2)
         with torch.no_grad():
             z.blocks[0].attn.W_O_.zero_()
-        assert icl[1] == pytest.approx(M.icl_score(z, x), abs=1e-5)
+        assert icl[1] == pytest.approx(band(z), abs=1e-5)
 
 
 def overview(kinds_heads):
@@ -108,7 +109,8 @@ def test_on_a_tiny_trained_run(tiny_run_cfg, tmp_path):
     t = AB.final_ablation_table(run, labels, n_examples=4, n_draws=5)
     assert t["induction"] == [(1, 0)] and t["previous_token"] == [(0, 1)]
     assert len(t["random_sets"]) == 3 and t["exhaustive"]  # 3 non-induction heads, 1 per set
-    assert t["pp"]["clean"] == pytest.approx(M.icl_score(run.load(), run.eval_data.tokens[:4]), abs=1e-4)
+    clean = M.per_token_losses(run.load(), run.eval_data.tokens[:4])
+    assert t["pp"]["clean"] == pytest.approx(M.icl_score_from_losses(clean, run.config.model.n_ctx, band=True), abs=1e-4)
     again = AB.final_ablation_table(run, labels, n_examples=4, n_draws=5)  # cached
     assert again["pp"]["induction"] == t["pp"]["induction"]
     assert len(AB.table_frame({"tiny": t})) == 4
