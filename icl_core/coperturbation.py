@@ -54,10 +54,18 @@ def curves_from_metrics(name: str, seed: int, n_layers: int, smeared: bool, df: 
 
 
 def load_curves(run, **window_kw) -> Curves:
-    """A run's curves, with the book's phase-change window (:func:`icl_core.analysis.window`)."""
+    """A run's curves, with the book's phase-change window (:func:`icl_core.analysis.window`).
+
+    [book choice] An ICL window counts as a phase change only if the run forms an induction head
+    (top prefix-matching score reaching PREFIX_THRESHOLD); an ICL drop without one (e.g. from
+    in-context token statistics) is reported as no phase change."""
     m = run.config.model
-    return curves_from_metrics(run.name, run.config.train.seed, m.n_layers, m.smeared_keys,
-                               run.metrics(), window=A.window(run, **window_kw))
+    df = run.metrics()
+    w = A.window(run, **window_kw)
+    if w.found and float(df["prefix_max"].max()) < PREFIX_THRESHOLD:
+        w = M.Window(float("nan"), float("nan"), float("nan"), False,
+                     f"an ICL window without an induction head (top prefix score < {PREFIX_THRESHOLD})")
+    return curves_from_metrics(run.name, run.config.train.seed, m.n_layers, m.smeared_keys, df, window=w)
 
 
 def load_pairs(prof, pairs: dict[str, list], **window_kw) -> dict[str, list[tuple[Curves, Curves]]]:
@@ -173,8 +181,9 @@ def two_layer_comparison(table: pd.DataFrame) -> tuple[str, str]:
         if t["smeared window start"].isna().any():
             missing.append("the smeared 2-layer model" + (" (some seeds)" if t["smeared window start"].notna().any() else ""))
         verb = "have" if len(missing) > 1 else "has"
-        return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no detected "
-                                f"phase-change window, so there is nothing to compare ({detail}).")
+        return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no phase "
+                                f"change (no ICL window in which an induction head forms, top prefix-matching "
+                                f"score ≥ {PREFIX_THRESHOLD}), so there is nothing to compare ({detail}).")
     if all(x == "disjoint" for x in rel):
         return "earlier", (f"**Earlier.** For every seed the smeared 2-layer window ends before its vanilla "
                            f"twin's begins ({detail}).")

@@ -834,8 +834,8 @@ def window_rule() -> str:
             f"snapshots (smoothed over {p['smooth'].default} neighbour(s) on each side); the window is the "
             f"contiguous run of snapshots around its steepest fall where the fall is at least "
             f"{p['frac'].default:.0%} of the steepest; no window is reported if ICL never falls by "
-            f"{p['min_change'].default} nats. It is located on the banded ICL estimate "
-            f"(`metrics.icl_band_score`, a few indices around each of the two) where that was logged, "
+            f"{p['min_change'].default} nats. Like every ICL score in the book it uses the banded estimate "
+            f"(`metrics.icl_band_score`, a few indices around each of the two), "
             f"because single-index ICL is noisy with a few hundred evaluation windows")
 
 
