@@ -39,7 +39,7 @@ from icl_core import data as D  # noqa: E402
 from icl_core.config import RunConfig  # noqa: E402
 from icl_core.model import loss_fn  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
-from icl_core.train import init_model, make_optimizer  # noqa: E402
+from icl_core.train import init_model  # noqa: E402
 
 
 def stats(xs):
@@ -70,19 +70,18 @@ def flops_per_token(cfg: RunConfig) -> float:
     return 6 * p + 6 * m.n_layers * m.n_ctx * D_
 
 
-def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
-    model = init_model(cfg)
-    opt = make_optimizer(model, cfg)
+def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup):
+    """Tokens/s of full training steps (forward, backward, clip, AdamW) on the same batches."""
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     bf16 = cfg.train.precision == "bf16"
     x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(steps)]
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = loss_fn(logits, x)
+            loss = loss_of(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
     for i in range(warmup):
@@ -94,6 +93,11 @@ def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
             step(x)
         out.append(steps * x_all[0].numel() / (time.perf_counter() - t))
     return stats(out)
+
+
+def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
+    model = init_model(cfg)
+    return _throughput(list(model.parameters()), lambda x: loss_fn(model(x), x), cfg, corpus, steps, repeats, warmup)
 
 
 def tl_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
@@ -104,29 +108,9 @@ def tl_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
         n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, d_head=m.d_head, n_ctx=m.n_ctx,
         d_vocab=m.d_vocab, attn_only=m.attn_only, d_mlp=None if m.attn_only else m.d_mlp,
         act_fn=None if m.attn_only else "gelu", normalization_type="LN" if m.layer_norm else None,
-        positional_embedding_type="shortformer" if m.positional == "shortformer" else "standard",
-        seed=0, device="cpu"))
-    opt = torch.optim.AdamW(tl.parameters(), lr=cfg.train.lr)
-    bf16 = cfg.train.precision == "bf16"
-    x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(steps)]
-
-    def step(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = tl(x, return_type="loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tl.parameters(), 1.0)
-        opt.step()
-
-    for i in range(warmup):
-        step(x_all[i])
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for x in x_all:
-            step(x)
-        out.append(steps * x_all[0].numel() / (time.perf_counter() - t))
-    return stats(out)
+        positional_embedding_type={"shortformer": "shortformer", "rope": "rotary"}.get(m.positional, "standard"),
+        rotary_adjacent_pairs=True, seed=0, device="cpu"))
+    return _throughput(list(tl.parameters()), lambda x: tl(x, return_type="loss"), cfg, corpus, steps, repeats, warmup)
 
 
 def metrics_cost(run, n_snap=3):
@@ -203,7 +187,7 @@ def main(argv=None):
             row = {"model": name, "precision": precision, "d_model": c.model.d_model, "layers": c.model.n_layers,
                    "attn_only": c.model.attn_only, "tok_s": ours, "flops_per_token": fl,
                    "gflops": ours["median"] * fl / 1e9, "frac_peak": ours["median"] * fl / 1e9 / peak}
-            if not a.skip_tl and c.model.positional in ("shortformer", "learned"):
+            if not a.skip_tl and c.model.positional in ("shortformer", "learned", "rope"):
                 try:
                     tl = tl_throughput(c, corpus, steps=steps, repeats=a.repeats)
                     row["tl_tok_s"] = tl
