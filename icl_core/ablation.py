@@ -122,7 +122,7 @@ def before_after_steps(run, min_share: float = 0.5) -> tuple[int, int, str]:
     why = w.reason or "the window is a single snapshot"
     if w.found:
         s0, s1 = _step_at(run, w.start), _step_at(run, w.end)
-        _, curve = A.icl_curve(run, band=True)  # the curve the window was detected on
+        _, curve = A.icl_curve(run)  # the curve the window was detected on
         icl = dict(zip(run.steps, curve))
         total = float(curve[-1] - curve[0])
         inside = float(icl[s1] - icl[s0])

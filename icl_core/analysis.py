@@ -127,18 +127,17 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
     return res
 
 
-def icl_curve(run: Run, band: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, ICL score) per snapshot from the cheap metrics logged in training. ``band=True``
-    gives the lower-variance banded estimate (:func:`metrics.icl_band_score`) where it was logged."""
+def icl_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, ICL score) per snapshot from the cheap metrics logged in training (the book's
+    banded estimate, see :meth:`Run.metrics`)."""
     df = run.metrics()
-    col = "icl_band" if band and "icl_band" in df.columns else "icl"
-    return df["tokens"].to_numpy(), df[col].to_numpy()
+    return df["tokens"].to_numpy(), df["icl"].to_numpy()
 
 
 def window(run: Run, **kw) -> M.Window:
     """The run's phase-change window, detected from its (banded) ICL curve
     (:func:`metrics.phase_change_window`)."""
-    t, icl = icl_curve(run, band=True)
+    t, icl = icl_curve(run)
     return M.phase_change_window(t, icl, **kw)
 
 

@@ -23,10 +23,9 @@ from .metrics import phase_change_window
 def summarise(run) -> dict:
     m = run.metrics()
     t = m["tokens"].to_numpy()
-    icl = m["icl"].to_numpy()
+    icl = m["icl"].to_numpy()  # the banded estimate where it was logged (Run.metrics)
     pm = m["prefix_max"].to_numpy()
-    band = m["icl_band"].to_numpy() if "icl_band" in m else icl
-    w = phase_change_window(t, band)
+    w = phase_change_window(t, icl)
     cfg = run.config
     row = {
         "variant": cfg.name, "hash": cfg.hash(),
@@ -34,7 +33,6 @@ def summarise(run) -> dict:
         "minutes": run.train_seconds / 60, "ktok_s": t[-1] / max(run.train_seconds, 1e-9) / 1e3,
         "loss_final": m["loss"].iloc[-1],
         "icl_first": icl[1] if len(icl) > 1 else icl[0], "icl_min": icl.min(), "icl_final": icl[-1],
-        "icl_band_final": band[-1],
         "prefix_first": pm[1] if len(pm) > 1 else pm[0], "prefix_final": pm[-1], "prefix_maxall": pm.max(),
         "prev_final": m["prev_token_max"].iloc[-1],
         "tokens_prefix_0.3_M": (t[np.argmax(pm > 0.3)] / 1e6) if (pm > 0.3).any() else np.nan,
@@ -42,7 +40,7 @@ def summarise(run) -> dict:
     }
     if w.found:
         inside = (t >= w.start) & (t <= w.end)
-        row["icl_change_in_window"] = band[inside][-1] - band[inside][0]
+        row["icl_change_in_window"] = icl[inside][-1] - icl[inside][0]
         row["prefix_in_window"] = f"{pm[inside][0]:.2f}->{pm[inside][-1]:.2f}"
     return row
 
