@@ -12,7 +12,8 @@
    mask, times 3 for the backward pass;
 3. the same model and batch trained with TransformerLens' HookedTransformer (optional extra), as
    a throughput ratio;
-4. the cost of the chapters' metrics: one snapshot and a whole run, as a ratio to its training time;
+4. the cost of the metrics: at every snapshot in training and in the chapters' analyses, for one
+   run, as a ratio to its training time (:func:`metrics_cost`);
 5. the whole smoke book build, split into train / execute / render.
 
 Results: benchmarks/results.json and benchmarks/results.md (tables).
@@ -113,32 +114,52 @@ def tl_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
     return _throughput(list(tl.parameters()), lambda x: tl(x, return_type="loss"), cfg, corpus, steps, repeats, warmup)
 
 
-def metrics_cost(run, n_snap=3):
-    """Seconds for the chapters' analyses on one snapshot, and extrapolated to the whole run."""
-    from icl_core import analysis as A
+def metrics_cost(run, prof, repeats=3):
+    """Seconds of evaluation for one run, as a ratio to its training time:
+
+    - the cheap metrics the trainer computes at every snapshot (loss, ICL, prefix-matching and
+      previous-token scores from one pass; :func:`icl_core.train.cheap_metrics`), times the
+      number of snapshots (or the time the run logged, where it did);
+    - the chapters' per-snapshot analyses at the snapshot counts the profile's chapters use:
+      pattern-preserving and full single-head ablations (Argument 3), the head scores the training
+      log does not hold (copying, OV eigenvalues, K-composition) and composition scores (Argument 5).
+      Per-token loss analyses (Arguments 1 and 6) read the losses kept in training and cost ~0.
+    """
     from icl_core import metrics as M
+    from icl_core.train import cheap_metrics
 
     ev = run.eval_data
-    steps = run.steps[-n_snap:]
-    per = []
-    for s in steps:
-        t = time.perf_counter()
-        m = run.load(s)
-        losses = M.per_token_losses(m, ev.tokens)
-        M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len)
-        pt = M.previous_token_scores(m, ev.tokens[:32])
-        M.copying_scores(m, ev.rep)
-        M.ov_eigen_copying_scores(m)
-        M.k_composition_traces(m, pt)
-        M.composition_scores(m)
-        M.ablation_effects(m, ev.tokens[:64], pattern_preserving=True)
-        M.ablation_effects(m, ev.tokens[:64], pattern_preserving=False)
-        per.append(time.perf_counter() - t)
-    one = statistics.median(per)
-    n_abl = 12  # chapters ablate a subsample of snapshots (analysis.select_steps)
-    whole = one * n_abl + (len(run.steps) - n_abl) * statistics.median(per) * 0.25
-    return {"one_snapshot_s": stats(per), "whole_run_s_estimate": whole,
-            "train_s": run.train_seconds, "ratio_to_training": whole / max(run.train_seconds, 1e-9)}
+    m = run.load(run.steps[-1])
+    ch3, ch5 = prof.chapter_params("03_ablation"), prof.chapter_params("05_mechanism")
+    n_abl = ev.tokens[: ch3.get("n_examples", 48)]
+
+    def timed(f):
+        xs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            xs.append(time.perf_counter() - t)
+        return stats(xs)
+
+    L, H = run.config.model.n_layers, run.config.model.n_heads
+    parts = {
+        "cheap_metrics": timed(lambda: cheap_metrics(m, run.config, ev)),
+        "ablation_pp": timed(lambda: M.ablation_effects(m, n_abl, pattern_preserving=True, batch_size=max(1, 64 // (L * H)))),
+        "ablation_full": timed(lambda: M.ablation_effects(m, n_abl, pattern_preserving=False, batch_size=max(1, 64 // (L * H)))),
+        "head_scores_extra": timed(lambda: (M.copying_scores(m, ev.rep), M.ov_eigen_copying_scores(m),
+                                            M.k_composition_traces(m, torch.rand(L, H)))),
+        "composition": timed(lambda: M.composition_scores(m)),
+    }
+    med = {k: v["median"] for k, v in parts.items()}
+    logged = run.metrics_seconds()
+    cheap_run = logged if logged == logged else med["cheap_metrics"] * len(run.steps)
+    n3, n3f, n5 = ch3.get("n_steps", 8), ch3.get("n_steps_full", ch3.get("n_steps", 8)), ch5.get("n_steps", 8)
+    chapters = med["ablation_pp"] * n3 + med["ablation_full"] * n3f + (med["head_scores_extra"] + med["composition"]) * n5
+    train = run.train_seconds
+    return {"per_snapshot_s": parts, "snapshots": len(run.steps), "cheap_metrics_run_s": cheap_run,
+            "cheap_metrics_logged": logged == logged, "chapter_analyses_run_s": chapters, "train_s": train,
+            "ratio_cheap": cheap_run / train, "ratio_chapters": chapters / train,
+            "ratio_to_training": (cheap_run + chapters) / train}
 
 
 def smoke_book():
@@ -201,7 +222,7 @@ def main(argv=None):
     if not a.skip_metrics:
         try:
             run = prof.run("attn2")
-            res["metrics_cost"] = metrics_cost(run)
+            res["metrics_cost"] = metrics_cost(run, prof, repeats=a.repeats)
             print("metrics", json.dumps(res["metrics_cost"]), flush=True)
         except FileNotFoundError as e:
             res["metrics_cost"] = {"skipped": str(e)}
@@ -224,6 +245,15 @@ def main(argv=None):
             f"Matmul peak ({a.threads} threads): fp32 {pk['fp32']['median']:.0f} GFLOP/s "
             f"({pk['fp32']['min']:.0f}-{pk['fp32']['max']:.0f}), bf16 {pk['bf16']['median']:.0f} "
             f"({pk['bf16']['min']:.0f}-{pk['bf16']['max']:.0f})", ""]
+    mc = res.get("metrics_cost") or {}
+    if "ratio_to_training" in mc:
+        lines += ["", f"Metrics for one laptop run (`attn2`, {mc['snapshots']} snapshots, trained in {mc['train_s']:.0f} s): "
+                  f"snapshot metrics {mc['cheap_metrics_run_s']:.0f} s ({mc['ratio_cheap']:.0%} of training; "
+                  f"{'logged by the trainer' if mc['cheap_metrics_logged'] else 'per-snapshot median x snapshots'}), "
+                  f"chapter analyses {mc['chapter_analyses_run_s']:.0f} s ({mc['ratio_chapters']:.0%}); "
+                  f"total {mc['ratio_to_training']:.0%} of training time (target <= 10%).", "",
+                  "| per snapshot | median s (min-max) |", "|---|---|"]
+        lines += [f"| {k} | {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) |" for k, v in mc["per_snapshot_s"].items()]
     (out / "results.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(head + lines))
 

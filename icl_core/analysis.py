@@ -51,9 +51,22 @@ def _cached(run: Run, name: str, params: dict, compute) -> dict[str, torch.Tenso
 
 
 def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | None = None) -> dict:
-    """Per-token losses on the fixed eval set at every snapshot: losses (S, N, T-1), steps, tokens."""
+    """Per-token losses on the fixed eval set at every snapshot: losses (S, N, T-1), steps, tokens.
+
+    Read from the losses the trainer kept at each snapshot where the run has them (the same
+    computation: :func:`metrics.per_token_losses` in fp32 on the same windows); otherwise computed
+    once and cached. A corrupt kept file is reported and recomputed, never used."""
     steps = steps or run.steps
     ev = run.eval_data.tokens[: n_examples or len(run.eval_data.tokens)]
+    t0 = time.time()
+    try:
+        kept = [run.eval_losses(s) for s in steps]
+    except CorruptFileError as e:
+        print(f"warning: {e}; recomputing the losses")
+        kept = [None]
+    if all(k is not None for k in kept):
+        return {"losses": torch.stack([k[: len(ev)] for k in kept]).float(), "steps": torch.tensor(steps),
+                "tokens": torch.tensor(steps) * run.config.tokens_per_step, "seconds": torch.tensor(time.time() - t0)}
 
     def compute():
         out = torch.stack([M.per_token_losses(run.load(s), ev) for s in steps])
@@ -74,10 +87,16 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = 32) -> d
     def compute():
         keys = ("prefix", "prev_token", "copying", "ov_eigen", "k_comp")
         acc = {k: [] for k in keys}
+        logged = run.manifest["snapshots"]
+        reuse = n_text == min(len(ev.tokens), 32)  # what the trainer logs at every snapshot
         for s in steps:
             m = run.load(s)
-            pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len)
-            pt = M.previous_token_scores(m, ev.tokens[:n_text])
+            got = logged[str(s)].get("metrics", {}) if reuse else {}
+            if "prefix" in got and "prev_token" in got:  # same computation, already done in training
+                pm, pt = torch.tensor(got["prefix"]), torch.tensor(got["prev_token"])
+            else:
+                pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len)
+                pt = M.previous_token_scores(m, ev.tokens[:n_text])
             acc["prefix"].append(pm)
             acc["prev_token"].append(pt)
             acc["copying"].append(M.copying_scores(m, ev.rep))

@@ -587,12 +587,14 @@ def runs_table(profile: Profile):
         run = _trained(profile, name)
         rows.append({
             "run": name, "layers": m.n_layers, "d_model": m.d_model, "heads": m.n_heads, "d_head": m.d_head,
-            "MLPs": not m.attn_only, "positions": m.positional, "smeared keys": m.smeared_keys,
-            "n_ctx": m.n_ctx, "vocab": m.d_vocab, "batch": t.batch_size, "lr": t.lr,
+            "MLPs": not m.attn_only, "positions": m.positional, "attention biases": bool(m.attn_bias),
+            "smeared keys": m.smeared_keys, "n_ctx": m.n_ctx, "vocab": m.d_vocab, "batch": t.batch_size, "lr": t.lr,
             "schedule": f"{t.lr_schedule}, warmup {t.warmup_steps}", "tokens": t.total_tokens,
             "steps": cfg.total_steps, "snapshots": len(run.steps) if run else None, "precision": t.precision,
             "seed": t.seed, "split seed": d.split_seed, "eval seed": d.eval_seed, "config hash": cfg.hash(),
             "train seconds": round(run.train_seconds, 1) if run else None,
+            # evaluation at the snapshots (loss, ICL, head scores); nan for runs trained before it was logged
+            "snapshot metrics seconds": round(run.metrics_seconds(), 1) if run else None,
         })
     return pd.DataFrame(rows).set_index("run")
 
@@ -667,6 +669,10 @@ def deviations_table(profile: Profile):
         ("heads per layer", "12", _span(x.n_heads for x in m)),
         ("attention-only / with MLPs", "both", _span("with MLPs" if not x.attn_only else "attention-only" for x in m)),
         ("positions", "Shortformer (queries and keys only)", _span(x.positional for x in m)),
+        ("attention biases (b_Q, b_K, b_V, b_O)", "not stated",
+         _span("yes" if x.attn_bias else "no" for x in m)
+         + (" (the laptop recipe's runs: with them a 3-layer model forms an induction head in budget)"
+            if any(x.attn_bias for x in m) else "")),
         ("context (n_ctx)", "8192", _span(x.n_ctx for x in m)),
         ("vocabulary", "2^16 BPE", _span(x.vocab_size for x in d) + " byte-level BPE trained on the corpus"),
         ("training data", "web text, books, ~10% Python", _span(",".join(x.sources) for x in d)

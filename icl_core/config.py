@@ -44,6 +44,7 @@ class ModelConfig:
     init_std: float = 0.02
     pos_init_std: float | None = None  # default init_std; shortformer positions are added after
     # LayerNorm (as in TransformerLens), where the token signal has unit scale
+    attn_bias: bool | None = None  # biases b_Q, b_K, b_V, b_O (GPT-2, TransformerLens); None = off
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "n_ctx", "d_vocab"):
@@ -92,6 +93,7 @@ class DataConfig:
     # documents are packed into training windows; this fraction of training rows (deviation from
     # the paper, labelled as such where used) is a document followed by a repeat of one of its spans
     repeat_fraction: float = 0.0
+    repeat_span_max: int | None = None  # longest copied span (None = 48); spans are 8..max tokens
 
     def __post_init__(self):
         if not self.sources:
@@ -106,6 +108,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
         if not 0 <= self.repeat_fraction <= 1:
             raise ConfigError(f"data.repeat_fraction={self.repeat_fraction} must be in [0, 1]")
+        if self.repeat_span_max is not None and self.repeat_span_max < 8:
+            raise ConfigError(f"data.repeat_span_max={self.repeat_span_max} must be >= 8 (spans are 8..max tokens)")
         for name in ("n_eval", "n_prefix_seqs", "prefix_seq_len", "prefix_repeats"):
             _positive(self, name)
         if self.prefix_repeats < 2:
@@ -196,6 +200,7 @@ class RunConfig:
         d["train"].pop("threads")
         # optional fields left at None mean "as before they existed": keep old hashes valid
         d["model"] = {k: v for k, v in d["model"].items() if v is not None}
+        d["data"] = {k: v for k, v in d["data"].items() if v is not None}
         if self.model.smeared_keys:  # the initial alpha changed from 3 to 0: older runs differ
             d["model"]["smear_alpha_init"] = 0.0
         blob = json.dumps(d, sort_keys=True).encode()

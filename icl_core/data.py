@@ -343,13 +343,13 @@ class Corpus:
 
 
 def train_batch(corpus: Corpus, batch_size: int, n_ctx: int, seed: int, step: int,
-                repeat_fraction: float = 0.0) -> torch.Tensor:
+                repeat_fraction: float = 0.0, span_max: int | None = None) -> torch.Tensor:
     """Training batch for ``step``: a pure function of (seed, step), so a resumed run sees the same data.
 
     Random windows of the packed training stream. With ``repeat_fraction`` > 0 (a labelled
     deviation from the paper: data where in-context copying pays off sooner) that fraction of rows
-    gets one span of 8-48 of its own tokens copied to a random later place, so the distance between
-    the copies varies and only a content-based (induction) mechanism can exploit it.
+    gets one span of 8-48 (or 8-``span_max``) of its own tokens copied to a random later place, so the
+    distance between the copies varies and only a content-based (induction) mechanism can exploit it.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     n = len(corpus.train) - n_ctx
@@ -357,7 +357,8 @@ def train_batch(corpus: Corpus, batch_size: int, n_ctx: int, seed: int, step: in
     rows = np.stack([corpus.train[s:s + n_ctx] for s in starts]).astype(np.int64)
     k = int(round(repeat_fraction * batch_size))
     for r in range(k):
-        ln = int(torch.randint(8, min(48, n_ctx // 3) + 1, (1,), generator=g))
+        hi = min(48, n_ctx // 3) if span_max is None else min(span_max, (n_ctx - 2) // 2)
+        ln = int(torch.randint(8, hi + 1, (1,), generator=g))
         a = int(torch.randint(1, n_ctx - 2 * ln, (1,), generator=g))
         b = int(torch.randint(a + ln, n_ctx - ln + 1, (1,), generator=g))
         rows[r, b:b + ln] = rows[r, a:a + ln]

@@ -17,7 +17,7 @@ positional none        ``"standard"`` with ``W_pos = 0`` (TransformerLens has no
 layer_norm on / off    ``normalization_type="LN"`` (eps 1e-5) / ``None``
 attn_only / MLP        ``attn_only``; ``act_fn="gelu"`` is TransformerLens' exact ``F.gelu``
                        (not ``gelu_new``/``gelu_fast``, which are tanh approximations)
-biases                 we have none in attention or unembedding: b_Q, b_K, b_V, b_O, b_U = 0
+biases                 b_Q, b_K, b_V, b_O when model.attn_bias is on, else 0; b_U = 0
 smeared_keys           not expressible: :class:`NotImplementedError`
 =====================  ==================================================================
 
@@ -141,7 +141,8 @@ def tl_state_dict(model: Transformer, template: dict[str, torch.Tensor]) -> dict
         for n, w in (("W_Q", a.W_Q), ("W_K", a.W_K), ("W_V", a.W_V), ("W_O", a.W_O)):
             put(f"{p}.attn.{n}", w)
         for n in ("b_Q", "b_K", "b_V", "b_O"):
-            put(f"{p}.attn.{n}", torch.zeros_like(sd[f"{p}.attn.{n}"]))
+            b = getattr(a, n, None) if cfg.attn_bias else None
+            put(f"{p}.attn.{n}", b if b is not None else torch.zeros_like(sd[f"{p}.attn.{n}"]))
         lns = [("ln1", block.ln1)] + ([] if cfg.attn_only else [("ln2", block.ln2)])
         if cfg.layer_norm:
             for n, ln in lns:

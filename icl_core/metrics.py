@@ -45,6 +45,24 @@ def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int =
     return torch.cat(out)
 
 
+@torch.no_grad()
+def losses_and_previous_token_scores(model: Transformer, tokens: torch.Tensor, n_prev: int = 32,
+                                     batch_size: int = 32, precision: str = "fp32"):
+    """:func:`per_token_losses` on ``tokens`` and :func:`previous_token_scores` on its first ``n_prev``
+    windows from one pass (the patterns are cached while those windows' losses are computed), so a
+    snapshot's cheap metrics run the model over the eval set once, not twice."""
+    model.eval()
+    dev = next(model.parameters()).device
+    n_prev = min(n_prev, len(tokens))
+    head = tokens[:n_prev].to(dev)
+    with H.cache_patterns(model) as c, _autocast(model, precision):
+        logits = model(head)
+    pat = H.stack_patterns(model, c).float()
+    first = loss_fn(logits, head, reduction="none").float().cpu()
+    rest = per_token_losses(model, tokens[n_prev:], batch_size, precision) if len(tokens) > n_prev else first[:0]
+    return torch.cat([first, rest]), previous_token_scores_from_patterns(pat)
+
+
 def icl_score_from_losses(losses: torch.Tensor, n_ctx: int | None = None,
                           indices: tuple[int, int] | None = None, band: bool = False) -> float:
     """mean_n [l_n(late) - l_n(early)] (nats; negative = in-context learning). [book choice] sign.

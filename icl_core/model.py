@@ -67,6 +67,10 @@ class Attention(nn.Module):
         # stored fused for one matmul; W_Q/W_K/W_V below are [H, D, dh] views
         self.W_qkv = nn.Parameter(torch.randn(D, 3, H, dh) * cfg.init_std)
         self.W_O_ = nn.Parameter(torch.randn(H, dh, D) * cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        if cfg.attn_bias:
+            # b_Q, b_K, b_V fused like W_qkv (TransformerLens b_Q/b_K/b_V are [H, dh] views), and b_O
+            self.b_qkv = nn.Parameter(torch.zeros(3, H, dh))
+            self.b_O = nn.Parameter(torch.zeros(D))
         if cfg.smeared_keys:
             # [book choice] the paper does not give the initial value: alpha = 0 (sigmoid 0.5, an
             # even mix of each key and its predecessor); alpha -> +inf recovers a vanilla model
@@ -88,6 +92,24 @@ class Attention(nn.Module):
     def W_O(self):
         return self.W_O_  # (H, dh, D)
 
+    @property
+    def b_Q(self):
+        return self.b_qkv[0] if self.cfg.attn_bias else None  # (H, dh)
+
+    @property
+    def b_K(self):
+        return self.b_qkv[1] if self.cfg.attn_bias else None
+
+    @property
+    def b_V(self):
+        return self.b_qkv[2] if self.cfg.attn_bias else None
+
+    def _out(self, z):
+        """z (B, T, H*dh) -> (B, T, D) through W_O (and b_O)."""
+        H, dh, D = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+        out = z @ self.W_O_.reshape(H * dh, D)
+        return out + self.b_O if self.cfg.attn_bias else out
+
     def smear(self, k):
         """Smeared keys: k'_j = s k_j + (1-s) k_{j-1}, first key unchanged. k: (B, H, T, dh)."""
         s = torch.sigmoid(self.alpha).to(k.dtype)[None, :, None, None]
@@ -104,11 +126,18 @@ class Attention(nn.Module):
         W = self.W_qkv.reshape(D, 3 * H * dh)
         if pos is not None:  # shortformer: positions enter queries and keys only
             xp = pos  # the caller passes LN(resid) + W_pos as the query/key input
-            qk = (xp @ W[:, : 2 * H * dh]).view(B, T, 2, H, dh)
+            qk = xp @ W[:, : 2 * H * dh]
+            v = x @ W[:, 2 * H * dh:]
+            if cfg.attn_bias:
+                b = self.b_qkv.reshape(3 * H * dh)
+                qk, v = qk + b[: 2 * H * dh], v + b[2 * H * dh:]
+            qk, v = qk.view(B, T, 2, H, dh), v.view(B, T, H, dh)
             q, k = qk[:, :, 0], qk[:, :, 1]
-            v = (x @ W[:, 2 * H * dh:]).view(B, T, H, dh)
         else:
-            qkv = (x @ W).view(B, T, 3, H, dh)
+            qkv = x @ W
+            if cfg.attn_bias:
+                qkv = qkv + self.b_qkv.reshape(3 * H * dh)
+            qkv = qkv.view(B, T, 3, H, dh)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
         if cfg.positional == "rope":
@@ -123,8 +152,7 @@ class Attention(nn.Module):
         explicit = model._wants(name) or not model.use_sdpa or cpu_bf16
         if not explicit:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
-            z = z.transpose(1, 2).reshape(B, T, H * dh)
-            return z @ self.W_O_.reshape(H * dh, D)
+            return self._out(z.transpose(1, 2).reshape(B, T, H * dh))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, T, T)
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
@@ -133,11 +161,10 @@ class Attention(nn.Module):
         pattern = model._hook(f"{name}.hook_pattern", pattern)  # (B, H, T, T)
         z = (pattern.to(v.dtype) @ v)  # (B, H, T, dh)
         if not model._wants(f"{name}.hook_result"):
-            z = z.transpose(1, 2).reshape(B, T, H * dh)
-            return z @ self.W_O_.reshape(H * dh, D)
+            return self._out(z.transpose(1, 2).reshape(B, T, H * dh))
         result = torch.einsum("bhtd,hdm->bthm", z, self.W_O_.to(z.dtype))  # (B, T, H, D)
         result = model._hook(f"{name}.hook_result", result)
-        return result.sum(2)
+        return result.sum(2) + self.b_O if cfg.attn_bias else result.sum(2)
 
 
 class MLP(nn.Module):

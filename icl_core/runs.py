@@ -80,6 +80,22 @@ class Run:
         model.load_state_dict(sd)
         return model.to(device).eval()
 
+    def eval_losses(self, step: int) -> torch.Tensor | None:
+        """Per-token losses (n_eval, n_ctx - 1) on the fixed eval set, as logged at snapshot ``step``
+        during training; None for runs trained before they were kept. Checksum-verified: a corrupt
+        file raises CorruptFileError."""
+        entry = self.manifest["snapshots"].get(str(step))
+        if entry is None:
+            raise KeyError(f"run {self.name} has no snapshot at step {step}; steps: {self.steps}")
+        if "losses_sha256" not in entry:
+            return None
+        return load_tensors(self.path / "snapshots" / f"losses_{step:08d}.safetensors", entry["losses_sha256"])["losses"]
+
+    def metrics_seconds(self) -> float:
+        """Seconds spent on the cheap metrics at all snapshots (nan for runs that did not record it)."""
+        vals = [e.get("metrics_seconds") for e in self.manifest["snapshots"].values()]
+        return float(sum(vals)) if vals and all(v is not None for v in vals) else float("nan")
+
     def metrics(self) -> pd.DataFrame:
         """Cheap per-snapshot metrics logged during training, one row per snapshot.
 

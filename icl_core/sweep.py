@@ -35,6 +35,9 @@ def summarise(run) -> dict:
         "icl_first": icl[1] if len(icl) > 1 else icl[0], "icl_min": icl.min(), "icl_final": icl[-1],
         "prefix_first": pm[1] if len(pm) > 1 else pm[0], "prefix_final": pm[-1], "prefix_maxall": pm.max(),
         "prev_final": m["prev_token_max"].iloc[-1],
+        # where the previous-token heads sit: the best previous-token score in each layer (final
+        # snapshot); an induction circuit needs one in an earlier layer than the induction head
+        "prev_by_layer": "/".join(f"{max(v):.2f}" for v in m["prev_token"].iloc[-1]),
         "tokens_prefix_0.3_M": (t[np.argmax(pm > 0.3)] / 1e6) if (pm > 0.3).any() else np.nan,
         "window_M": f"{w.start / 1e6:.2f}-{w.end / 1e6:.2f}" if w.found else "none",
     }

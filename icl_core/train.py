@@ -70,12 +70,14 @@ class EvalData:
         self.rep = D.repeated_random_tokens(pool, d.n_prefix_seqs, d.prefix_seq_len, d.prefix_repeats, d.eval_seed)
 
 
-def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: str = "fp32") -> dict:
-    """Loss, ICL score, prefix-matching and previous-token scores per head (logged at every snapshot)."""
+def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: str = "fp32",
+                  return_losses: bool = False) -> dict:
+    """Loss, ICL score, prefix-matching and previous-token scores per head (logged at every snapshot).
+    Losses and previous-token scores come from one pass (:func:`metrics.losses_and_previous_token_scores`).
+    ``return_losses``: also return the per-token eval losses, under the key ``_losses``."""
     was_training = model.training
-    losses = M.per_token_losses(model, ev.tokens, precision=precision)
+    losses, pt = M.losses_and_previous_token_scores(model, ev.tokens, 32, precision=precision)
     pm = M.prefix_matching_scores(model, ev.rep, cfg.data.prefix_seq_len, precision=precision)
-    pt = M.previous_token_scores(model, ev.tokens[: min(len(ev.tokens), 32)], precision=precision)
     model.train(was_training)
     late, early = M.icl_indices(cfg.model.n_ctx)
     out = {
@@ -91,6 +93,8 @@ def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: s
     }
     if cfg.model.smeared_keys:
         out["smear"] = [torch.sigmoid(b.attn.alpha).tolist() for b in model.blocks]
+    if return_losses:
+        out["_losses"] = losses
     return out
 
 
@@ -245,7 +249,7 @@ class Trainer:
             if stop_after is not None and step >= stop_after:
                 break
             x = D.train_batch(self.corpus, t.batch_size, cfg.model.n_ctx, t.seed, step,
-                              cfg.data.repeat_fraction)
+                              cfg.data.repeat_fraction, cfg.data.repeat_span_max)
             if self.distributed:
                 b = t.batch_size // self.world
                 x = x[self.rank * b:(self.rank + 1) * b]
@@ -304,8 +308,17 @@ class Trainer:
             return self._barrier()
         sha = save_tensors(self.dir / "snapshots" / f"step_{step:08d}.safetensors", model.state_dict(),
                            {"step": step})
-        metrics = cheap_metrics(model, self.cfg, ev, precision="fp32") if self.cfg.train.metrics_every_snapshot else {}
-        man["snapshots"][str(step)] = {"sha256": sha, "tokens": step * self.cfg.tokens_per_step, "metrics": metrics}
+        entry = {"sha256": sha, "tokens": step * self.cfg.tokens_per_step, "metrics": {}}
+        if self.cfg.train.metrics_every_snapshot:
+            t0 = time.perf_counter()
+            entry["metrics"] = cheap_metrics(model, self.cfg, ev, precision="fp32", return_losses=True)
+            losses = entry["metrics"].pop("_losses")
+            # the per-token eval losses are kept (checksummed), so the chapters' loss analyses
+            # (heatmaps, PCA, index pairs) read them instead of running the model again
+            entry["losses_sha256"] = save_tensors(self.dir / "snapshots" / f"losses_{step:08d}.safetensors",
+                                                  {"losses": losses.float().contiguous()})
+            entry["metrics_seconds"] = time.perf_counter() - t0
+        man["snapshots"][str(step)] = entry
         atomic_write_json(self.dir / "manifest.json", man)
         self._barrier()
 

@@ -66,6 +66,9 @@ def _random_model(cfg: ModelConfig, seed=0) -> Transformer:
             if isinstance(getattr(mod, "w", None), torch.nn.Parameter):  # LayerNorm gains/biases
                 mod.w.add_(0.3 * torch.randn_like(mod.w))
                 mod.b.add_(0.3 * torch.randn_like(mod.b))
+            if hasattr(mod, "b_qkv"):  # attention biases, when the config has them
+                mod.b_qkv.add_(0.3 * torch.randn_like(mod.b_qkv))
+                mod.b_O.add_(0.3 * torch.randn_like(mod.b_O))
             if hasattr(mod, "b_in"):
                 mod.b_in.add_(0.3 * torch.randn_like(mod.b_in))
                 mod.b_out.add_(0.3 * torch.randn_like(mod.b_out))
@@ -120,6 +123,22 @@ def test_exported_logits_match(corpus, positional, layer_norm, attn_only):
                          "computes queries and keys from LN(resid) + W_pos (icl_core.interop docstring)")
     # the same weights under the same names
     torch.testing.assert_close(tl_model.blocks[1].attn.W_K, model.blocks[1].attn.W_K, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("positional", ["rope", "shortformer"])
+def test_exported_attention_biases_match(corpus, positional):
+    model = _random_model(_cfg(positional=positional, attn_bias=True))
+    tl_model = interop.export_to_transformer_lens(model, check=False)
+    tokens = D.train_batch(corpus, 4, 64, seed=0, step=0)
+    with torch.no_grad():
+        ours, theirs = model(tokens), tl_model(tokens)
+        diff = float((ours - theirs).abs().max())
+        # the biases matter: the same weights without them give other logits
+        a = model.blocks[0].attn
+        a.b_qkv.zero_(); a.b_O.zero_()
+        off = float((model(tokens) - theirs).abs().max())
+    assert diff < 1e-4 and off > 1e-2, (diff, off)
+    torch.testing.assert_close(tl_model.blocks[1].attn.b_K, model.blocks[1].attn.b_K, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("positional,wrong", [("rope", dict(rotary_adjacent_pairs=False)),

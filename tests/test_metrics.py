@@ -233,3 +233,14 @@ def test_loss_pca_joint_fit():
     pos = M.sample_token_positions(50, 255, seed=1)
     assert pos.shape == (50,) and pos.max() < 255
     assert (M.sample_token_positions(50, 255, seed=1) == pos).all()
+
+
+def test_one_pass_losses_and_previous_token_scores_equal_separate_ones():
+    m = tiny_model()
+    x = torch.randint(0, 50, (40, 30))
+    losses, prev = M.losses_and_previous_token_scores(m, x, n_prev=16, batch_size=8)
+    torch.testing.assert_close(losses, M.per_token_losses(m, x, batch_size=8), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prev, M.previous_token_scores(m, x[:16]), rtol=1e-5, atol=1e-6)
+    short, prev_all = M.losses_and_previous_token_scores(m, x[:5], n_prev=16)  # fewer windows than n_prev
+    assert short.shape == (5, 29)
+    torch.testing.assert_close(prev_all, M.previous_token_scores(m, x[:5]), rtol=1e-5, atol=1e-6)

@@ -23,6 +23,27 @@ def test_explicit_path_equals_sdpa(positional, attn_only):
     assert (pat.triu(1) == 0).all()  # causal
 
 
+@pytest.mark.parametrize("positional", ["shortformer", "rope"])
+def test_attention_biases_on_every_path(positional):
+    """b_Q, b_K, b_V, b_O (GPT-2 / TransformerLens): the SDPA path, the explicit path and the
+    per-head results (which exclude b_O, as in TransformerLens) agree, and the biases are used."""
+    m = tiny_model(positional=positional, attn_bias=True)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.b_qkv.normal_(0, 0.5); b.attn.b_O.normal_(0, 0.5)
+    x = torch.randint(0, 50, (3, 40))
+    fast = m(x)
+    with H.cache(m, H.result_names(m)) as c:
+        slow = m(x)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert m.blocks[0].attn.b_Q.shape == (2, 16) and m.blocks[0].attn.b_O.shape == (32,)
+    plain = tiny_model(positional=positional)
+    assert not torch.allclose(fast, plain(x), atol=1e-3)
+    with H.zero_heads(m, torch.ones(2, 2, dtype=torch.bool)):
+        zeroed = m(x)  # every head removed: only b_O (a constant) is left of attention
+    assert not torch.allclose(zeroed, fast, atol=1e-3)
+
+
 def test_weight_shapes_follow_transformer_lens():
     m = tiny_model(d_model=32, n_heads=4)
     a = m.blocks[0].attn

@@ -169,3 +169,45 @@ def test_bible_parallel_versions_share_split():
         by_key.setdefault(d.split_key, []).append(d.id)
     assert any(len(v) == 2 for v in by_key.values())
     assert docs[0].text.startswith("In the beginning God created")
+
+
+def test_eval_losses_kept_in_training_equal_a_fresh_computation(tiny_run_cfg, tmp_path, capsys):
+    """The trainer keeps each snapshot's per-token eval losses; the chapters' loss analyses read them
+    (no model run) and get what running the model gives; a corrupt kept file is recomputed, not used."""
+    from icl_core import analysis as A
+    from icl_core import metrics as M
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    steps = run.steps[-3:]
+    kept = A.snapshot_losses(run, steps=steps)
+    fresh = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens) for s in steps])
+    assert kept["losses"].shape == fresh.shape == (3, tiny_run_cfg.data.n_eval, tiny_run_cfg.model.n_ctx - 1)
+    torch.testing.assert_close(kept["losses"], fresh, rtol=1e-4, atol=1e-4)
+    assert not (run.path / "analysis").exists()  # nothing had to be computed and cached
+    # the logged loss is the mean of the kept losses: one computation, not two
+    logged = run.metrics().set_index("step")["loss"]
+    assert logged[steps[-1]] == pytest.approx(float(kept["losses"][-1].mean()), rel=1e-5)
+    assert run.metrics_seconds() > 0
+    # corrupt one kept file: detected, reported, recomputed
+    f = run.path / "snapshots" / f"losses_{steps[0]:08d}.safetensors"
+    b = bytearray(f.read_bytes()); b[-3] ^= 0xFF; f.write_bytes(bytes(b))
+    with pytest.raises(CorruptFileError):
+        run.eval_losses(steps[0])
+    again = A.snapshot_losses(Run(run.path), steps=steps)
+    assert "recomputing" in capsys.readouterr().out
+    torch.testing.assert_close(again["losses"], fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_head_scores_reuse_the_scores_logged_in_training(tiny_run_cfg, tmp_path):
+    """analysis.head_scores takes prefix-matching and previous-token scores from the training log
+    (the same computation on the same sequences) and they equal a fresh computation."""
+    from icl_core import analysis as A
+    from icl_core import metrics as M
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    steps = run.steps[-2:]
+    hs = A.head_scores(run, steps)
+    for i, s in enumerate(steps):
+        m = run.load(s)
+        ev = run.eval_data
+        torch.testing.assert_close(hs["prefix"][i], M.prefix_matching_scores(m, ev.rep, tiny_run_cfg.data.prefix_seq_len),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hs["prev_token"][i], M.previous_token_scores(m, ev.tokens[:32]), rtol=1e-4, atol=1e-5)
