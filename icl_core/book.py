@@ -671,7 +671,7 @@ def deviations_table(profile: Profile):
         ("positions", "Shortformer (queries and keys only)", _span(x.positional for x in m)),
         ("attention biases (b_Q, b_K, b_V, b_O)", "not stated",
          _span("yes" if x.attn_bias else "no" for x in m)
-         + (" (the laptop recipe's runs: with them a 3-layer model forms an induction head in budget)"
+         + (" (the laptop recipe's runs; the sweep's control without them forms its induction head too)"
             if any(x.attn_bias for x in m) else "")),
         ("context (n_ctx)", "8192", _span(x.n_ctx for x in m)),
         ("vocabulary", "2^16 BPE", _span(x.vocab_size for x in d) + " byte-level BPE trained on the corpus"),

@@ -283,11 +283,20 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
                      f"(≥ 0.3), {int(pooled['with OV > 0'])} have a positive OV-eigenvalue copying score, and "
                      f"{int(pooled['with K-comp > 0'])} of the {int(pooled['in layers >= 1'])} in layers ≥ 1 have a "
                      f"positive K-composition trace.")
+    # the acceptance test is about models that have induction heads: report those one by one
+    for r in agr.iloc[:-1][agr.iloc[:-1]["induction heads"] > 0].itertuples():
+        bits = [f"ρ = {getattr(r, f'rho_prefix_{key}'):+.2f} with {what} over its {getattr(r, f'n_{key}')} heads"
+                + (" in layers ≥ 1" if key == "k" else "")
+                for key, what in (("ov", "the OV copying score"), ("k", "the K-composition trace"))
+                if np.isfinite(getattr(r, f"rho_prefix_{key}"))]
+        if bits:
+            parts.append(f"In `{r.model}`, which has induction heads, the prefix score's Spearman rank correlation is "
+                         + " and ".join(bits) + ".")
     for key, what in (("ov", "the OV copying score"), ("k", "the K-composition trace")):
         rho, p, n = pooled[f"rho_prefix_{key}"], pooled[f"p_{key}"], pooled[f"n_{key}"]
         if np.isfinite(rho):
-            parts.append(f"Across all {n} heads of these models the Spearman rank correlation between the prefix score "
-                         f"and {what} is ρ = {rho:+.2f} (p = {p:.2g}).")
+            parts.append(f"Pooled over all {n} heads of all these models, including those without induction heads, "
+                         f"the correlation between the prefix score and {what} is ρ = {rho:+.2f} (p = {p:.2g}).")
     if len(tab):
         k = tab[tab.score.isin(["ov_eigen", "k_comp"])]
         inside = int((k["where"] == "inside the window").sum())

@@ -127,3 +127,22 @@ def test_top_heads():
 def test_frequent_tokens_skips_eos():
     counts = np.array([100, 5, 50, 7])
     assert Me.frequent_tokens(counts, 2).tolist() == [2, 3]
+
+
+def test_agreement_sentence_reports_models_with_induction_heads_one_by_one():
+    import pandas as pd
+    from icl_core import mechanism as Me
+    rng = np.random.default_rng(0)
+    L, H = 3, 4
+    prefix = np.zeros((1, L, H)); prefix[0, 2, 1] = 0.6; prefix[0, 2, 2] = 0.2; prefix[0, 1, 0] = 0.05
+    good = {"prefix": prefix, "ov_eigen": prefix + 0.01 * np.arange(L * H).reshape(1, L, H) / 100,
+            "k_comp": np.where(np.arange(L)[None, :, None] >= 1, prefix + 1e-3 * rng.random((1, L, H)), np.nan)}
+    none_ = {"prefix": np.full((1, L, H), 0.02) + 1e-3 * rng.random((1, L, H)), "ov_eigen": -rng.random((1, L, H)),
+             "k_comp": np.where(np.arange(L)[None, :, None] >= 1, rng.random((1, L, H)), np.nan)}
+    agr = Me.agreement({"good": good, "none": none_})
+    text = Me.agreement_sentence(agr, pd.DataFrame(columns=["score", "where"]))
+    row = agr.set_index("model").loc["good"]
+    assert row["induction heads"] == 1 and row["rho_prefix_k"] > 0.8
+    assert "In `good`" in text and f"{row['rho_prefix_k']:+.2f}" in text
+    assert "In `none`" not in text  # no induction heads: only in the pooled figure
+    assert "Pooled over all" in text
