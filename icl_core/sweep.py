@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import re
 import sys
 from pathlib import Path
 
@@ -131,7 +132,10 @@ def sweep_notes(spec_path: Path) -> str:
 def sweep_tables(sweeps_dir: Path = SWEEPS_DIR) -> list[tuple[str, str, pd.DataFrame]]:
     """(round name, notes, summary table) for every sweep round with a committed summary."""
     out = []
-    for spec in sorted(Path(sweeps_dir).glob("*.yaml")):
+    def natural(p: Path):  # recipe2 before recipe10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)]
+
+    for spec in sorted(Path(sweeps_dir).glob("*.yaml"), key=natural):
         csv = spec.with_suffix(".summary.csv")
         if csv.exists():
             df = pd.read_csv(csv)

@@ -73,3 +73,9 @@ def test_the_laptop_recipe_is_listed_as_a_deviation():
     assert "yes" in laptop.loc["attention biases (b_Q, b_K, b_V, b_O)"].iloc[-1]
     smoke = deviations_table(load_profile("smoke"))
     assert smoke.loc["attention biases (b_Q, b_K, b_V, b_O)"].iloc[-1] == "no"
+
+
+def test_rounds_are_listed_in_numeric_order():
+    names = [n for n, _, _ in sweep.sweep_tables()]
+    nums = [int(n.removeprefix("recipe")) for n in names if n.removeprefix("recipe").isdigit()]
+    assert nums == sorted(nums) and len(nums) >= 10
