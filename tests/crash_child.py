@@ -83,7 +83,7 @@ def run_job(job: dict) -> None:
     real_batch = D.train_batch
     first = [True]
 
-    def train_batch(corpus, batch_size, n_ctx, seed, step, repeat_fraction=0.0):
+    def train_batch(corpus, batch_size, n_ctx, seed, step, *rest):
         if first[0]:
             first[0] = False
             if job.get("barrier"):
@@ -97,7 +97,7 @@ def run_job(job: dict) -> None:
             time.sleep(job["slow"])
         if step == kill.get("step"):
             _die()
-        return real_batch(corpus, batch_size, n_ctx, seed, step, repeat_fraction)
+        return real_batch(corpus, batch_size, n_ctx, seed, step, *rest)
 
     D.train_batch = train_batch
 

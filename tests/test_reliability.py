@@ -60,12 +60,15 @@ def reference(cfg, tmp_path_factory) -> Run:
 
 
 def assert_identical(run: Run, ref: Run):
-    """Same snapshots (bytes, every tensor of the final one), same metrics, same loss log."""
+    """Same snapshots (bytes, every tensor of the final one), same metrics and kept eval losses (and
+    both readable), same loss log."""
     assert run.done and run.steps == ref.steps
     for s in ref.steps:
         a, b = run.manifest["snapshots"][str(s)], ref.manifest["snapshots"][str(s)]
         assert a["sha256"] == b["sha256"], f"snapshot {s} differs"
         assert a["metrics"] == b["metrics"] and a["tokens"] == b["tokens"]
+        assert a["losses_sha256"] == b["losses_sha256"], f"kept eval losses at snapshot {s} differ"
+        assert torch.equal(run.eval_losses(s), ref.eval_losses(s))
     wa, wb = run.load().state_dict(), ref.load().state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb)
     assert run.manifest["train_log"] == ref.manifest["train_log"]
@@ -165,8 +168,10 @@ def test_kill_9_anywhere_then_rerun_is_bit_identical(cfg, zygote, reference, tmp
         ("right after resume.json at step 6", {"write": after("resume_00000006.safetensors", "resume.json"),
                                                "at": "after"}),
         ("snapshot 10, written not renamed", {"write": nth("snapshots/step_00000010.safetensors"), "at": "tmp"}),
+        ("kept eval losses at snapshot 10, half written",
+         {"write": after("snapshots/step_00000010.safetensors", "snapshots/losses_00000010.safetensors"), "at": "mid"}),
         ("manifest after snapshot 10, half written",
-         {"write": after("snapshots/step_00000010.safetensors", "manifest.json"), "at": "mid"}),
+         {"write": after("snapshots/losses_00000010.safetensors", "manifest.json"), "at": "mid"}),
         ("before the resume tensors at step 15", {"write": nth("resume_00000015.safetensors"), "at": "before"}),
         ("final manifest (done), not renamed", {"write": nth("manifest.json", -1), "at": "tmp"}),
         ("after the final manifest, before resume cleanup", {"write": nth("manifest.json", -1), "at": "after"}),
