@@ -185,3 +185,23 @@ def test_claims_index_pairs_rule():
     row = c.loc["The conclusion does not hang on the index pair"]
     assert row["verdict"] == "reproduced"
     assert "Spearman" in D.index_pair_sentence(pairs.assign(run=pairs.run))
+
+
+@pytest.mark.parametrize("n_models,grid,hidden", [(2, (2, 2), 0), (4, (2, 4), 0), (7, (4, 4), 2)])
+def test_head_score_figure_wraps_after_four_models(n_models, grid, hidden):
+    """Chapter 1's head-score figure: at most four models side by side, then another row pair."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from icl_core.plots import cooccurrence as P
+    from icl_core.metrics import Window
+    t = np.array([0.0, 1e3, 1e4, 1e5])
+    data = {f"m{i}": (t, np.random.default_rng(i).random((4, 2, 3)), np.random.default_rng(i + 9).random((4, 2, 3)))
+            for i in range(n_models)}
+    fig = P.plot_head_score_curves(data, {"m0": Window(1e3, 1e4, 5e3, True)})
+    axes = fig.axes
+    assert len(axes) == grid[0] * grid[1]
+    assert sum(not a.get_visible() for a in axes) == hidden
+    titles = [a.get_title() for a in axes if a.get_visible() and a.get_title()]
+    assert titles == [f"m{i}" for i in range(n_models)]  # every model once, in order
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -91,13 +91,19 @@ def plot_head_score_curves(data: dict, windows: dict, title: str = "") -> plt.Fi
 
     data: {label: (tokens (S,), prefix (S, L, H), prev_token (S, L, H))}."""
     n = len(data)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.2), dpi=90, squeeze=False, sharey="row")
+    ncol = min(n, 4)  # at most 4 models side by side: more wrap into further row pairs
+    nblk = -(-n // ncol)
+    fig, axes = plt.subplots(2 * nblk, ncol, figsize=(3.4 * ncol, 5.2 * nblk), dpi=90, squeeze=False, sharey="row")
+    for j in range(n, nblk * ncol):  # empty slots of the last row pair
+        axes[2 * (nblk - 1), j % ncol].set_visible(False)
+        axes[2 * (nblk - 1) + 1, j % ncol].set_visible(False)
     cmap = plt.get_cmap(LAYER_CMAP)
-    for j, (k, (t, pre, prev)) in enumerate(data.items()):
+    for jj, (k, (t, pre, prev)) in enumerate(data.items()):
+        b, j = divmod(jj, ncol)
         m = t > 0
         L, H = pre.shape[1:]
         for i, (arr, name) in enumerate(((pre, "prefix-matching score"), (prev, "previous-token score"))):
-            ax = axes[i, j]
+            ax = axes[2 * b + i, j]
             for layer in range(L):
                 c = cmap(layer / max(L - 1, 1) * 0.85)
                 for h in range(H):
