@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -152,12 +153,13 @@ def metrics_cost(run, prof, repeats=3):
     }
     med = {k: v["median"] for k, v in parts.items()}
     logged = run.metrics_seconds()
-    cheap_run = logged if logged == logged else med["cheap_metrics"] * len(run.steps)
+    has_log = math.isfinite(logged)
+    cheap_run = logged if has_log else med["cheap_metrics"] * len(run.steps)
     n3, n3f, n5 = ch3.get("n_steps", 8), ch3.get("n_steps_full", ch3.get("n_steps", 8)), ch5.get("n_steps", 8)
     chapters = med["ablation_pp"] * n3 + med["ablation_full"] * n3f + (med["head_scores_extra"] + med["composition"]) * n5
     train = run.train_seconds
     return {"per_snapshot_s": parts, "snapshots": len(run.steps), "cheap_metrics_run_s": cheap_run,
-            "cheap_metrics_logged": logged == logged, "chapter_analyses_run_s": chapters, "train_s": train,
+            "cheap_metrics_logged": has_log, "chapter_analyses_run_s": chapters, "train_s": train,
             "ratio_cheap": cheap_run / train, "ratio_chapters": chapters / train,
             "ratio_to_training": (cheap_run + chapters) / train}
 

@@ -88,7 +88,8 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = 32) -> d
         keys = ("prefix", "prev_token", "copying", "ov_eigen", "k_comp")
         acc = {k: [] for k in keys}
         logged = run.manifest["snapshots"]
-        reuse = n_text == min(len(ev.tokens), 32)  # what the trainer logs at every snapshot
+        n = len(ev.tokens)
+        reuse = min(n_text, n) == min(32, n)  # the trainer logs scores on the first 32 eval windows
         for s in steps:
             m = run.load(s)
             got = logged[str(s)].get("metrics", {}) if reuse else {}

@@ -356,8 +356,8 @@ def train_batch(corpus: Corpus, batch_size: int, n_ctx: int, seed: int, step: in
     starts = torch.randint(0, n, (batch_size,), generator=g).numpy()
     rows = np.stack([corpus.train[s:s + n_ctx] for s in starts]).astype(np.int64)
     k = int(round(repeat_fraction * batch_size))
+    hi = min(48, n_ctx // 3) if span_max is None else min(span_max, (n_ctx - 2) // 2)
     for r in range(k):
-        hi = min(48, n_ctx // 3) if span_max is None else min(span_max, (n_ctx - 2) // 2)
         ln = int(torch.randint(8, hi + 1, (1,), generator=g))
         a = int(torch.randint(1, n_ctx - 2 * ln, (1,), generator=g))
         b = int(torch.randint(a + ln, n_ctx - ln + 1, (1,), generator=g))

@@ -141,8 +141,7 @@ def tl_state_dict(model: Transformer, template: dict[str, torch.Tensor]) -> dict
         for n, w in (("W_Q", a.W_Q), ("W_K", a.W_K), ("W_V", a.W_V), ("W_O", a.W_O)):
             put(f"{p}.attn.{n}", w)
         for n in ("b_Q", "b_K", "b_V", "b_O"):
-            b = getattr(a, n, None) if cfg.attn_bias else None
-            put(f"{p}.attn.{n}", b if b is not None else torch.zeros_like(sd[f"{p}.attn.{n}"]))
+            put(f"{p}.attn.{n}", getattr(a, n) if cfg.attn_bias else torch.zeros_like(sd[f"{p}.attn.{n}"]))
         lns = [("ln1", block.ln1)] + ([] if cfg.attn_only else [("ln2", block.ln2)])
         if cfg.layer_norm:
             for n, ln in lns:

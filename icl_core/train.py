@@ -70,11 +70,11 @@ class EvalData:
         self.rep = D.repeated_random_tokens(pool, d.n_prefix_seqs, d.prefix_seq_len, d.prefix_repeats, d.eval_seed)
 
 
-def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: str = "fp32",
-                  return_losses: bool = False) -> dict:
-    """Loss, ICL score, prefix-matching and previous-token scores per head (logged at every snapshot).
-    Losses and previous-token scores come from one pass (:func:`metrics.losses_and_previous_token_scores`).
-    ``return_losses``: also return the per-token eval losses, under the key ``_losses``."""
+def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData,
+                  precision: str = "fp32") -> tuple[dict, torch.Tensor]:
+    """(metrics, per-token eval losses): loss, ICL score, prefix-matching and previous-token scores
+    per head (logged at every snapshot), and the (n_eval, n_ctx - 1) losses they came from. Losses
+    and previous-token scores come from one pass (:func:`metrics.losses_and_previous_token_scores`)."""
     was_training = model.training
     losses, pt = M.losses_and_previous_token_scores(model, ev.tokens, 32, precision=precision)
     pm = M.prefix_matching_scores(model, ev.rep, cfg.data.prefix_seq_len, precision=precision)
@@ -93,9 +93,7 @@ def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData, precision: s
     }
     if cfg.model.smeared_keys:
         out["smear"] = [torch.sigmoid(b.attn.alpha).tolist() for b in model.blocks]
-    if return_losses:
-        out["_losses"] = losses
-    return out
+    return out, losses
 
 
 def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -311,8 +309,7 @@ class Trainer:
         entry = {"sha256": sha, "tokens": step * self.cfg.tokens_per_step, "metrics": {}}
         if self.cfg.train.metrics_every_snapshot:
             t0 = time.perf_counter()
-            entry["metrics"] = cheap_metrics(model, self.cfg, ev, precision="fp32", return_losses=True)
-            losses = entry["metrics"].pop("_losses")
+            entry["metrics"], losses = cheap_metrics(model, self.cfg, ev, precision="fp32")
             # the per-token eval losses are kept (checksummed), so the chapters' loss analyses
             # (heatmaps, PCA, index pairs) read them instead of running the model again
             entry["losses_sha256"] = save_tensors(self.dir / "snapshots" / f"losses_{step:08d}.safetensors",
