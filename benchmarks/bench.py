@@ -64,12 +64,7 @@ def matmul_peak(dtype, n=1024, repeats=5, iters=20):
 
 
 def flops_per_token(cfg: RunConfig) -> float:
-    m = cfg.model
-    D_, H, dh = m.d_model, m.n_heads, m.d_head
-    p = m.n_layers * 4 * D_ * H * dh + D_ * m.d_vocab
-    if not m.attn_only:
-        p += m.n_layers * 2 * D_ * m.d_mlp
-    return 6 * p + 6 * m.n_layers * m.n_ctx * D_
+    return cfg.flops_per_token()  # the formula is documented on RunConfig.flops_per_token
 
 
 def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup):

@@ -262,6 +262,9 @@ def missing_runs(profile: Profile, names=None) -> list[str]:
 def train(profile: Profile, names=None, jobs: int | None = None, profiles_dir=None, log=print) -> list[str]:
     """Train every run in ``names`` (default: all of the profile's) that is not cached yet."""
     todo = missing_runs(profile, names)
+    # longest first (by training FLOPs), so the last run to start is a short one and the workers
+    # finish together (the classic longest-processing-time rule for two machines)
+    todo.sort(key=lambda n: -profile.run_config(n).training_flops())
     if not todo:
         log(f"[train] all {len(names if names is not None else profile.runs)} runs of profile "
             f"{profile.name!r} are cached")

@@ -189,6 +189,20 @@ class RunConfig:
             raise ConfigError(f"train.total_tokens={self.train.total_tokens} is less than one batch "
                               f"({self.train.batch_size} x {self.model.n_ctx})")
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x (weight-matrix parameters: attention, MLP, unembedding)
+        plus 6 x n_layers x n_ctx x d_model for the attention scores and mixing (causal, so half
+        of 12 x n_ctx x d_model). Embedding lookups, LayerNorm and softmax are not counted."""
+        m = self.model
+        p = m.n_layers * 4 * m.d_model * m.n_heads * m.d_head + m.d_model * m.d_vocab
+        if not m.attn_only:
+            p += m.n_layers * 2 * m.d_model * m.d_mlp
+        return 6 * p + 6 * m.n_layers * m.n_ctx * m.d_model
+
+    def training_flops(self) -> float:
+        """FLOPs of the whole run (``flops_per_token`` x total tokens): used to schedule runs."""
+        return self.flops_per_token() * self.train.total_tokens
+
     # --- identity -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,9 @@ QK circuit matches a = b), and its OV circuit copies the attended token. This mo
 * :func:`composition_over_training`: Q/K/V composition scores between heads of different layers,
   with the random-matrix baseline (:func:`icl_core.metrics.composition_baseline`).
 * :func:`kcomp_circuit`: the same-token circuit W_E W_Q (W_E W_OV^prev W_K)^T on frequent tokens.
+* :func:`circuits_over_training`: token-level readouts of the two circuits at every snapshot (how
+  many frequent tokens' rows of the K-composition circuit peak on the diagonal; how many tokens
+  the OV circuit copies), to time them against the window at full snapshot resolution.
 * :func:`positional_attention`: the previous-token head's attention by relative offset, from its
   positional QK weights and measured on text.
 * :func:`smear_over_training` / :func:`token_qk_circuit`: how one smeared-key head does both jobs.
@@ -107,6 +110,68 @@ def kcomp_circuit(model: Transformer, layer: int, head: int, prev: tuple[int, in
     q = WE @ a.W_Q[head].double()  # (N, dh)
     k = WE @ p.W_V[prev[1]].double() @ p.W_O[prev[1]].double() @ a.W_K[head].double()  # (N, dh)
     return (q @ k.T) / math.sqrt(model.cfg.d_head)
+
+
+@torch.no_grad()
+def ov_circuit(model: Transformer, layer: int, head: int, tokens) -> torch.Tensor:
+    """(N, V) OV circuit W_E W_V^h W_O^h W_U on the rows of ``tokens`` (LayerNorms ignored, as in the
+    paper): row a is the change in every logit when the head attends to token a. Copying: row a is
+    largest at column a."""
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    a = model.blocks[layer].attn
+    return model.W_E.double()[t] @ a.W_V[head].double() @ a.W_O[head].double() @ model.W_U.double()
+
+
+def circuit_readouts(model: Transformer, induction: tuple[int, int], prev: tuple[int, int] | None,
+                     tokens) -> dict:
+    """Token-level readouts of the induction circuit on ``tokens`` (chance: 1/N and 1/V):
+
+    * ``k_diag``: the fraction of rows of :func:`kcomp_circuit` (induction head keyed through the
+      previous-token head) whose largest entry is on the diagonal (NaN without a previous-token head);
+    * ``ov_copy``: the fraction of tokens whose :func:`ov_circuit` row, over the whole vocabulary,
+      is largest at the token itself.
+
+    *[book choice]* The paper's eigenvalue scores (Σλ/Σ|λ|) are spectrum-wide and scale-free: they
+    turn positive once the matrix's largest directions copy, which can be long before the circuit
+    does the job for most tokens. These readouts count the tokens for which it does."""
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    ov = ov_circuit(model, induction[0], induction[1], t)
+    out = {"ov_copy": float((ov.argmax(1) == t).double().mean()), "k_diag": float("nan")}
+    if prev is not None:
+        out["k_diag"] = diagonal_stats(kcomp_circuit(model, induction[0], induction[1], prev, t))["row_argmax_on_diagonal"]
+    return out
+
+
+def circuits_over_training(run: Run, induction: tuple[int, int], prev: tuple[int, int] | None,
+                           n_tokens: int = 200, steps: list[int] | None = None) -> dict:
+    """:func:`circuit_readouts` of one head pair on the ``n_tokens`` most frequent training tokens at
+    every snapshot (or ``steps``), cached in the run folder: ``k_diag``, ``ov_copy`` (S,), ``steps``,
+    ``tokens``, ``chance_k`` (1/N) and ``chance_ov`` (1/V)."""
+    steps = steps or run.steps
+    toks = frequent_tokens(run.corpus.counts, n_tokens)
+
+    def compute():
+        rows = [circuit_readouts(run.load(st), induction, prev, toks) for st in steps]
+        return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in ("k_diag", "ov_copy")} | {
+            "steps": torch.tensor(steps)}
+
+    key = {"steps": steps, "induction": list(induction), "prev": list(prev) if prev else None, "n": int(n_tokens)}
+    res = dict(A._cached(run, "circuits", key, compute))
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    res["chance_k"], res["chance_ov"] = 1.0 / len(toks), 1.0 / run.config.model.d_vocab
+    res["induction_head"], res["prev_head"] = induction, prev
+    return res
+
+
+def circuits_for_models(models: dict[str, Run], scores: dict[str, dict], n_tokens: int = 200) -> dict[str, dict]:
+    """:func:`circuits_over_training` of the top induction head (and its top previous-token head)
+    of every model that has an induction head at the last snapshot (``scores[m]["kind"]``)."""
+    out = {}
+    for m, s in scores.items():
+        if (np.asarray(s["kind"]) == "induction").any():
+            ind, prev = top_heads(s["prefix"][-1], s["prev_token"][-1])
+            out[m] = circuits_over_training(models[m], ind, prev, n_tokens)
+    return out
 
 
 @torch.no_grad()
@@ -229,22 +294,35 @@ def rise_token(tokens, values, frac: float = 0.5) -> float:
     return float(np.exp(np.log(t[i - 1]) + f * (np.log(t[i]) - np.log(t[i - 1]))))
 
 
-def rise_timing(scores: dict, min_rise: float = 0.1) -> dict:
+def rise_timing(scores: dict, min_rise: float = 0.1, circuits: dict | None = None) -> dict:
     """When the top induction head's prefix, OV and K-composition scores (and the top previous-token
-    head's previous-token score) cover half their rise, against the phase-change window.
+    head's previous-token score) cover half their rise, against the phase-change window. With
+    ``circuits`` (:func:`circuits_over_training` of the same heads) also the token-level readouts
+    ``ov_circuit`` and ``k_circuit``, at their own (usually finer) snapshots.
     A score whose rise is smaller than ``min_rise`` is reported as not rising."""
-    t = scores["tokens"].numpy() if hasattr(scores["tokens"], "numpy") else np.asarray(scores["tokens"])
+    def arr(x):
+        return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+    t = arr(scores["tokens"])
     ind, prev = top_heads(scores["prefix"][-1], scores["prev_token"][-1])
     w = scores["window"]
-    series = {"prefix": scores["prefix"][:, ind[0], ind[1]], "ov_eigen": scores["ov_eigen"][:, ind[0], ind[1]]}
+    series = {"prefix": (t, scores["prefix"][:, ind[0], ind[1]]), "ov_eigen": (t, scores["ov_eigen"][:, ind[0], ind[1]])}
     if prev is not None:
-        series["k_comp"] = scores["k_comp"][:, ind[0], ind[1]]
-        series["prev_token"] = scores["prev_token"][:, prev[0], prev[1]]
+        series["k_comp"] = (t, scores["k_comp"][:, ind[0], ind[1]])
+        series["prev_token"] = (t, scores["prev_token"][:, prev[0], prev[1]])
+    if circuits is not None:
+        if tuple(circuits["induction_head"]) != tuple(ind):
+            raise ValueError(f"circuits are for head {circuits['induction_head']}, the top induction head is {ind}")
+        tc = arr(circuits["tokens"])
+        series["ov_circuit"] = (tc, arr(circuits["ov_copy"]))
+        if prev is not None and circuits["prev_head"] is not None:
+            series["k_circuit"] = (tc, arr(circuits["k_diag"]))
     out = {"induction_head": ind, "prev_head": prev, "window": w}
-    for k, v in series.items():
+    for k, (tk, v) in series.items():
         v = np.asarray(v, dtype=float)
-        rise = float(np.nanmax(v[t > 0]) - v[t > 0][0]) if (t > 0).any() else float("nan")
-        r = rise_token(t, v) if rise >= min_rise else float("nan")
+        tk = np.asarray(tk, dtype=float)
+        rise = float(np.nanmax(v[tk > 0]) - v[tk > 0][0]) if (tk > 0).any() else float("nan")
+        r = rise_token(tk, v) if rise >= min_rise else float("nan")
         where = "no rise"
         if np.isfinite(r):
             if not w.found:
@@ -263,7 +341,7 @@ def timing_table(timings: dict[str, dict]) -> pd.DataFrame:
     rows = []
     for name, tm in timings.items():
         w = tm["window"]
-        for k in ("prev_token", "prefix", "ov_eigen", "k_comp"):
+        for k in ("prev_token", "prefix", "ov_eigen", "k_comp", "ov_circuit", "k_circuit"):
             if k in tm:
                 rows.append({"model": name, "score": k, "rise": tm[k]["rise"],
                              "half-rise (tokens)": tm[k]["half_rise_tokens"], "where": tm[k]["where"],
@@ -298,11 +376,17 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
             parts.append(f"Pooled over all {n} heads of all these models, including those without induction heads, "
                          f"the correlation between the prefix score and {what} is ρ = {rho:+.2f} (p = {p:.2g}).")
     if len(tab):
-        k = tab[tab.score.isin(["ov_eigen", "k_comp"])]
-        inside = int((k["where"] == "inside the window").sum())
-        rising = int(k["where"].isin(["inside the window", "before the window", "after the window"]).sum())
-        parts.append(f"Of the {rising} OV / K-composition scores of top induction heads that rise during training "
-                     f"(and have a window to compare with), {inside} cover half their rise inside the phase-change window.")
+        timed = ["inside the window", "before the window", "after the window"]
+        for keys, what in ((["ov_eigen", "k_comp"], "eigenvalue scores (OV copying, K-composition trace)"),
+                           (["ov_circuit", "k_circuit"], "token-level circuit readouts (OV copying, K-composition diagonal)")):
+            k = tab[tab.score.isin(keys)]
+            if not len(k):
+                continue
+            rising = k[k["where"].isin(timed)]
+            counts = {wh: int((rising["where"] == wh).sum()) for wh in timed}
+            parts.append(f"Of the {len(rising)} {what} of top induction heads that rise during training (and have a "
+                         f"window to compare with), {counts['inside the window']} cover half their rise inside the "
+                         f"phase-change window, {counts['before the window']} before it and {counts['after the window']} after it.")
     return " ".join(parts)
 
 

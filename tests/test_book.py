@@ -206,3 +206,18 @@ def test_chapter_notebooks_are_thin_and_stored_without_outputs():
             src = cell.source
             assert "\ndef " not in "\n" + src and "\nclass " not in "\n" + src, f"{c}: define functions in icl_core"
         assert "chapter_banner" in "".join(cell.source for cell in code), f"{c}: no profile banner"
+
+
+def test_runs_train_longest_first(monkeypatch):
+    """book.train hands the runs to the workers in decreasing training FLOPs (longest first), so
+    the two workers finish close together; FLOPs grow with depth, width and tokens."""
+    prof = load_profile("laptop")
+    names = ["attn1", "attn2_wide", "attn2", "attn3"]
+    monkeypatch.setattr(book, "missing_runs", lambda profile, n=None: list(names))
+    started = []
+    monkeypatch.setattr(book, "_train_one", lambda a: (started.append(a[2]), (a[2], 0.0, ""))[1])
+    book.train(prof, names, jobs=1, log=lambda *_: None)
+    flops = {n: prof.run_config(n).training_flops() for n in names}
+    assert started == sorted(names, key=lambda n: -flops[n])
+    assert flops["attn3"] > flops["attn2"] > flops["attn1"]
+    assert prof.run_config("attn2_wide").flops_per_token() > prof.run_config("attn2").flops_per_token()

@@ -146,3 +146,68 @@ def test_agreement_sentence_reports_models_with_induction_heads_one_by_one():
     assert "In `good`" in text and f"{row['rho_prefix_k']:+.2f}" in text
     assert "In `none`" not in text  # no induction heads: only in the pooled figure
     assert "Pooled over all" in text
+
+
+def test_circuit_readouts_known_answers():
+    """The hand-built induction circuit: every row of its K-composition circuit peaks on the
+    diagonal; with W_U = I and an identity OV the induction head copies every token; a zero OV
+    copies nothing (argmax ties go to column 0, which is not among the tokens)."""
+    m = _model()
+    _induction_weights(m)
+    with torch.no_grad():
+        a1 = m.blocks[1].attn
+        a1.W_qkv.data[:, 2, 0] = torch.eye(8)  # the induction head's OV: identity
+        a1.W_O_.data[0] = torch.eye(8)
+        m.W_U.copy_(torch.eye(8))
+    toks = np.arange(1, 8)
+    r = Me.circuit_readouts(m, (1, 0), (0, 0), toks)
+    assert r["ov_copy"] == 1.0 and r["k_diag"] == 1.0
+    assert np.isnan(Me.circuit_readouts(m, (1, 0), None, toks)["k_diag"])
+    with torch.no_grad():
+        a1.W_O_.data.zero_()
+    assert Me.circuit_readouts(m, (1, 0), (0, 0), toks)["ov_copy"] == 0.0
+
+
+def test_rise_timing_uses_the_circuits_own_snapshots():
+    t = np.array([0, 1e3, 2e3, 4e3, 8e3, 16e3, 32e3])
+    flat = np.zeros((7, 2, 1))
+    s = {"tokens": t, "prefix": flat.copy(), "prev_token": flat.copy(), "ov_eigen": flat.copy(),
+         "k_comp": flat.copy(), "window": Window(3e3, 9e3, 5e3, True)}
+    s["prefix"][:, 1, 0] = [0, 0, 0, 0.1, 0.9, 1, 1]
+    s["prev_token"][:, 0, 0] = 0.5
+    tc = np.arange(0, 33e3, 1e3)  # finer snapshots
+    circ = {"tokens": tc, "ov_copy": (tc > 20e3).astype(float), "k_diag": (tc >= 5e3).astype(float),
+            "induction_head": (1, 0), "prev_head": (0, 0)}
+    tm = Me.rise_timing(s, circuits=circ)
+    assert tm["k_circuit"]["where"] == "inside the window" and tm["ov_circuit"]["where"] == "after the window"
+    tab = Me.timing_table({"m": tm})
+    assert {"ov_circuit", "k_circuit"} <= set(tab.score)
+    with pytest.raises(ValueError, match="top induction head"):
+        Me.rise_timing(s, circuits={**circ, "induction_head": (0, 0)})
+
+
+def test_circuits_over_training_on_a_trained_run_is_cached(tiny_run_cfg, tmp_path):
+    from icl_core.runs import get_or_train
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    c = Me.circuits_over_training(run, (1, 0), (0, 1), n_tokens=20)
+    assert len(c["k_diag"]) == len(run.steps) == len(c["tokens"])
+    assert ((0 <= c["ov_copy"]) & (c["ov_copy"] <= 1)).all() and c["chance_k"] == 1 / 20
+    m = run.load(run.steps[-1])
+    toks = Me.frequent_tokens(run.corpus.counts, 20)
+    direct = Me.circuit_readouts(m, (1, 0), (0, 1), toks)
+    assert float(c["k_diag"][-1]) == direct["k_diag"] and float(c["ov_copy"][-1]) == direct["ov_copy"]
+    assert list((run.path / "analysis").glob("circuits-*.safetensors"))
+    again = Me.circuits_over_training(run, (1, 0), (0, 1), n_tokens=20)
+    assert torch.equal(again["k_diag"], c["k_diag"]) and float(again["seconds"]) == float(c["seconds"])
+
+
+def test_agreement_sentence_counts_each_kind_of_timing():
+    import pandas as pd
+    agr = Me.agreement({"m": {"prefix": [np.array([[0.1], [0.5]])], "ov_eigen": [np.array([[0.1], [0.5]])],
+                              "k_comp": [np.array([[np.nan], [0.5]])]}})
+    tab = pd.DataFrame({"score": ["ov_eigen", "k_comp", "ov_circuit", "k_circuit", "prefix"],
+                        "where": ["before the window", "before the window", "after the window",
+                                  "inside the window", "inside the window"]})
+    text = Me.agreement_sentence(agr, tab)
+    assert "Of the 2 eigenvalue scores" in text and "0 cover half their rise inside the phase-change window, 2 before" in text
+    assert "Of the 2 token-level circuit readouts" in text and "1 cover half their rise inside the phase-change window, 0 before it and 1 after" in text

@@ -209,3 +209,40 @@ def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], title: str = "") -> plt.Figure:
+    """One panel per model: the top induction head's prefix score, its eigenvalue scores (dashed:
+    OV Σλ/Σ|λ|, K-composition trace) and the token-level circuit readouts (solid: fraction of
+    frequent tokens copied by the OV circuit, fraction of K-composition-circuit rows peaking on the
+    diagonal) over training, with the phase-change window shaded (``mechanism.circuits_over_training``)."""
+    names = list(circuits)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.5), dpi=90, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        s, c = scores[name], circuits[name]
+        (l, h), prev = c["induction_head"], c["prev_head"]
+        _shade(ax, s["window"])
+        t = np.asarray(s["tokens"], dtype=float)
+        keep = t > 0
+        ax.plot(t[keep], np.asarray(s["prefix"], dtype=float)[keep, l, h], color="k", lw=2.2, label="prefix-matching score")
+        ax.plot(t[keep], np.asarray(s["ov_eigen"], dtype=float)[keep, l, h], color="tab:blue", ls="--", lw=1.1,
+                label="OV eigenvalue score Σλ/Σ|λ|")
+        if prev is not None:
+            ax.plot(t[keep], np.asarray(s["k_comp"], dtype=float)[keep, l, h], color="tab:red", ls="--", lw=1.1,
+                    label="K-composition trace Σλ/Σ|λ|")
+        tc = np.asarray(c["tokens"], dtype=float)
+        kc = tc > 0
+        ax.plot(tc[kc], np.asarray(c["ov_copy"], dtype=float)[kc], color="tab:blue", lw=2,
+                label="tokens the OV circuit copies (fraction)")
+        if prev is not None:
+            ax.plot(tc[kc], np.asarray(c["k_diag"], dtype=float)[kc], color="tab:red", lw=2,
+                    label=f"K-comp. circuit rows on the diagonal\n(through L{prev[0]}H{prev[1]})")
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xlabel("training tokens")
+        ax.set_title(f"`{name}`: induction head L{l}H{h}", fontsize=10)
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title or "when the circuit forms", fontsize=11)
+    fig.tight_layout()
+    return fig
