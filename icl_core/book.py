@@ -681,6 +681,8 @@ def deviations_table(profile: Profile):
         ("training data", "web text, books, ~10% Python", _span(",".join(x.sources) for x in d)
          + " (public-domain Bible translations, Python source of pinned packages)"),
         ("training tokens", "~10B", _span(x.total_tokens for x in t)),
+        ("batch (sequences x context)", "not stated for the small models",
+         _span(f"{c.train.batch_size} x {c.model.n_ctx}" for c in cfgs)),
         ("snapshots", "200 (every 50 steps)", _span(x.n_snapshots for x in t) + " requested, log-spaced early plus linear"),
         ("optimiser", "not fully specified", "AdamW, lr " + _span(x.lr for x in t) + ", warmup, "
          + _span(x.lr_schedule for x in t) + " schedule"),

@@ -90,17 +90,23 @@ def pair_table(pairs: dict[str, list[tuple[Curves, Curves]]],
                prefix_threshold: float = PREFIX_THRESHOLD) -> pd.DataFrame:
     """One row per pair: window start/end (tokens), final ICL and final top prefix score of each twin.
 
+    "Final" is at the twins' common budget (``compared at``: the shorter run's last snapshot; the
+    longer twin is read at its last snapshot at or before it), so twins trained for different
+    numbers of tokens are compared after the same training. Windows are each run's own.
     ``icl_gain`` = vanilla final ICL - smeared final ICL (positive: the smeared twin learns more in
     context, since a more negative ICL score is more in-context learning)."""
     rows = []
     for label, plist in pairs.items():
         for a, b in plist:
-            row = {"model": label, "layers": a.n_layers, "seed": a.seed, "vanilla": a.name, "smeared": b.name}
+            budget = float(min(a.tokens[-1], b.tokens[-1]))
+            row = {"model": label, "layers": a.n_layers, "seed": a.seed, "vanilla": a.name, "smeared": b.name,
+                   "compared at": budget}
             for tag, c in (("vanilla", a), ("smeared", b)):
+                i = max(int(np.searchsorted(c.tokens, budget, side="right")) - 1, 0)
                 row[f"{tag} window start"] = c.window.start if c.window.found else np.nan
                 row[f"{tag} window end"] = c.window.end if c.window.found else np.nan
-                row[f"{tag} final ICL"] = float(c.icl[-1])
-                row[f"{tag} top prefix"] = float(c.prefix_max[-1])
+                row[f"{tag} final ICL"] = float(c.icl[i])
+                row[f"{tag} top prefix"] = float(c.prefix_max[i])
             row["ICL gain (smeared)"] = row["vanilla final ICL"] - row["smeared final ICL"]
             row["smeared induction head"] = row["smeared top prefix"] >= prefix_threshold
             row["vanilla induction head"] = row["vanilla top prefix"] >= prefix_threshold
@@ -149,17 +155,31 @@ def window_interval(start: float, end: float) -> str:
 
 
 def two_layer_comparison(table: pd.DataFrame) -> tuple[str, str]:
-    """(verdict, sentence) comparing the smeared and vanilla 2-layer (or deeper) windows, per seed.
+    """(verdict, sentence) comparing the smeared and vanilla windows of the pairs with 2 or more
+    layers, per seed; with several depths (e.g. 2L and 3L pairs), per depth, then combined.
 
     verdict is one of 'earlier', 'earlier (overlapping windows)', 'later', 'mixed' (seeds disagree or
     windows start at the same snapshot), 'not resolved' or 'untested'. Windows live on the snapshot
     grid, so "same" means the same snapshot. 'earlier' means every seed's smeared window starts before its vanilla twin's and
     ends before the vanilla window starts; '(overlapping windows)' drops the second condition.
     'not resolved' when a twin has no detected window (e.g. no vanilla phase change in the profile).
+    Combined over depths: the verdict of the depths that are resolved (all of them agreeing, else
+    'mixed'), or 'not resolved' when none is.
     """
     t = table[table["layers"] >= 2]
     if t.empty:
         return "untested", "There is no pair with 2 or more layers in this profile."
+    depths = sorted(set(t["layers"]))
+    if len(depths) == 1:
+        return _window_verdict(t)
+    got = {d: _window_verdict(t[t["layers"] == d]) for d in depths}
+    resolved = {v for v, _ in got.values() if v != "not resolved"}
+    verdict = "not resolved" if not resolved else resolved.pop() if len(resolved) == 1 else "mixed"
+    return verdict, " ".join(f"*{d} layers:* {sent}" for d, (_, sent) in got.items())
+
+
+def _window_verdict(t: pd.DataFrame) -> tuple[str, str]:
+    depth = f"{int(t['layers'].iloc[0])}-layer"
     parts, rel = [], []
     for _, r in t.iterrows():
         vs, ve, ss, se = (r["vanilla window start"], r["vanilla window end"],
@@ -177,22 +197,22 @@ def two_layer_comparison(table: pd.DataFrame) -> tuple[str, str]:
     if "none" in rel:
         missing = []
         if t["vanilla window start"].isna().any():
-            missing.append("the vanilla 2-layer model" + (" (some seeds)" if t["vanilla window start"].notna().any() else ""))
+            missing.append(f"the vanilla {depth} model" + (" (some seeds)" if t["vanilla window start"].notna().any() else ""))
         if t["smeared window start"].isna().any():
-            missing.append("the smeared 2-layer model" + (" (some seeds)" if t["smeared window start"].notna().any() else ""))
+            missing.append(f"the smeared {depth} model" + (" (some seeds)" if t["smeared window start"].notna().any() else ""))
         verb = "have" if len(missing) > 1 else "has"
         return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no phase "
                                 f"change (no ICL window in which an induction head forms, top prefix-matching "
                                 f"score ≥ {PREFIX_THRESHOLD}), so there is nothing to compare ({detail}).")
     if all(x == "disjoint" for x in rel):
-        return "earlier", (f"**Earlier.** For every seed the smeared 2-layer window ends before its vanilla "
+        return "earlier", (f"**Earlier.** For every seed the smeared {depth} window ends before its vanilla "
                            f"twin's begins ({detail}).")
     if all(x in ("disjoint", "overlap") for x in rel):
         return "earlier (overlapping windows)", (
-            f"**Earlier, but the windows overlap.** For every seed the smeared 2-layer window starts "
+            f"**Earlier, but the windows overlap.** For every seed the smeared {depth} window starts "
             f"first, though the intervals overlap ({detail}).")
     if all(x == "later" for x in rel):
-        return "later", f"**Not reproduced: later.** The smeared 2-layer windows start after the vanilla ones ({detail})."
+        return "later", f"**Not reproduced: later.** The smeared {depth} windows start after the vanilla ones ({detail})."
     n_early = sum(x in ("disjoint", "overlap") for x in rel)
     n_same = rel.count("same")
     n_late = rel.count("later")
@@ -224,7 +244,8 @@ def table_for_display(table: pd.DataFrame) -> pd.DataFrame:
     for tag in ("vanilla", "smeared"):
         out[f"{tag} window"] = [window_interval(s, e) for s, e in
                                 zip(out.pop(f"{tag} window start"), out.pop(f"{tag} window end"))]
-    cols = ["model", "seed", "vanilla", "smeared", "vanilla window", "smeared window", "vanilla final ICL",
+    out["compared at"] = [_fmt_tokens(x) for x in out["compared at"]]
+    cols = ["model", "seed", "vanilla", "smeared", "vanilla window", "smeared window", "compared at", "vanilla final ICL",
             "smeared final ICL", "ICL gain (smeared)", "vanilla top prefix", "smeared top prefix"]
     return out[cols].round(3).set_index(["model", "seed"])
 
@@ -251,13 +272,13 @@ def summary_sentence(one_layer_ok: bool | None, two_layer: str) -> str:
                  "vanilla twins lack, for every seed",
            False: "the one-layer prediction fails for at least one seed",
            None: "the one-layer prediction is not tested"}[one_layer_ok]
-    two = {"earlier": "the smeared two-layer phase change comes earlier for every seed",
-           "earlier (overlapping windows)": "the smeared two-layer phase change starts earlier for every seed, "
+    two = {"earlier": "the smeared multi-layer phase change comes earlier for every seed",
+           "earlier (overlapping windows)": "the smeared multi-layer phase change starts earlier for every seed, "
                                             "with overlapping windows",
-           "later": "the smeared two-layer phase change comes later, against the prediction",
-           "mixed": "the two-layer comparison is not resolved (the seeds disagree or the windows coincide)",
-           "not resolved": "the two-layer comparison is not resolved (a twin has no phase change)",
-           "untested": "the two-layer comparison is not tested"}[two_layer]
+           "later": "the smeared multi-layer phase change comes later, against the prediction",
+           "mixed": "the multi-layer comparison is not resolved (the seeds or depths disagree, or the windows coincide)",
+           "not resolved": "the multi-layer comparison is not resolved (a twin has no phase change)",
+           "untested": "the multi-layer comparison is not tested"}[two_layer]
     if one_layer_ok and two_layer.startswith("earlier"):
         tail = ("So the same architectural change moves the induction heads and the in-context learning "
                 "together, as the paper found. Co-perturbation does not by itself show that the heads "

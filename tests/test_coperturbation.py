@@ -1,4 +1,5 @@
 """Chapter 2 logic (icl_core.coperturbation): pairing, table, verdicts, seed bands — on synthetic curves."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,3 +118,36 @@ def test_load_pairs_refuses_non_twins():
 def test_summary_sentence_is_conditional():
     assert "as the paper found" in C.summary_sentence(True, "earlier")
     assert "does not reproduce" in C.summary_sentence(False, "not resolved")
+
+
+def test_twins_of_different_lengths_are_compared_at_the_common_budget():
+    """A vanilla twin trained twice as long is read at the smeared twin's last snapshot, not its own."""
+    van = curves("attn3", 0, 3, False, DROP, 0.6)  # its head appears only at the last snapshot
+    short = dataclasses.replace(curves("smear3", 0, 3, True, DROP, 0.5))
+    keep = TOKENS <= 64e3
+    for f in ("tokens", "loss", "icl", "prefix_max"):
+        setattr(short, f, getattr(short, f)[keep])
+    short.prefix_max[-1] = 0.5
+    t = C.pair_table({"3L": [(van, short)]}).iloc[0]
+    assert t["compared at"] == 64e3
+    assert t["vanilla final ICL"] == DROP[7] and t["vanilla top prefix"] == 0.03  # at 64k, not at 128k
+    assert t["smeared top prefix"] == 0.5 and not t["vanilla induction head"]
+    same = C.pair_table({"3L": [(van, van)]}).iloc[0]
+    assert same["compared at"] == 128e3 and same["vanilla top prefix"] == 0.6
+    assert "compared at" in C.table_for_display(C.pair_table({"3L": [(van, short)]})).columns
+
+
+def test_multi_layer_comparison_is_per_depth_then_combined():
+    """A 2-layer pair with no vanilla phase change does not hide a resolved 3-layer pair."""
+    early, late = Window(1e3, 4e3, 2e3, True), Window(8e3, 32e3, 16e3, True)
+    def pair(layers, v, s):
+        return (curves(f"attn{layers}", 0, layers, False, DROP, 0.6, window=v),
+                curves(f"smear{layers}", 0, layers, True, DROP, 0.6, window=s))
+    t = C.pair_table({"2L": [pair(2, W_NONE, early)], "3L": [pair(3, late, early)]})
+    verdict, sentence = C.two_layer_comparison(t)
+    assert verdict == "earlier"
+    assert "*2 layers:*" in sentence and "vanilla 2-layer model" in sentence and "*3 layers:* **Earlier.**" in sentence
+    t2 = C.pair_table({"2L": [pair(2, early, late)], "3L": [pair(3, late, early)]})
+    assert C.two_layer_comparison(t2)[0] == "mixed"
+    t3 = C.pair_table({"2L": [pair(2, W_NONE, early)], "3L": [pair(3, W_NONE, early)]})
+    assert C.two_layer_comparison(t3)[0] == "not resolved"

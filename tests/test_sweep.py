@@ -66,13 +66,20 @@ def test_longer_copied_spans_are_a_labelled_option(tiny_run_cfg, tmp_path):
     assert cfg.hash() == tiny_run_cfg.hash()
 
 
-def test_the_laptop_recipe_is_listed_as_a_deviation():
+def test_attention_biases_and_the_recipe_are_listed_as_deviations():
+    import dataclasses as dc
+
     from icl_core.book import deviations_table
-    from icl_core.profiles import load_profile
-    laptop = deviations_table(load_profile("laptop"))
-    assert "yes" in laptop.loc["attention biases (b_Q, b_K, b_V, b_O)"].iloc[-1]
-    smoke = deviations_table(load_profile("smoke"))
-    assert smoke.loc["attention biases (b_Q, b_K, b_V, b_O)"].iloc[-1] == "no"
+    from icl_core.profiles import Profile, load_profile
+    laptop = load_profile("laptop")
+    tab = deviations_table(laptop)
+    row = "attention biases (b_Q, b_K, b_V, b_O)"
+    assert tab.loc[row].iloc[-1] == "no"
+    assert "0.002" in tab.loc["optimiser"].iloc[-1]  # the recipe's learning rate is stated
+    assert tab.loc["batch (sequences x context)"].iloc[-1] == "8 x 256"
+    cfg = laptop.run_config("attn3")
+    biased = Profile("b", "", "", {"a": cfg, "b": dc.replace(cfg, model=dc.replace(cfg.model, attn_bias=True))})
+    assert "yes" in deviations_table(biased).loc[row].iloc[-1] and "no" in deviations_table(biased).loc[row].iloc[-1]
 
 
 def test_rounds_are_listed_in_numeric_order():
