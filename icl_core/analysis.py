@@ -50,6 +50,21 @@ def _cached(run: Run, name: str, params: dict, compute) -> dict[str, torch.Tenso
     return out
 
 
+def logged_seconds(run: Run) -> dict[str, float]:
+    """Seconds each cached analysis of ``run`` took when it was computed, summed per analysis name
+    (e.g. {"ablations": 61.2, "heads": 7.9}); corrupt cache files are skipped with a warning."""
+    out: dict[str, float] = {}
+    for meta_p in sorted((run.path / "analysis").glob("*.json")):
+        try:
+            meta = read_json_checked(meta_p)
+            sec = float(load_tensors(meta_p.with_suffix(".safetensors"), meta["sha256"])["seconds"])
+        except (CorruptFileError, KeyError, FileNotFoundError) as e:
+            print(f"warning: {meta_p.name}: {e}; not counted")
+            continue
+        out[meta["name"]] = out.get(meta["name"], 0.0) + sec
+    return out
+
+
 def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | None = None) -> dict:
     """Per-token losses on the fixed eval set at every snapshot: losses (S, N, T-1), steps, tokens.
 

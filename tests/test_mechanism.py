@@ -211,3 +211,18 @@ def test_agreement_sentence_counts_each_kind_of_timing():
     text = Me.agreement_sentence(agr, tab)
     assert "Of the 2 eigenvalue scores" in text and "0 cover half their rise inside the phase-change window, 2 before" in text
     assert "Of the 2 token-level circuit readouts" in text and "1 cover half their rise inside the phase-change window, 0 before it and 1 after" in text
+
+
+def test_logged_seconds_sums_each_cached_analysis_and_skips_corrupt_ones(tiny_run_cfg, tmp_path, capsys):
+    from icl_core import analysis as A
+    from icl_core.runs import get_or_train
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    assert A.logged_seconds(run) == {}
+    c = Me.circuits_over_training(run, (1, 0), (0, 1), n_tokens=10)
+    c2 = Me.circuits_over_training(run, (1, 1), (0, 0), n_tokens=10)
+    got = A.logged_seconds(run)
+    assert set(got) == {"circuits"}
+    assert got["circuits"] == pytest.approx(float(c["seconds"]) + float(c2["seconds"]))
+    f = sorted((run.path / "analysis").glob("circuits-*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:-3] + b"xyz")
+    assert set(A.logged_seconds(run)) == {"circuits"} and "not counted" in capsys.readouterr().out
