@@ -153,9 +153,10 @@ class Attention(nn.Module):
         if not explicit:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
             return self._out(z.transpose(1, 2).reshape(B, T, H * dh))
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, T, T)
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
+        # one kernel for scale, QK^T and the causal mask: the mask is additive (0 / -inf, cached),
+        # so its backward is free, and q is scaled before the product (B*H*T*dh, not T*T, values)
+        scores = torch.baddbmm(model._causal_mask(T, x.device), (q * (1.0 / math.sqrt(dh))).reshape(B * H, T, dh),
+                               k.reshape(B * H, T, dh).transpose(1, 2)).view(B, H, T, T)
         scores = model._hook(f"{name}.hook_attn_scores", scores)
         pattern = scores.softmax(-1)
         pattern = model._hook(f"{name}.hook_pattern", pattern)  # (B, H, T, T)
@@ -214,7 +215,17 @@ class Transformer(nn.Module):
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm)
         self.W_U = nn.Parameter(torch.randn(cfg.d_model, cfg.d_vocab) * cfg.init_std)
         self._hooks: dict[str, list[HookFn]] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
         self.use_sdpa = True
+
+    def _causal_mask(self, T: int, device) -> torch.Tensor:
+        """(T, T) additive causal mask (0 on and below the diagonal, -inf above), cached per device."""
+        key = (T, str(device))
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.full((T, T), float("-inf"), device=device).triu(1)
+            self._masks[key] = m
+        return m
 
     # --- hooks (registered only by the context managers in icl_core.hooks) ------------------
     def _wants(self, prefix: str) -> bool:
