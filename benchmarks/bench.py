@@ -41,6 +41,7 @@ from icl_core import data as D  # noqa: E402
 from icl_core.config import RunConfig  # noqa: E402
 from icl_core.model import loss_fn  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
+from icl_core.runs import cache_dir  # noqa: E402
 from icl_core.train import init_model  # noqa: E402
 
 
@@ -210,7 +211,7 @@ def main(argv=None):
               "attn2_wide": prof.run_config("attn2_wide")}
     if a.quick:
         shapes = {k: shapes[k] for k in ("attn2", "attn2_wide")}
-    corpus = D.Corpus(shapes["attn2"].data, ROOT / "runs" / "_cache")
+    corpus = D.Corpus(shapes["attn2"].data, cache_dir())
     rows = []
     steps = 8 if a.quick else 20
     for name, cfg in shapes.items():

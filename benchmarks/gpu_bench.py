@@ -31,6 +31,7 @@ from bench import matmul_peak, train_throughput  # noqa: E402
 
 from icl_core import data as D  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
+from icl_core.runs import cache_dir  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity)
 NOMINAL_BF16_TFLOPS = (("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     corpus = None
     for rn in names:
         base = dataclasses.replace(cfgs[rn], train=dataclasses.replace(cfgs[rn].train, precision="bf16"))
-        corpus = corpus or D.Corpus(base.data, ROOT / "runs" / "_cache")
+        corpus = corpus or D.Corpus(base.data, cache_dir())
         for bs in a.batch or [base.train.batch_size]:
             c = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=bs))
             for compiled in ([False, True] if a.compile else [False]):
