@@ -272,9 +272,10 @@ def summary_sentence(one_layer_ok: bool | None, two_layer: str) -> str:
                  "vanilla twins lack, for every seed",
            False: "the one-layer prediction fails for at least one seed",
            None: "the one-layer prediction is not tested"}[one_layer_ok]
-    two = {"earlier": "the smeared multi-layer phase change comes earlier for every seed",
+    two = {"earlier": "the smeared multi-layer phase change comes earlier for every seed, at every depth where "
+                      "both twins have one",
            "earlier (overlapping windows)": "the smeared multi-layer phase change starts earlier for every seed, "
-                                            "with overlapping windows",
+                                            "with overlapping windows, at every depth where both twins have one",
            "later": "the smeared multi-layer phase change comes later, against the prediction",
            "mixed": "the multi-layer comparison is not resolved (the seeds or depths disagree, or the windows coincide)",
            "not resolved": "the multi-layer comparison is not resolved (a twin has no phase change)",
