@@ -72,10 +72,6 @@ def matmul_peak(dtype, n=1024, repeats=5, iters=20, device="cpu"):
     return stats(out)
 
 
-def flops_per_token(cfg: RunConfig) -> float:
-    return cfg.flops_per_token()  # the formula is documented on RunConfig.flops_per_token
-
-
 def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup, device="cpu"):
     """Tokens/s of full training steps (forward, backward, clip, AdamW) on the same batches."""
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
@@ -219,7 +215,7 @@ def main(argv=None):
             import dataclasses
             c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
             ours = train_throughput(c, corpus, steps=steps, repeats=a.repeats)
-            fl = flops_per_token(c)
+            fl = c.flops_per_token()  # formula: RunConfig.flops_per_token
             peak = res["peak_gflops"][precision]["median"]
             row = {"model": name, "precision": precision, "d_model": c.model.d_model, "layers": c.model.n_layers,
                    "attn_only": c.model.attn_only, "tok_s": ours, "flops_per_token": fl,

@@ -93,7 +93,7 @@ def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | 
     return res
 
 
-def head_scores(run: Run, steps: list[int] | None = None, n_text: int = 32) -> dict:
+def head_scores(run: Run, steps: list[int] | None = None, n_text: int = M.PREV_TOKEN_WINDOWS) -> dict:
     """Per snapshot and head: prefix-matching, previous-token, empirical copying, OV eigenvalue
     copying and K-composition trace scores, each (S, L, H)."""
     steps = steps or run.steps
@@ -104,7 +104,7 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = 32) -> d
         acc = {k: [] for k in keys}
         logged = run.manifest["snapshots"]
         n = len(ev.tokens)
-        reuse = min(n_text, n) == min(32, n)  # the trainer logs scores on the first 32 eval windows
+        reuse = min(n_text, n) == min(M.PREV_TOKEN_WINDOWS, n)  # the windows the trainer logged scores on
         for s in steps:
             m = run.load(s)
             got = logged[str(s)].get("metrics", {}) if reuse else {}

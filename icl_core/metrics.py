@@ -45,8 +45,13 @@ def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int =
     return torch.cat(out)
 
 
+# the previous-token score is measured on the first this-many evaluation windows, in training
+# (train.cheap_metrics) and in the chapters (analysis.head_scores reuses the logged values)
+PREV_TOKEN_WINDOWS = 32
+
+
 @torch.no_grad()
-def losses_and_previous_token_scores(model: Transformer, tokens: torch.Tensor, n_prev: int = 32,
+def losses_and_previous_token_scores(model: Transformer, tokens: torch.Tensor, n_prev: int = PREV_TOKEN_WINDOWS,
                                      batch_size: int = 32, precision: str = "fp32"):
     """:func:`per_token_losses` on ``tokens`` and :func:`previous_token_scores` on its first ``n_prev``
     windows from one pass (the patterns are cached while those windows' losses are computed), so a

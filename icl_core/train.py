@@ -76,7 +76,7 @@ def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData,
     per head (logged at every snapshot), and the (n_eval, n_ctx - 1) losses they came from. Losses
     and previous-token scores come from one pass (:func:`metrics.losses_and_previous_token_scores`)."""
     was_training = model.training
-    losses, pt = M.losses_and_previous_token_scores(model, ev.tokens, 32, precision=precision)
+    losses, pt = M.losses_and_previous_token_scores(model, ev.tokens, precision=precision)
     pm = M.prefix_matching_scores(model, ev.rep, cfg.data.prefix_seq_len, precision=precision)
     model.train(was_training)
     late, early = M.icl_indices(cfg.model.n_ctx)
