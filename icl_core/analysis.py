@@ -69,8 +69,8 @@ def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | 
     """Per-token losses on the fixed eval set at every snapshot: losses (S, N, T-1), steps, tokens.
 
     Read from the losses the trainer kept at each snapshot where the run has them (the same
-    computation: :func:`metrics.per_token_losses` in fp32 on the same windows); otherwise computed
-    once and cached. A corrupt kept file is reported and recomputed, never used."""
+    computation: :func:`metrics.per_token_losses` on the same windows, in the run's
+    ``train.eval_precision``); otherwise computed the same way once and cached. A corrupt kept file is reported and recomputed, never used."""
     steps = steps or run.steps
     ev = run.eval_data.tokens[: n_examples or len(run.eval_data.tokens)]
     t0 = time.time()
@@ -84,7 +84,7 @@ def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | 
                 "tokens": torch.tensor(steps) * run.config.tokens_per_step, "seconds": torch.tensor(time.time() - t0)}
 
     def compute():
-        out = torch.stack([M.per_token_losses(run.load(s), ev) for s in steps])
+        out = torch.stack([M.per_token_losses(run.load(s), ev, precision=run.eval_precision) for s in steps])
         return {"losses": out.half() if out.numel() > 2e7 else out, "steps": torch.tensor(steps)}
 
     res = _cached(run, "losses", {"n": len(ev), "steps": steps}, compute)
@@ -111,8 +111,9 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = M.PREV_T
             if "prefix" in got and "prev_token" in got:  # same computation, already done in training
                 pm, pt = torch.tensor(got["prefix"]), torch.tensor(got["prev_token"])
             else:
-                pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len)
-                pt = M.previous_token_scores(m, ev.tokens[:n_text])
+                pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len,
+                                              precision=run.eval_precision)
+                pt = M.previous_token_scores(m, ev.tokens[:n_text], precision=run.eval_precision)
             acc["prefix"].append(pm)
             acc["prev_token"].append(pt)
             acc["copying"].append(M.copying_scores(m, ev.rep))

@@ -594,6 +594,7 @@ def runs_table(profile: Profile):
             "smeared keys": m.smeared_keys, "n_ctx": m.n_ctx, "vocab": m.d_vocab, "batch": t.batch_size, "lr": t.lr,
             "schedule": f"{t.lr_schedule}, warmup {t.warmup_steps}", "tokens": t.total_tokens,
             "steps": cfg.total_steps, "snapshots": len(run.steps) if run else None, "precision": t.precision,
+            "metrics precision": t.eval_precision or "fp32",
             "seed": t.seed, "split seed": d.split_seed, "eval seed": d.eval_seed, "config hash": cfg.hash(),
             "train seconds": round(run.train_seconds, 1) if run else None,
             # evaluation at the snapshots (loss, ICL, head scores); nan for runs trained before it was logged
@@ -687,7 +688,9 @@ def deviations_table(profile: Profile):
         ("optimiser", "not fully specified", "AdamW, lr " + _span(x.lr for x in t) + ", warmup, "
          + _span(x.lr_schedule for x in t) + " schedule"),
         ("evaluation set", "10,000 random 512-token examples",
-         _span(f"{x.n_eval} x {c.model.n_ctx}" for x, c in zip(d, cfgs)) + " tokens, fixed across snapshots"),
+         _span(f"{x.n_eval} x {c.model.n_ctx}" for x, c in zip(d, cfgs)) + " tokens, fixed across snapshots; "
+         "snapshot metrics in " + _span(x.eval_precision or "fp32" for x in t)
+         + " (bf16: autocast forward, fp32 losses)"),
         ("ICL score", "L(500) - L(50) (sign varies in the paper)",
          "L(late) - L(early), negative = ICL [book choice]; (late, early) = "
          + ", ".join(f"({a}, {b})" for a, b in idx)

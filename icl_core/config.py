@@ -136,6 +136,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     total_tokens: int = 5_000_000
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast; parameters stay fp32)
+    # precision of the metrics logged at each snapshot (None = fp32, as before the field existed).
+    # bf16 autocast makes them ~1.4x cheaper on CPU; on the laptop's 3-layer model it moved the
+    # eval loss by 2e-4 and the banded ICL score by 4e-4 nats (the losses stay fp32 from logits on)
+    eval_precision: str | None = None
     n_snapshots: int = 60  # log-spaced early steps plus a linear grid
     metrics_every_snapshot: bool = True
     threads: int = 0  # 0 = leave torch's default
@@ -151,6 +155,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} is not constant or cosine")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision={self.precision!r} is not bf16 or fp32")
+        if self.eval_precision not in (None, "bf16", "fp32"):
+            raise ConfigError(f"train.eval_precision={self.eval_precision!r} is not bf16, fp32 or null")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay={self.weight_decay} must be >= 0")
         if self.threads < 0:
@@ -215,6 +221,7 @@ class RunConfig:
         # optional fields left at None mean "as before they existed": keep old hashes valid
         d["model"] = {k: v for k, v in d["model"].items() if v is not None}
         d["data"] = {k: v for k, v in d["data"].items() if v is not None}
+        d["train"] = {k: v for k, v in d["train"].items() if v is not None}
         if self.model.smeared_keys:  # the initial alpha changed from 3 to 0: older runs differ
             d["model"]["smear_alpha_init"] = 0.0
         blob = json.dumps(d, sort_keys=True).encode()

@@ -69,6 +69,12 @@ class Run:
     def tokens(self, step: int) -> int:
         return step * self.config.tokens_per_step
 
+    @property
+    def eval_precision(self) -> str:
+        """Precision of the metrics logged at its snapshots (``train.eval_precision``; fp32 if unset):
+        analyses that recompute a logged number use it too."""
+        return self.config.train.eval_precision or "fp32"
+
     def load(self, step: int | None = None, device: str = "cpu") -> Transformer:
         """The model at snapshot ``step`` (default: the last). Checksum-verified, no pickle."""
         step = self.steps[-1] if step is None else step

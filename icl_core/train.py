@@ -309,7 +309,8 @@ class Trainer:
         entry = {"sha256": sha, "tokens": step * self.cfg.tokens_per_step, "metrics": {}}
         if self.cfg.train.metrics_every_snapshot:
             t0 = time.perf_counter()
-            entry["metrics"], losses = cheap_metrics(model, self.cfg, ev, precision="fp32")
+            entry["metrics"], losses = cheap_metrics(model, self.cfg, ev,
+                                                    precision=self.cfg.train.eval_precision or "fp32")
             # the per-token eval losses are kept (checksummed), so the chapters' loss analyses
             # (heatmaps, PCA, index pairs) read them instead of running the model again
             entry["losses_sha256"] = save_tensors(self.dir / "snapshots" / f"losses_{step:08d}.safetensors",

@@ -128,3 +128,33 @@ def test_sequence_longer_than_context_is_refused():
     m = tiny_model(n_ctx=16)
     with pytest.raises(ValueError, match="n_ctx"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_rope_rotates_each_pair_by_its_positions_angle():
+    """Known answer: RoPE turns the pair (x_2i, x_2i+1) at position t by t * base^(-2i/dh); the
+    swap-and-signed-table form equals the rotation written out pair by pair, in fp32 and bf16."""
+    from icl_core.model import apply_rope, rope_tables
+
+    T, dh = 12, 8
+    cos, sin = rope_tables(T, dh)
+    x = torch.randn(2, 3, T, dh)
+    ang = torch.arange(T).float()[:, None] / 10000.0 ** (torch.arange(0, dh, 2).float() / dh)
+    xe, xo = x[..., 0::2], x[..., 1::2]
+    want = torch.stack((xe * ang.cos() - xo * ang.sin(), xe * ang.sin() + xo * ang.cos()), -1).flatten(-2)
+    assert torch.allclose(apply_rope(x, cos, sin), want, atol=1e-6)
+    assert torch.equal(apply_rope(x[..., :1, :], cos, sin), x[..., :1, :])  # position 0: no turn
+    # a rotation keeps each pair's length
+    got = apply_rope(x, cos, sin).unflatten(-1, (dh // 2, 2)).norm(dim=-1)
+    assert torch.allclose(got, x.unflatten(-1, (dh // 2, 2)).norm(dim=-1), atol=1e-5)
+    xb = x.bfloat16()
+    assert torch.allclose(apply_rope(xb, cos, sin).float(), want, atol=0.05)
+
+
+def test_loss_fn_scores_each_position_against_the_next_token():
+    logits = torch.randn(3, 7, 11)
+    tokens = torch.randint(0, 11, (3, 7))
+    per = loss_fn(logits, tokens, reduction="none")
+    assert per.shape == (3, 6)
+    want = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    assert torch.allclose(per, want, atol=1e-5)
+    assert torch.allclose(loss_fn(logits, tokens), want.mean(), atol=1e-6)  # the last position is not scored

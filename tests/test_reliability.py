@@ -584,6 +584,19 @@ def _check_round_trip(cfg: RunConfig):
     assert RunConfig.from_dict(d).hash() != h
 
 
+def test_eval_precision_left_unset_keeps_old_hashes_and_is_checked():
+    """train.eval_precision is new: unset (None, fp32 metrics as before) keeps every cached run's
+    hash; bf16 is another run; anything else is a ConfigError naming the field."""
+    base = RunConfig()
+    d = base.to_dict()
+    d["train"].pop("eval_precision")
+    assert RunConfig.from_dict(d).hash() == base.hash()
+    bf = RunConfig.from_dict({**base.to_dict(), "train": {**base.to_dict()["train"], "eval_precision": "bf16"}})
+    assert bf.hash() != base.hash()
+    with pytest.raises(ConfigError, match="eval_precision"):
+        RunConfig.from_dict({**base.to_dict(), "train": {**base.to_dict()["train"], "eval_precision": "fp16"}})
+
+
 @settings(max_examples=60, deadline=None)
 @given(valid_config_dicts())
 def test_valid_configs_round_trip_and_hash_stably(d):

@@ -171,15 +171,25 @@ def test_bible_parallel_versions_share_split():
     assert docs[0].text.startswith("In the beginning God created")
 
 
-def test_eval_losses_kept_in_training_equal_a_fresh_computation(tiny_run_cfg, tmp_path, capsys):
+@pytest.mark.parametrize("eval_precision", [None, "bf16"])
+def test_eval_losses_kept_in_training_equal_a_fresh_computation(tiny_run_cfg, tmp_path, capsys, eval_precision):
     """The trainer keeps each snapshot's per-token eval losses; the chapters' loss analyses read them
-    (no model run) and get what running the model gives; a corrupt kept file is recomputed, not used."""
+    (no model run) and get what running the model gives, in the run's eval precision; a corrupt
+    kept file is recomputed the same way, not used."""
+    import dataclasses
     from icl_core import analysis as A
     from icl_core import metrics as M
+    tiny_run_cfg = dataclasses.replace(
+        tiny_run_cfg, train=dataclasses.replace(tiny_run_cfg.train, eval_precision=eval_precision))
     run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    assert run.eval_precision == (eval_precision or "fp32")
     steps = run.steps[-3:]
     kept = A.snapshot_losses(run, steps=steps)
-    fresh = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens) for s in steps])
+    fresh = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens, precision=run.eval_precision)
+                         for s in steps])
+    if eval_precision == "bf16":  # the other precision gives other numbers: the test can tell them apart
+        fp32 = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens) for s in steps])
+        assert (fp32 - kept["losses"]).abs().max() > 1e-3
     assert kept["losses"].shape == fresh.shape == (3, tiny_run_cfg.data.n_eval, tiny_run_cfg.model.n_ctx - 1)
     torch.testing.assert_close(kept["losses"], fresh, rtol=1e-4, atol=1e-4)
     assert not (run.path / "analysis").exists()  # nothing had to be computed and cached
