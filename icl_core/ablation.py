@@ -222,12 +222,14 @@ def fraction_removed(icl_clean: float, icl_ablated):
     return 1.0 - a / icl_clean
 
 
-def set_ablation_icl(model, tokens: torch.Tensor, masks: torch.Tensor, pattern_preserving: bool) -> np.ndarray:
+def set_ablation_icl(model, tokens: torch.Tensor, masks: torch.Tensor, pattern_preserving: bool,
+                     precision: str = "fp32") -> np.ndarray:
     """ICL score (the book's banded estimate, :func:`icl_core.metrics.icl_band_score`) of ``model`` on
     ``tokens`` with each head set of ``masks`` (A, L, H) ablated, in one batched pass per chunk of
-    examples (about 64 sequences per forward pass)."""
-    bs = max(1, 64 // max(1, len(masks)))
-    losses = M.ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving, batch_size=bs)
+    examples (about :data:`icl_core.metrics.ABLATION_SEQS_PER_PASS` sequences per forward pass)."""
+    bs = max(1, M.ABLATION_SEQS_PER_PASS // max(1, len(masks)))
+    losses = M.ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving, batch_size=bs,
+                               precision=precision)
     return np.array([M.icl_score_from_losses(l, model.cfg.n_ctx, band=True) for l in losses])
 
 
@@ -249,14 +251,16 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
     ev = run.eval_data.tokens[:n_examples]
     sets = [[], ind, prev] + [list(s) for s in rsets]
     masks = torch.stack([heads_mask(s, L, Hn) for s in sets])
-    params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets], "icl": "band"}
+    prec = run.eval_precision  # the run's metric precision (train.eval_precision)
+    params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets], "icl": "band",
+              "precision": prec}
 
     def compute():
         model = run.load(run_steps[-1])
         # the paper's table is pattern-preserving: random draws only there; full ablation for the
         # clean / induction / previous-token sets (the first three)
-        return {"icl_pp": torch.tensor(set_ablation_icl(model, ev, masks, True), dtype=torch.float64),
-                "icl_full": torch.tensor(set_ablation_icl(model, ev, masks[:3], False), dtype=torch.float64)}
+        return {"icl_pp": torch.tensor(set_ablation_icl(model, ev, masks, True, prec), dtype=torch.float64),
+                "icl_full": torch.tensor(set_ablation_icl(model, ev, masks[:3], False, prec), dtype=torch.float64)}
 
     t0 = time.time()
     r = A._cached(run, "ablation_sets", params, compute)

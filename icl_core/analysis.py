@@ -145,8 +145,11 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
         d_icl, d_loss, c_icl, cvec, avec = [], [], [], [], []
         for s in steps:
             m = run.load(s)
-            # all L*H ablations of a batch run in one pass: keep that pass near 64 sequences
-            r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving, batch_size=max(1, 64 // (L * H)))
+            # all L*H ablations (and the clean run) of a batch run in one pass of about
+            # M.ABLATION_SEQS_PER_PASS sequences
+            r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving,
+                                   batch_size=max(1, M.ABLATION_SEQS_PER_PASS // (L * H + 1)),
+                                   precision=run.eval_precision)
             clean = r.clean
             d_icl.append(r.delta_icl)
             d_loss.append(r.delta_loss)
@@ -158,7 +161,7 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
                 "ablated_vec": torch.stack(avec), "steps": torch.tensor(steps)}
 
     res = _cached(run, "ablations", {"steps": steps, "n": len(ev), "pp": pattern_preserving,
-                                     "seed": pca_seed, "L": L, "H": H}, compute)
+                                     "seed": pca_seed, "L": L, "H": H, "precision": run.eval_precision}, compute)
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res
 

@@ -689,15 +689,15 @@ def deviations_table(profile: Profile):
          + _span(x.lr_schedule for x in t) + " schedule"),
         ("evaluation set", "10,000 random 512-token examples",
          _span(f"{x.n_eval} x {c.model.n_ctx}" for x, c in zip(d, cfgs)) + " tokens, fixed across snapshots; "
-         "snapshot metrics in " + _span(x.eval_precision or "fp32" for x in t)
-         + " (bf16: autocast forward, fp32 losses)"),
+         "snapshot metrics and ablations in " + _span(x.eval_precision or "fp32" for x in t)
+         + " (train.eval_precision; bf16: autocast forward, fp32 losses)"),
         ("ICL score", "L(500) - L(50) (sign varies in the paper)",
          "L(late) - L(early), negative = ICL [book choice]; (late, early) = "
          + ", ".join(f"({a}, {b})" for a, b in idx)
          + "; averaged over a band of indices around each (metrics.icl_band_score) [book choice]"),
         ("smeared keys: initial alpha", "not given", "alpha = 0, sigmoid 0.5 [book choice]"),
         ("phase-change window", "chosen from dICL/dlog tokens", "computed: steepest fall of the banded ICL "
-         "curve and the contiguous snapshots within 30% of it [book choice]"),
+         "curve (smoothed in ln tokens) and the contiguous snapshots within 30% of it [book choice]"),
         ("prefix-matching sequences", "25 random tokens x 4, 10+ sequences",
          _span(f"{x.prefix_seq_len} x {x.prefix_repeats}, {x.n_prefix_seqs} sequences" for x in d)),
     ]

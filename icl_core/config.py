@@ -136,9 +136,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     total_tokens: int = 5_000_000
     precision: str = "bf16"  # bf16 | fp32 (bf16 autocast; parameters stay fp32)
-    # precision of the metrics logged at each snapshot (None = fp32, as before the field existed).
-    # bf16 autocast makes them ~1.4x cheaper on CPU; on the laptop's 3-layer model it moved the
-    # eval loss by 2e-4 and the banded ICL score by 4e-4 nats (the losses stay fp32 from logits on)
+    # precision of the metrics logged at each snapshot and of the chapters' ablations (None = fp32,
+    # as before the field existed). bf16 autocast makes them ~1.4x cheaper on CPU; on the laptop's
+    # 3-layer model it moved the eval loss by 2e-4 and the banded ICL score by 4e-4 nats (losses
+    # are computed in fp32 from the logits on)
     eval_precision: str | None = None
     n_snapshots: int = 60  # log-spaced early steps plus a linear grid
     metrics_every_snapshot: bool = True

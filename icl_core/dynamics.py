@@ -830,8 +830,10 @@ def window_rule() -> str:
     import inspect
 
     p = inspect.signature(M.phase_change_window).parameters
-    return (f"The derivative of the ICL score with respect to log training tokens is computed between "
-            f"snapshots (smoothed over {p['smooth'].default} neighbour(s) on each side); the window is the "
+    return (f"The ICL score is smoothed with a Gaussian of s.d. {p['width'].default} in ln(tokens) (the late "
+            f"snapshots are close together in log tokens, so unsmoothed, a snapshot-to-snapshot "
+            f"fluctuation of the score would pass for its steepest fall) *[book choice]*, and its "
+            f"derivative with respect to log training tokens is computed between snapshots; the window is the "
             f"contiguous run of snapshots around its steepest fall where the fall is at least "
             f"{p['frac'].default:.0%} of the steepest; no window is reported if ICL never falls by "
             f"{p['min_change'].default} nats. Like every ICL score in the book it uses the banded estimate "

@@ -9,7 +9,23 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench  # noqa: E402
 import gpu_bench  # noqa: E402
+
+
+def test_speedup_ceiling_over_transformer_lens():
+    # TransformerLens at 10k tok/s x 10 MFLOP/token = 100 GFLOP/s on a 400 GFLOP/s peak: 25% of it,
+    # so a trainer at 100% of the peak would be 4x faster, and no faster
+    frac, ceiling = bench.speedup_ceiling(10_000, 1e7, 400.0)
+    assert frac == pytest.approx(0.25) and ceiling == pytest.approx(4.0)
+
+
+def test_snapshot_metrics_floor():
+    from icl_core.profiles import load_profile
+    cfg = load_profile("laptop").run_config("attn3")  # 256 windows x 256 tokens, 8M tokens
+    # 40 snapshots x 65,536 evaluated tokens over 3 x 8M trained: 11%
+    assert bench.snapshot_metrics_floor(cfg, 40) == pytest.approx(40 * 256 * 256 / (3 * 8_000_000))
+    assert 0.10 < bench.snapshot_metrics_floor(cfg, 40) < 0.12
 
 
 def test_nominal_peaks_and_mfu():

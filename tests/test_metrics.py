@@ -201,6 +201,28 @@ def test_ablation_effects_shapes():
     assert r.delta_icl.shape == (2, 2) and r.delta_loss.shape == (2, 2)
 
 
+@pytest.mark.parametrize("pp", [True, False])
+def test_ablation_effects_in_bf16_match_fp32(pp):
+    """bf16 ablations (the laptop profile's eval precision): the clean losses are the no-head row of
+    the same batched pass, and each head's effects agree with fp32 to bf16 rounding; each head's
+    row is that head's own ablation."""
+    m = tiny_model(n_ctx=256, d_model=64, n_heads=4, d_vocab=300)
+    with torch.no_grad():  # a model whose heads matter: larger weights than the initialisation
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.mul_(8)
+    x = torch.randint(0, 300, (6, 256))
+    r32 = M.ablation_effects(m, x, pattern_preserving=pp, batch_size=3)
+    r16 = M.ablation_effects(m, x, pattern_preserving=pp, batch_size=3, precision="bf16")
+    assert (r32.clean - M.per_token_losses(m, x)).abs().max() < 1e-5
+    assert (r16.clean - M.per_token_losses(m, x)).abs().mean() < 0.05
+    assert r32.delta_loss.abs().max() > 0.01  # the heads matter, so agreement is a real check
+    torch.testing.assert_close(r16.delta_loss, r32.delta_loss, atol=0.003, rtol=0.05)
+    torch.testing.assert_close(r16.delta_icl, r32.delta_icl, atol=0.01, rtol=0.05)
+    one = M.ablation_losses(m, x, heads=[(1, 2)], pattern_preserving=pp, batch_size=3)
+    assert (one[0] - r32.losses[4 + 2]).abs().max() < 1e-5
+
+
 def test_phase_change_window_finds_sigmoid_drop():
     t = np.logspace(4, 8, 60)
     icl = -0.05 - 0.4 / (1 + np.exp(-(np.log(t) - np.log(1e6)) * 4))
@@ -209,6 +231,35 @@ def test_phase_change_window_finds_sigmoid_drop():
     assert w.end / w.start < 20
     inside = (t >= w.start) & (t <= w.end)
     assert (icl[inside][0] - icl[inside][-1]) / (icl[0] - icl[-1]) > 0.75
+
+
+@pytest.mark.parametrize("t0", [1.5e6, 4.5e6, 6.0e6])
+def test_phase_change_window_is_robust_to_snapshot_noise_on_the_laptop_grid(t0):
+    """Known answer with noise: an ICL drop of 0.3 nats, a sigmoid in ln(tokens) centred on t0,
+    plus 0.04 nats of independent noise per snapshot (the size of the fluctuations of the laptop
+    runs' ICL at a constant learning rate), on the laptop's snapshot grid (dense, linear, late).
+    The window contains t0 in at least 90% of draws; the earlier 3-snapshot moving average
+    (``smooth=1``) did in about 70%, which is why the window smooths in ln(tokens)."""
+    from icl_core.train import snapshot_steps
+    t = np.array(snapshot_steps(3906, 40), dtype=np.float64) * 2048
+    rng = np.random.default_rng(0)
+    hits = {"log": 0, "old": 0}
+    for _ in range(100):
+        icl = -0.1 - 0.3 / (1 + np.exp(-(np.log(np.maximum(t, 1)) - np.log(t0)) / 0.12)) + rng.normal(0, 0.04, len(t))
+        for k, kw in (("log", {}), ("old", {"smooth": 1})):
+            w = M.phase_change_window(t, icl, **kw)
+            hits[k] += w.found and w.start <= t0 <= w.end
+    assert hits["log"] >= 90
+    assert hits["old"] <= 85
+
+
+def test_smoothing_in_log_tokens_keeps_a_line_in_log_tokens():
+    t = np.array([1e3, 1e4, 1e5, 1.1e5, 1.2e5, 1.3e5, 1e6])
+    y = 2.0 - 0.5 * np.log(t)
+    ys = M.smooth_in_log_tokens(t, y, width=1e-3)
+    assert np.allclose(ys, y)  # a very narrow kernel changes nothing
+    flat = M.smooth_in_log_tokens(t, np.full(len(t), 3.0))
+    assert np.allclose(flat, 3.0)
 
 
 def test_phase_change_window_absent_for_flat_curve():

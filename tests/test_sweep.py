@@ -77,6 +77,8 @@ def test_attention_biases_and_the_recipe_are_listed_as_deviations():
     assert tab.loc[row].iloc[-1] == "no"
     assert "0.002" in tab.loc["optimiser"].iloc[-1]  # the recipe's learning rate is stated
     assert tab.loc["batch (sequences x context)"].iloc[-1] == "8 x 256"
+    assert "ablations in bf16 " in tab.loc["evaluation set"].iloc[-1]  # train.eval_precision is stated
+    assert "in fp32 " in deviations_table(load_profile("smoke")).loc["evaluation set"].iloc[-1]
     cfg = laptop.run_config("attn3")
     biased = Profile("b", "", "", {"a": cfg, "b": dc.replace(cfg, model=dc.replace(cfg.model, attn_bias=True))})
     assert "yes" in deviations_table(biased).loc[row].iloc[-1] and "no" in deviations_table(biased).loc[row].iloc[-1]
