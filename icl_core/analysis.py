@@ -70,7 +70,8 @@ def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | 
 
     Read from the losses the trainer kept at each snapshot where the run has them (the same
     computation: :func:`metrics.per_token_losses` on the same windows, in the run's
-    ``train.eval_precision``); otherwise computed the same way once and cached. A corrupt kept file is reported and recomputed, never used."""
+    ``train.eval_precision``); otherwise computed the same way once and cached. A corrupt kept
+    file is reported and recomputed, never used."""
     steps = steps or run.steps
     ev = run.eval_data.tokens[: n_examples or len(run.eval_data.tokens)]
     t0 = time.time()
