@@ -125,8 +125,13 @@ def speedup_ceiling(tl_tok_s: float, flops_per_token: float, peak_gflops: float)
     """(TransformerLens' fraction of the matmul peak, the largest speedup over it any trainer could
     reach): a trainer running at 100% of the peak is 1 / fraction times faster than TransformerLens,
     so where TransformerLens already reaches a third of the peak, no trainer is 3x faster."""
-    frac = tl_tok_s * flops_per_token / 1e9 / peak_gflops
+    frac = frac_of_peak(tl_tok_s, flops_per_token, peak_gflops)
     return frac, 1 / frac
+
+
+def frac_of_peak(tok_s: float, flops_per_token: float, peak_gflops: float) -> float:
+    """Achieved model FLOP/s (tokens/s x FLOPs per token) as a fraction of the matmul peak."""
+    return tok_s * flops_per_token / 1e9 / peak_gflops
 
 
 def metrics_cost(run, prof, repeats=3):
@@ -242,7 +247,7 @@ def main(argv=None):
             peak = res["peak_gflops"][precision]["median"]
             row = {"model": name, "precision": precision, "d_model": c.model.d_model, "layers": c.model.n_layers,
                    "attn_only": c.model.attn_only, "tok_s": ours, "flops_per_token": fl,
-                   "gflops": ours["median"] * fl / 1e9, "frac_peak": ours["median"] * fl / 1e9 / peak}
+                   "gflops": ours["median"] * fl / 1e9, "frac_peak": frac_of_peak(ours["median"], fl, peak)}
             if not a.skip_tl and c.model.positional in ("shortformer", "learned", "rope"):
                 try:
                     tl = tl_throughput(c, corpus, steps=steps, repeats=a.repeats)

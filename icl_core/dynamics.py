@@ -57,10 +57,8 @@ def smooth_log_curve(tokens, values, n_grid: int = 200, width: float = 0.1):
     y = np.asarray(values, dtype=np.float64)
     keep = (t > 0) & np.isfinite(y)
     t, y = t[keep], y[keep]
-    lt = np.log(t)
-    g = np.linspace(lt[0], lt[-1], n_grid)
-    w = np.exp(-0.5 * ((g[:, None] - lt[None, :]) / width) ** 2)
-    return np.exp(g), (w @ y) / w.sum(1)
+    grid = np.exp(np.linspace(np.log(t[0]), np.log(t[-1]), n_grid))
+    return grid, M.smooth_in_log_tokens(t, y, width, at=grid)
 
 
 def train_loss_curve(run: Run, n_grid: int = 200, width: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -117,9 +117,7 @@ def ov_circuit(model: Transformer, layer: int, head: int, tokens) -> torch.Tenso
     """(N, V) OV circuit W_E W_V^h W_O^h W_U on the rows of ``tokens`` (LayerNorms ignored, as in the
     paper): row a is the change in every logit when the head attends to token a. Copying: row a is
     largest at column a."""
-    t = torch.as_tensor(tokens, dtype=torch.long)
-    a = model.blocks[layer].attn
-    return model.W_E.double()[t] @ a.W_V[head].double() @ a.W_O[head].double() @ model.W_U.double()
+    return M.ov_circuits(model, layer, tokens)[head]
 
 
 def circuit_readouts(model: Transformer, induction: tuple[int, int], prev: tuple[int, int] | None,

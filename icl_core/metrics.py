@@ -225,10 +225,13 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
 # --- weights -------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def ov_circuits(model: Transformer, layer: int) -> torch.Tensor:
-    """(H, d_vocab, d_vocab) full OV circuits W_E W_V W_O W_U in the direct path (LayerNorms ignored)."""
+def ov_circuits(model: Transformer, layer: int, tokens=None) -> torch.Tensor:
+    """(H, d_vocab, d_vocab) full OV circuits W_E W_V W_O W_U in the direct path (LayerNorms ignored);
+    with ``tokens``, only their rows: (H, N, d_vocab)."""
     a = model.blocks[layer].attn
     WE, WU = model.W_E.float(), model.W_U.float()
+    if tokens is not None:
+        WE = WE[torch.as_tensor(tokens, dtype=torch.long)]
     WOV = torch.einsum("hmd,hdn->hmn", a.W_V.float(), a.W_O.float())  # (H, D, D)
     return torch.einsum("vm,hmn,nw->hvw", WE, WOV, WU)
 
@@ -327,6 +330,15 @@ def composition_baseline(d_model: int, d_head: int, n: int = 200, seed: int = 0)
 
 # --- ablations -----------------------------------------------------------------------------------
 
+def single_head_masks(L: int, Hn: int, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """(len(heads), L, H) bool masks, one head per mask (default: every head, in (layer, head) order)."""
+    heads = heads if heads is not None else [(l, h) for l in range(L) for h in range(Hn)]
+    masks = torch.zeros(len(heads), L, Hn, dtype=torch.bool)
+    for i, (l, h) in enumerate(heads):
+        masks[i, l, h] = True
+    return masks
+
+
 @torch.no_grad()
 def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[int, int]] | None = None,
                     pattern_preserving: bool = True, batch_size: int = 16,
@@ -343,10 +355,7 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
     model.eval()
     L, Hn = model.cfg.n_layers, model.cfg.n_heads
     if masks is None:
-        heads = heads if heads is not None else [(l, h) for l in range(L) for h in range(Hn)]
-        masks = torch.zeros(len(heads), L, Hn, dtype=torch.bool)
-        for i, (l, h) in enumerate(heads):
-            masks[i, l, h] = True
+        masks = single_head_masks(L, Hn, heads)
     A = len(masks)
     out = torch.empty(A, len(tokens), tokens.shape[1] - 1)
     step = max(1, batch_size)
@@ -386,8 +395,7 @@ def ablation_effects(model: Transformer, tokens: torch.Tensor, pattern_preservin
     L, Hn = model.cfg.n_layers, model.cfg.n_heads
     # the clean losses come from the same batched pass, as the ablation of no head: under bf16 the
     # hooked path rounds differently from a plain forward, and the deltas must not carry that offset
-    masks = torch.zeros(L * Hn + 1, L, Hn, dtype=torch.bool)
-    masks[1:].view(L * Hn, L * Hn)[torch.arange(L * Hn), torch.arange(L * Hn)] = True
+    masks = torch.cat([torch.zeros(1, L, Hn, dtype=torch.bool), single_head_masks(L, Hn)])
     both = ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving,
                            batch_size=batch_size, precision=precision)
     clean, abl = both[0], both[1:]
@@ -455,23 +463,23 @@ class Window:
 WINDOW_SMOOTH_WIDTH = 0.1
 
 
-def smooth_in_log_tokens(tokens: np.ndarray, values: np.ndarray, width: float = WINDOW_SMOOTH_WIDTH) -> np.ndarray:
-    """Gaussian-kernel average of ``values`` at each of ``tokens`` (> 0), kernel s.d. ``width`` in
-    ln(tokens): as much smoothing where snapshots are dense as where they are sparse."""
+def smooth_in_log_tokens(tokens: np.ndarray, values: np.ndarray, width: float = WINDOW_SMOOTH_WIDTH,
+                         at: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian-kernel average of ``values`` at each of ``tokens`` (> 0), or at the token counts
+    ``at``, kernel s.d. ``width`` in ln(tokens): as much smoothing where snapshots are dense as
+    where they are sparse."""
     lt = np.log(np.asarray(tokens, dtype=np.float64))
-    w = np.exp(-0.5 * ((lt[:, None] - lt[None, :]) / width) ** 2)
+    g = lt if at is None else np.log(np.asarray(at, dtype=np.float64))
+    w = np.exp(-0.5 * ((g[:, None] - lt[None, :]) / width) ** 2)
     return (w @ np.asarray(values, dtype=np.float64)) / w.sum(1)
 
 
 def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
-                        min_change: float = 0.05, width: float = WINDOW_SMOOTH_WIDTH,
-                        smooth: int = 0) -> Window:
+                        min_change: float = 0.05, width: float = WINDOW_SMOOTH_WIDTH) -> Window:
     """Phase-change window from the ICL-score curve over training.
 
     The curve is smoothed in ln(tokens) (:func:`smooth_in_log_tokens`, kernel s.d. ``width``; 0 =
-    none) or, with ``smooth`` > 0, over ``smooth`` neighbouring snapshots on each side (the rule
-    before :data:`WINDOW_SMOOTH_WIDTH`); d = dICL/dlog(tokens) by finite differences; the peak
-    is the most negative d; the window is the contiguous run of snapshots around the peak where
+    none); d = dICL/dlog(tokens) by finite differences; the peak is the most negative d; the window is the contiguous run of snapshots around the peak where
     -d >= ``frac`` x peak. No window is reported if ICL never falls by ``min_change`` nats
     overall (a 1-layer model, for example).
     """
@@ -486,13 +494,7 @@ def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
         t, y = t[keep], y[keep]
     if len(t) < 3:
         return Window(float("nan"), float("nan"), float("nan"), False, "fewer than 3 snapshots")
-    if smooth > 0:
-        k = np.ones(2 * smooth + 1) / (2 * smooth + 1)
-        ys = np.convolve(np.pad(y, smooth, mode="edge"), k, mode="valid")
-    elif width > 0:
-        ys = smooth_in_log_tokens(t, y, width)
-    else:
-        ys = y
+    ys = smooth_in_log_tokens(t, y, width) if width > 0 else y
     lt = np.log(t)
     d = np.diff(ys) / np.diff(lt)  # between snapshots j and j+1
     drop = y[0] - y.min()
