@@ -40,10 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 from icl_core import data as D  # noqa: E402
 from icl_core.config import RunConfig  # noqa: E402
-from icl_core.model import loss_fn  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
 from icl_core.runs import cache_dir  # noqa: E402
-from icl_core.train import init_model  # noqa: E402
+from icl_core.train import init_model, make_loss, make_optimizer  # noqa: E402
 
 
 def stats(xs):
@@ -73,9 +72,9 @@ def matmul_peak(dtype, n=1024, repeats=5, iters=20, device="cpu"):
     return stats(out)
 
 
-def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup, device="cpu"):
+def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup, device="cpu", opt=None):
     """Tokens/s of full training steps (forward, backward, clip, AdamW) on the same batches."""
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    opt = opt or torch.optim.AdamW(params, lr=cfg.train.lr)
     bf16 = cfg.train.precision == "bf16"
     dev_type = device.split(":")[0]
     x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s).to(device) for s in range(steps)]
@@ -101,11 +100,12 @@ def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup,
     return stats(out)
 
 
-def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3, device="cpu", compile_model=False):
+def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3, device="cpu", compile_model=False,
+                     compile_mode=None):
+    """The trainer's own step: its optimizer (fused AdamW on CUDA) and loss (compiled if asked)."""
     model = init_model(cfg, device)
-    fwd = torch.compile(model) if compile_model else model
-    return _throughput(list(model.parameters()), lambda x: loss_fn(fwd(x), x), cfg, corpus, steps, repeats, warmup,
-                       device)
+    return _throughput(list(model.parameters()), make_loss(model, cfg, device, compile_model, compile_mode), cfg,
+                       corpus, steps, repeats, warmup, device, opt=make_optimizer(model, cfg))
 
 
 def tl_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):

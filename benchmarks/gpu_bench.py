@@ -1,14 +1,21 @@
 """GPU benchmark mode (issue 11): model FLOP utilisation (MFU) of the trainer on one CUDA device.
 
     python benchmarks/gpu_bench.py [--profile gpu] [--runs attn2_wide attn4] [--steps 30] [--repeats 3]
-                                   [--batch 64 128] [--compile] [--peak-tflops 989]
+                                   [--batch 64 128] [--compile | --compile-only] [--trainer-steps 300]
+                                   [--peak-tflops 989] [--corpus .gpucache/corpus-<key>]
 
 For each model of the profile and each batch size: tokens/s of full training steps with bf16
 autocast (forward, backward, clipping, AdamW; the same step as ``bench.py``, timed with CUDA
 synchronisation), achieved TFLOP/s by :meth:`icl_core.config.RunConfig.flops_per_token`, and MFU
 against (a) the card's nominal dense bf16 peak (looked up from the device name, or --peak-tflops)
 and (b) the bf16 matmul peak measured in the same run. Medians over repeats, with min-max.
-Results: ``<out>/gpu_results.json`` and ``<out>/gpu_results.md``.
+
+Before timing, a correctness check: the first model's loss on one batch, from the same initial
+weights, in fp32 on the CPU, bf16 on the device, and bf16 compiled on the device (they must agree
+to bf16 rounding). ``--trainer-steps N`` also trains the first model with the real
+:class:`icl_core.train.Trainer` for N steps (snapshots, resume files and all) and reports its
+tokens/s from the run's own clock. Results are rewritten after every row (a run cut short keeps
+what it measured): ``<out>/gpu_results.json`` and ``<out>/gpu_results.md``.
 
 ``--device cpu --dry-run`` runs two steps of the smoke profile's models on the CPU: a check that
 the script works (the test suite does this), not a result.
@@ -27,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import matmul_peak, train_throughput  # noqa: E402
+from bench import _sync, matmul_peak, train_throughput  # noqa: E402
 
 from icl_core import data as D  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
@@ -51,6 +58,143 @@ def mfu(tok_s: float, flops_per_token: float, peak_tflops: float) -> float:
     return tok_s * flops_per_token / (peak_tflops * 1e12)
 
 
+def loss_check(cfg, corpus, device: str) -> dict:
+    """One batch's loss from the same initial weights: fp32 on the CPU, the run's bf16 step on
+    ``device``, eager and compiled. Differences beyond bf16 rounding (~1e-2 nats) mean a bug."""
+    from icl_core.train import init_model, make_loss
+
+    x = D.train_batch(corpus, 4, cfg.model.n_ctx, 0, 0)
+    fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
+    m = init_model(cfg, "cpu")
+    out = {"cpu_fp32": make_loss(m, fp32, "cpu")(x).item()}
+    m = m.to(device)
+    xd = x.to(device)
+    out["device_bf16"] = make_loss(m, cfg, device)(xd).item()
+    out["device_bf16_compiled"] = make_loss(m, cfg, device, compile=True)(xd).item()
+    out["max_abs_diff"] = max(abs(v - out["cpu_fp32"]) for v in out.values())
+    return out
+
+
+def trainer_throughput(cfg, corpus, steps: int, device: str) -> dict:
+    """Tokens/s of the real Trainer (compiled on CUDA, snapshots and resume files included in the
+    wall time, excluded from train_seconds) over ``steps`` steps in a temporary folder."""
+    import tempfile
+    import time
+
+    from icl_core.train import Trainer
+
+    c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_tokens=steps * cfg.tokens_per_step,
+                                                           n_snapshots=4, warmup_steps=min(cfg.train.warmup_steps,
+                                                                                           steps // 2)))
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        man = Trainer(c, Path(d) / "run", corpus=corpus, device=device).run(progress=False)
+        wall = time.perf_counter() - t
+    tokens = steps * c.tokens_per_step
+    log = man["train_log"]
+    return {"steps": steps, "tokens": tokens, "wall_s": wall, "train_s": man["train_seconds"],
+            "tok_s_train": tokens / man["train_seconds"], "tok_s_wall": tokens / wall,
+            "loss_first": log[0][1], "loss_last": log[-1][1], "n_snapshots": len(man["snapshots"])}
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention")),
+                ("optimizer", ("adam", "multi_tensor", "foreach")), ("embedding", ("embedding", "index", "scatter")),
+                ("fused (Triton)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_step(cfg, corpus, device: str, mode: str | None, steps: int = 5) -> dict:
+    """Where one compiled training step's GPU time goes: torch.profiler over ``steps`` steps;
+    kernel time per step by kind and the top kernels, and the GPU's busy fraction of the wall time
+    (well under 1 means the host, not the GPU, sets the pace)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from icl_core.train import init_model, make_loss, make_optimizer
+
+    model = init_model(cfg, device)
+    opt = make_optimizer(model, cfg)
+    loss_of = make_loss(model, cfg, device, compile=mode != "eager", mode=None if mode in ("eager", "default") else mode)
+    xs = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s).to(device) for s in range(steps)]
+
+    def step(x):
+        loss = loss_of(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    cuda = device.startswith("cuda")
+    for i in range(5):
+        step(xs[i % steps])
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for x in xs:
+            step(x)
+        _sync(device)
+        wall = (time.perf_counter() - t) / steps
+    # the device's kernels (on a CPU dry run: the top-level operators, so the code path is exercised)
+    events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA if cuda
+                                            else e.cpu_parent is None)]
+    kern: dict[str, float] = {}
+    for e in events:
+        kern[e.name] = kern.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / steps  # ms per step
+    kinds: dict[str, float] = {}
+    for name, ms in kern.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    busy = sum(kern.values())
+    top = sorted(kern.items(), key=lambda kv: -kv[1])[:12]
+    return {"batch": cfg.train.batch_size, "mode": mode, "wall_ms_per_step": wall * 1e3, "kernel_ms_per_step": busy,
+            "busy_fraction": busy / (wall * 1e3), "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": [[n[:90], ms] for n, ms in top], "n_kernels_per_step": len(events) / steps}
+
+
+def write(res: dict, out: Path, dry_run: bool):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_results.json").write_text(json.dumps(res, indent=1))
+    nominal = res["nominal_bf16_tflops"]
+    lines = [f"Device: {res['device']}; nominal dense bf16 peak {nominal or 'unknown'} TFLOP/s; measured bf16 "
+             f"matmul ({res['matmul_n']} x {res['matmul_n']}) {res['measured_bf16_tflops']['median']:.1f} TFLOP/s; "
+             f"torch {res['torch']}" + (" — DRY RUN on CPU: not a result" if dry_run else ""), ""]
+    if res.get("loss_check"):
+        lc = res["loss_check"]
+        lines += [f"Loss check ({res['rows'][0]['model'] if res['rows'] else ''} initial weights, one batch): CPU fp32 "
+                  f"{lc['cpu_fp32']:.4f}, device bf16 {lc['device_bf16']:.4f}, compiled {lc['device_bf16_compiled']:.4f} "
+                  f"(max difference {lc['max_abs_diff']:.4f} nats)", ""]
+    lines += ["| model | batch x ctx | torch.compile mode | tok/s median (min-max) | TFLOP/s | MFU (nominal) | "
+              "MFU (measured peak) |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        t = r["tok_s"]
+        lines.append(f"| {r['model']} | {r['batch']} x {r['n_ctx']} | {r['mode']} | {t['median']:.0f} "
+                     f"({t['min']:.0f}-{t['max']:.0f}) | {r['tflops']:.2f} | "
+                     + (f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "-")
+                     + f" | {r['mfu_measured']:.1%} |")
+    if res.get("trainer"):
+        tr = res["trainer"]
+        lines += ["", f"Real trainer ({tr['model']}, batch {tr['batch']}, compiled={tr['compiled']}): {tr['steps']} "
+                  f"steps, {tr['tok_s_train']:.0f} tok/s by its training clock ({tr['mfu_nominal_train'] or 0:.1%} "
+                  f"MFU nominal), {tr['tok_s_wall']:.0f} tok/s wall with {tr['n_snapshots']} snapshots and compilation; "
+                  f"loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}"]
+    for pr in res.get("profiles", []):
+        lines += ["", f"Profile of one step ({res['rows'][0]['model'] if res['rows'] else ''}, batch {pr['batch']}, "
+                  f"{pr['mode']}): {pr['wall_ms_per_step']:.2f} ms wall, kernels {pr['kernel_ms_per_step']:.2f} ms "
+                  f"(GPU busy {pr['busy_fraction']:.0%}, {pr['n_kernels_per_step']:.0f} kernels); by kind: "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in pr["by_kind_ms"].items()), "",
+                  "| kernel | ms per step |", "|---|---|"]
+        lines += [f"| `{n}` | {ms:.3f} |" for n, ms in pr["top_kernels_ms"]]
+    (out / "gpu_results.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="gpu")
@@ -59,8 +203,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled step")
+    ap.add_argument("--compile-only", action="store_true", help="time only the compiled step")
+    ap.add_argument("--modes", nargs="*", default=None,
+                    help="eager and/or torch.compile modes (default, reduce-overhead, max-autotune-no-cudagraphs)")
+    ap.add_argument("--profile-batch", nargs="*", type=int, default=[], help="profile one step at these batch sizes")
+    ap.add_argument("--trainer-steps", type=int, default=0, help="also time the real Trainer for this many steps")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--corpus", default=None, help="a prebuilt corpus-<key> folder (Corpus.from_folder): for a "
+                    "machine without the corpus's source packages")
     ap.add_argument("--dry-run", action="store_true", help="smoke profile, 2 steps: checks the script only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     a = ap.parse_args(argv)
@@ -68,6 +219,7 @@ def main(argv=None) -> dict:
         a.profile, a.steps, a.repeats = "smoke", 2, 1
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_bench: CUDA is not available here (use --device cpu --dry-run to check the script)")
+    out = Path(a.out)
     prof = load_profile(a.profile)
     cfgs = {n: prof.run_config(n) for n in prof.runs}
     names = a.runs or list(dict.fromkeys([max(cfgs, key=lambda n: cfgs[n].flops_per_token()), "attn2"]))
@@ -75,42 +227,61 @@ def main(argv=None) -> dict:
     nominal = a.peak_tflops or nominal_peak_tflops(name)
     n = 8192 if a.device.startswith("cuda") else 256
     measured = matmul_peak(torch.bfloat16, n=n, repeats=a.repeats, iters=5 if a.dry_run else 20, device=a.device)
-    res = {"device": name, "profile": a.profile, "nominal_bf16_tflops": nominal,
+    res = {"device": name, "profile": a.profile, "nominal_bf16_tflops": nominal, "matmul_n": n,
            "measured_bf16_tflops": {k: (v / 1e3 if k != "n" else v) for k, v in measured.items()},
            "torch": torch.__version__, "rows": []}
-    corpus = None
+    print(json.dumps(res), flush=True)
+
+    def bf16(rn):
+        return dataclasses.replace(cfgs[rn], train=dataclasses.replace(cfgs[rn].train, precision="bf16"))
+
+    def corpus_of(c):
+        return D.Corpus.from_folder(a.corpus, c.data) if a.corpus else D.Corpus(c.data, cache_dir())
+
+    corpus = corpus_of(bf16(names[0]))
+    res["loss_check"] = loss_check(bf16(names[0]), corpus, a.device)
+    print(json.dumps(res["loss_check"]), flush=True)
+    write(res, out, a.dry_run)
+    modes = a.modes or (["default"] if a.compile_only else ["eager", "default"] if a.compile else ["eager"])
     for rn in names:
-        base = dataclasses.replace(cfgs[rn], train=dataclasses.replace(cfgs[rn].train, precision="bf16"))
-        corpus = corpus or D.Corpus(base.data, cache_dir())
+        base = bf16(rn)
+        if base.data != bf16(names[0]).data:
+            corpus = corpus_of(base)
         for bs in a.batch or [base.train.batch_size]:
             c = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=bs))
-            for compiled in ([False, True] if a.compile else [False]):
+            for mode in modes:
                 tp = train_throughput(c, corpus, steps=a.steps, repeats=a.repeats, warmup=2 if a.dry_run else 5,
-                                      device=a.device, compile_model=compiled)
+                                      device=a.device, compile_model=mode != "eager",
+                                      compile_mode=None if mode in ("eager", "default") else mode)
                 fpt = c.flops_per_token()
                 row = {"model": rn, "batch": bs, "n_ctx": c.model.n_ctx, "d_model": c.model.d_model,
-                       "layers": c.model.n_layers, "compiled": compiled, "tok_s": tp, "flops_per_token": fpt,
+                       "layers": c.model.n_layers, "compiled": mode != "eager", "mode": mode, "tok_s": tp,
+                       "flops_per_token": fpt,
                        "tflops": tp["median"] * fpt / 1e12,
                        "mfu_nominal": mfu(tp["median"], fpt, nominal) if nominal else None,
                        "mfu_measured": mfu(tp["median"], fpt, res["measured_bf16_tflops"]["median"])}
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_results.json").write_text(json.dumps(res, indent=1))
-    lines = [f"Device: {name}; nominal dense bf16 peak {nominal or 'unknown'} TFLOP/s; measured bf16 matmul "
-             f"({n} x {n}) {res['measured_bf16_tflops']['median']:.1f} TFLOP/s; torch {torch.__version__}"
-             + (" — DRY RUN on CPU: not a result" if a.dry_run else ""), "",
-             "| model | batch x ctx | compiled | tok/s median (min-max) | TFLOP/s | MFU (nominal) | MFU (measured peak) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        t = r["tok_s"]
-        lines.append(f"| {r['model']} | {r['batch']} x {r['n_ctx']} | {r['compiled']} | {t['median']:.0f} "
-                     f"({t['min']:.0f}-{t['max']:.0f}) | {r['tflops']:.2f} | "
-                     + (f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "-")
-                     + f" | {r['mfu_measured']:.1%} |")
-    (out / "gpu_results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                write(res, out, a.dry_run)
+    if a.profile_batch:
+        res["profiles"] = []
+        for bs in a.profile_batch:
+            c = bf16(names[0])
+            c = dataclasses.replace(c, train=dataclasses.replace(c.train, batch_size=bs))
+            res["profiles"].append(profile_step(c, corpus_of(c), a.device, modes[-1]))
+            print(json.dumps(res["profiles"][-1]), flush=True)
+            write(res, out, a.dry_run)
+    if a.trainer_steps:
+        c = bf16(names[0])
+        corpus = corpus_of(c)
+        tr = trainer_throughput(c, corpus, a.trainer_steps, a.device)
+        fpt = c.flops_per_token()
+        tr.update(model=names[0], batch=c.train.batch_size, compiled=a.device.startswith("cuda"),
+                  mfu_nominal_train=mfu(tr["tok_s_train"], fpt, nominal) if nominal else None,
+                  mfu_measured_train=mfu(tr["tok_s_train"], fpt, res["measured_bf16_tflops"]["median"]))
+        res["trainer"] = tr
+        print(json.dumps(tr), flush=True)
+    print("\n".join(write(res, out, a.dry_run)))
     return res
 
 

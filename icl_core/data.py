@@ -207,11 +207,13 @@ def source_versions(cfg: DataConfig) -> dict[str, str]:
     return out
 
 
-def corpus_key(cfg: DataConfig) -> str:
+def corpus_key(cfg: DataConfig, versions: dict | None = None) -> str:
+    """The corpus cache key: the data fields that shape the corpus and the installed versions of
+    its source packages (or ``versions``, e.g. those a prebuilt corpus's manifest records)."""
     keep = {k: v for k, v in asdict(cfg).items()
             if k in ("sources", "bible_versions", "code_packages", "max_chars_per_source", "vocab_size",
                      "val_fraction", "split_seed")}
-    keep["versions"] = source_versions(cfg)
+    keep["versions"] = source_versions(cfg) if versions is None else versions
     keep["format"] = 1
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -247,6 +249,25 @@ class Corpus:
 
     FILES = ("tokenizer.json", "train.npy", "val.npy", "val_offsets.npy", "val_ids.json", "counts.npy")
 
+    @classmethod
+    def from_folder(cls, folder: str | Path, cfg: DataConfig) -> "Corpus":
+        """A prebuilt ``corpus-<key>`` folder, used as it is and never rebuilt: for a machine that
+        lacks the corpus's source packages (a lent GPU, where only the folder can travel). Its
+        manifest must verify, and its key must be ``cfg``'s key under the source versions the
+        manifest records (the same text, whichever versions are installed here)."""
+        self = cls.__new__(cls)
+        self.cfg, self.dir = cfg, Path(folder)
+        if not self._valid():
+            raise CorruptFileError(f"{self.dir} is not a complete corpus folder (its manifest or a file "
+                                   "is missing or fails its checksum)")
+        versions = read_json_checked(self.dir / "manifest.json").get("versions", {})
+        self.key = corpus_key(cfg, versions)
+        if self.dir.name != f"corpus-{self.key}":
+            raise ConfigError(f"{self.dir} holds another corpus than this data config's "
+                              f"(corpus-{self.key} with the source versions it records)")
+        self._load()
+        return self
+
     def _valid(self) -> bool:
         man = self.dir / "manifest.json"
         if not man.exists():
@@ -262,8 +283,6 @@ class Corpus:
         return True
 
     def _load_or_build(self):
-        from tokenizers import Tokenizer
-
         self.dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.dir / ".lock"):
             if not self._valid():
@@ -272,6 +291,11 @@ class Corpus:
                 for tmp in self.dir.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)  # partial writes of a killed build (we hold the lock)
                 self._build()
+        self._load()
+
+    def _load(self):
+        from tokenizers import Tokenizer
+
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
         self.train = np.load(self.dir / "train.npy", mmap_mode="r")
         self.val = np.load(self.dir / "val.npy", mmap_mode="r")

@@ -55,9 +55,26 @@ def make_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
     t = cfg.train
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # on CUDA the fused kernel updates all parameters in a few launches (the CPU keeps the default)
+    fused = next(model.parameters()).is_cuda or None
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": other, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+                             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
+
+
+def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str | None = None):
+    """The training step's loss of a token batch: the forward pass under the run's precision
+    (bf16 autocast or fp32), then next-token cross-entropy. With ``compile`` the two are one
+    ``torch.compile``-d function (static shapes), so the loss's log-softmax fuses with the unembedding."""
+    dev_type = device.split(":")[0]
+    bf16 = cfg.train.precision == "bf16"
+
+    def loss_of(x):
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        return loss_fn(logits, x)
+
+    return torch.compile(loss_of, dynamic=False, mode=mode) if compile else loss_of
 
 
 class EvalData:
@@ -123,10 +140,13 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, corpus: D.Corpus | None = None,
-                 device: str = "cpu", cache_dir: str | Path | None = None):
+                 device: str = "cpu", cache_dir: str | Path | None = None, compile: bool | None = None):
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.device = device
+        # torch.compile of the forward pass and loss: an execution option like the device (not part
+        # of the run's hash); None = on for CUDA, off on the CPU, where it was measured slower
+        self.compile = device.startswith("cuda") if compile is None else compile
         # data parallel (torchrun): every rank builds the same global batch and trains on its
         # slice; DDP averages gradients; only rank 0 writes files
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -231,6 +251,8 @@ class Trainer:
         net = model
         if self.distributed:
             net = torch.nn.parallel.DistributedDataParallel(model)
+        cuda = self.device.startswith("cuda")
+        loss_of = make_loss(net, cfg, self.device, self.compile)
         bar = None
         if progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -238,10 +260,30 @@ class Trainer:
         t0, tok0 = time.time(), 0
         model.train()
         train_time = man.get("train_seconds", 0.0)
+        # losses stay on the device until a flush, so a GPU never waits for the host between steps
+        # (one .item() per step would synchronise every step); on the CPU this changes nothing
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush():
+            if pending:
+                vals = torch.stack([v for _, v in pending]).float().tolist()
+                log.extend([s, round(v / self.world, 5)] for (s, _), v in zip(pending, vals))
+                pending.clear()
+
+        def segment_end(seg_start: float) -> float:
+            """Training seconds since seg_start, with the device's queued work included."""
+            flush()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            return time.time() - seg_start
+
         step = start
+        seg = time.time()
         while True:
             if step in snap:
+                train_time += segment_end(seg)
                 self._snapshot(step, model, ev, man)
+                seg = time.time()
             if step >= total:
                 break
             if stop_after is not None and step >= stop_after:
@@ -251,38 +293,35 @@ class Trainer:
             if self.distributed:
                 b = t.batch_size // self.world
                 x = x[self.rank * b:(self.rank + 1) * b]
-            x = x.to(self.device)
+            x = x.pin_memory().to(self.device, non_blocking=True) if cuda else x.to(self.device)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            ts = time.time()
-            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(x)
-            loss = loss_fn(logits, x)
+            loss = loss_of(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
-            train_time += time.time() - ts
             step += 1
             if self.distributed:  # log the global batch's loss, as one process would
                 lg = loss.detach().clone()
                 torch.distributed.all_reduce(lg)
-                log.append([step, round(lg.item() / self.world, 5)])
+                pending.append((step, lg))
             else:
-                log.append([step, round(loss.item(), 5)])
+                pending.append((step, loss.detach()))
             tok0 += x.numel() * self.world
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok0 / (time.time() - t0):.0f}")
-            if step % RESUME_EVERY == 0 and step not in snap:
+                    flush()
+                    bar.set_postfix(loss=f"{log[-1][1]:.3f}", tok_s=f"{tok0 / (time.time() - t0):.0f}")
+            if step % RESUME_EVERY == 0 or step in snap:
+                train_time += segment_end(seg)
                 self._save_resume(step, model, opt, log)
                 man["train_seconds"] = train_time
-            if step in snap:
-                self._save_resume(step, model, opt, log)
-                man["train_seconds"] = train_time
+                seg = time.time()
+        train_time += segment_end(seg)
         if bar is not None:
             bar.close()
         if step >= total and self.rank != 0:

@@ -1,6 +1,7 @@
 """Training, the run cache, resume and corruption handling."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,25 @@ def test_corrupt_token_cache_is_rebuilt(tiny_run_cfg, tmp_path):
     f.write_bytes(bytes(b))
     c2 = D.Corpus(tiny_run_cfg.data, tmp_path)
     assert (c2.train == ref).all()
+
+
+def test_prebuilt_corpus_folder_is_used_as_is_or_refused(tiny_run_cfg, tmp_path):
+    """Corpus.from_folder: a machine without the source packages (a lent GPU) uses a carried
+    corpus folder: the same arrays when it verifies; a clear error when it is another corpus or
+    a file is corrupt (never rebuilt, never used)."""
+    import dataclasses
+    built = D.Corpus(tiny_run_cfg.data, tmp_path / "cache")
+    moved = tmp_path / "elsewhere" / built.dir.name
+    shutil.copytree(built.dir, moved)
+    c = D.Corpus.from_folder(moved, tiny_run_cfg.data)
+    assert (c.train == built.train).all() and c.vocab_size == built.vocab_size
+    other = dataclasses.replace(tiny_run_cfg.data, vocab_size=301)
+    with pytest.raises(ConfigError, match="another corpus"):
+        D.Corpus.from_folder(moved, other)
+    f = moved / "val.npy"
+    f.write_bytes(f.read_bytes()[:-5])
+    with pytest.raises(CorruptFileError, match="fails its checksum"):
+        D.Corpus.from_folder(moved, tiny_run_cfg.data)
 
 
 @pytest.mark.parametrize("patch,field", [
@@ -227,3 +247,17 @@ def test_head_scores_reuse_the_scores_logged_in_training(tiny_run_cfg, tmp_path)
         torch.testing.assert_close(hs["prefix"][i], M.prefix_matching_scores(m, ev.rep, tiny_run_cfg.data.prefix_seq_len),
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(hs["prev_token"][i], M.previous_token_scores(m, ev.tokens[:32]), rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_step_matches_eager(tiny_run_cfg, tmp_path):
+    """CUDA trains with ``torch.compile`` by default (Trainer(compile=None)); CI has no GPU, so the
+    same compiled path runs here on the CPU: its loss log must match the eager run's (fp32; the
+    compiled kernels may round differently, not compute something else)."""
+    eager = Trainer(tiny_run_cfg, tmp_path / "eager", compile=False).run(progress=False)
+    compiled = Trainer(tiny_run_cfg, tmp_path / "compiled", compile=True).run(progress=False)
+    a = [v for _, v in eager["train_log"]]
+    b = [v for _, v in compiled["train_log"]]
+    assert len(a) == len(b) == tiny_run_cfg.total_steps
+    assert a[-1] < a[0] - 0.1  # it learned something, so the comparison is not of two constants
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+    assert Trainer(tiny_run_cfg, tmp_path / "x").compile is False  # the CPU default stays eager
