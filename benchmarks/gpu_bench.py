@@ -23,8 +23,11 @@ the script works (the test suite does this), not a result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from bench import _sync, matmul_peak, train_throughput  # noqa: E402
 from icl_core import data as D  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
 from icl_core.runs import cache_dir  # noqa: E402
+from icl_core.train import snapshot_steps  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity)
 NOMINAL_BF16_TFLOPS = (("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
@@ -56,6 +60,18 @@ def nominal_peak_tflops(device_name: str) -> float | None:
 def mfu(tok_s: float, flops_per_token: float, peak_tflops: float) -> float:
     """Model FLOP utilisation: achieved model FLOP/s over the peak."""
     return tok_s * flops_per_token / (peak_tflops * 1e12)
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_backend(name: str):
+    """A context allowing only one fused-attention backend ("auto": PyTorch's own choice). Set
+    while a compiled step is first traced, it fixes the backend in the compiled graph."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def loss_check(cfg, corpus, device: str) -> dict:
@@ -92,12 +108,49 @@ def trainer_throughput(cfg, corpus, steps: int, device: str) -> dict:
         wall = time.perf_counter() - t
     tokens = steps * c.tokens_per_step
     log = man["train_log"]
+    snap_s = [e["metrics_seconds"] for e in man["snapshots"].values() if "metrics_seconds" in e]
     return {"steps": steps, "tokens": tokens, "wall_s": wall, "train_s": man["train_seconds"],
             "tok_s_train": tokens / man["train_seconds"], "tok_s_wall": tokens / wall,
-            "loss_first": log[0][1], "loss_last": log[-1][1], "n_snapshots": len(man["snapshots"])}
+            "loss_first": log[0][1], "loss_last": log[-1][1], "n_snapshots": len(man["snapshots"]),
+            "metrics_s_per_snapshot": statistics.median(snap_s) if snap_s else None,
+            "metrics_share_at_profile": metrics_share(cfg, tokens / man["train_seconds"], snap_s)}
 
 
-KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention")),
+def metrics_share(cfg, tok_s: float, snap_s: list[float]) -> float | None:
+    """The snapshot metrics' cost as a fraction of training time for the profile's own run:
+    n_snapshots x the measured seconds per snapshot over total_tokens / tokens per second."""
+    if not snap_s:
+        return None
+    return len(snapshot_steps(cfg.total_steps, cfg.train.n_snapshots)) * statistics.median(snap_s) / (
+        cfg.train.total_tokens / tok_s)
+
+
+def eval_batch_timing(cfg, corpus, device: str, batches=(8, 64)) -> dict:
+    """Seconds for one snapshot's loss + previous-token pass over the profile's eval set, by
+    windows per pass (median of 3 after a warm-up), in the run's eval precision."""
+    import time
+
+    from icl_core import metrics as M
+    from icl_core.train import EvalData, init_model
+
+    model = init_model(cfg, device)
+    toks = EvalData(cfg, corpus).tokens.to(device)
+    prec = cfg.train.eval_precision or "fp32"
+    out = {}
+    for b in batches:
+        M.losses_and_previous_token_scores(model, toks[:2 * b], batch_size=b, precision=prec)
+        xs = []
+        for _ in range(3):
+            _sync(device)
+            t = time.perf_counter()
+            M.losses_and_previous_token_scores(model, toks, batch_size=b, precision=prec)
+            _sync(device)
+            xs.append(time.perf_counter() - t)
+        out[str(b)] = statistics.median(xs)
+    return {"n_eval": len(toks), "seconds_by_windows_per_pass": out}
+
+
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")), ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
                 ("optimizer", ("adam", "multi_tensor", "foreach")), ("embedding", ("embedding", "index", "scatter")),
                 ("fused (Triton)", ("triton",)))
 
@@ -170,23 +223,32 @@ def write(res: dict, out: Path, dry_run: bool):
         lines += [f"Loss check ({res['rows'][0]['model'] if res['rows'] else ''} initial weights, one batch): CPU fp32 "
                   f"{lc['cpu_fp32']:.4f}, device bf16 {lc['device_bf16']:.4f}, compiled {lc['device_bf16_compiled']:.4f} "
                   f"(max difference {lc['max_abs_diff']:.4f} nats)", ""]
-    lines += ["| model | batch x ctx | torch.compile mode | tok/s median (min-max) | TFLOP/s | MFU (nominal) | "
-              "MFU (measured peak) |", "|---|---|---|---|---|---|---|"]
+    lines += ["| model | batch x ctx | torch.compile mode | attention backend | tok/s median (min-max) | TFLOP/s | "
+              "MFU (nominal) | MFU (measured peak) |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         t = r["tok_s"]
-        lines.append(f"| {r['model']} | {r['batch']} x {r['n_ctx']} | {r['mode']} | {t['median']:.0f} "
+        lines.append(f"| {r['model']} | {r['batch']} x {r['n_ctx']} | {r['mode']} | {r['sdpa']} | {t['median']:.0f} "
                      f"({t['min']:.0f}-{t['max']:.0f}) | {r['tflops']:.2f} | "
                      + (f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "-")
                      + f" | {r['mfu_measured']:.1%} |")
+    lines += [f"- failed: {f['model']} batch {f['batch']} {f['mode']} attention={f['sdpa']}: {f['error']}"
+              for f in res.get("failed", [])]
+    if res.get("eval_timing"):
+        et = res["eval_timing"]
+        lines += ["", f"One snapshot's loss + previous-token pass over {et['n_eval']} eval windows: "
+                  + ", ".join(f"{s:.2f} s at {b} windows per pass" for b, s in et["seconds_by_windows_per_pass"].items())]
     if res.get("trainer"):
         tr = res["trainer"]
-        lines += ["", f"Real trainer ({tr['model']}, batch {tr['batch']}, compiled={tr['compiled']}): {tr['steps']} "
+        lines += ["", f"Real trainer ({tr['model']}, batch {tr['batch']}, compiled={tr['compiled']}, attention "
+                  f"{tr.get('sdpa', 'auto')}): {tr['steps']} "
                   f"steps, {tr['tok_s_train']:.0f} tok/s by its training clock ({tr['mfu_nominal_train'] or 0:.1%} "
                   f"MFU nominal), {tr['tok_s_wall']:.0f} tok/s wall with {tr['n_snapshots']} snapshots and compilation; "
-                  f"loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}"]
+                  f"loss {tr['loss_first']:.3f} -> {tr['loss_last']:.3f}; snapshot metrics "
+                  f"{tr['metrics_s_per_snapshot'] or 0:.2f} s each, so {tr['metrics_share_at_profile'] or 0:.1%} of "
+                  "training time for the profile's own run (its snapshot count and token budget)"]
     for pr in res.get("profiles", []):
         lines += ["", f"Profile of one step ({res['rows'][0]['model'] if res['rows'] else ''}, batch {pr['batch']}, "
-                  f"{pr['mode']}): {pr['wall_ms_per_step']:.2f} ms wall, kernels {pr['kernel_ms_per_step']:.2f} ms "
+                  f"{pr['mode']}, attention {pr.get('sdpa', 'auto')}): {pr['wall_ms_per_step']:.2f} ms wall, kernels {pr['kernel_ms_per_step']:.2f} ms "
                   f"(GPU busy {pr['busy_fraction']:.0%}, {pr['n_kernels_per_step']:.0f} kernels); by kind: "
                   + ", ".join(f"{k} {v:.2f} ms" for k, v in pr["by_kind_ms"].items()), "",
                   "| kernel | ms per step |", "|---|---|"]
@@ -207,7 +269,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile-only", action="store_true", help="time only the compiled step")
     ap.add_argument("--modes", nargs="*", default=None,
                     help="eager and/or torch.compile modes (default, reduce-overhead, max-autotune-no-cudagraphs)")
+    ap.add_argument("--sdpa", nargs="*", default=["auto"], choices=["auto", *SDPA_BACKENDS],
+                    help="fused-attention backends to time (auto: PyTorch's choice)")
     ap.add_argument("--profile-batch", nargs="*", type=int, default=[], help="profile one step at these batch sizes")
+    ap.add_argument("--eval-timing", action="store_true", help="time a snapshot's eval pass by windows per pass")
     ap.add_argument("--trainer-steps", type=int, default=0, help="also time the real Trainer for this many steps")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--corpus", default=None, help="a prebuilt corpus-<key> folder (Corpus.from_folder): for a "
@@ -249,13 +314,23 @@ def main(argv=None) -> dict:
             corpus = corpus_of(base)
         for bs in a.batch or [base.train.batch_size]:
             c = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=bs))
-            for mode in modes:
-                tp = train_throughput(c, corpus, steps=a.steps, repeats=a.repeats, warmup=2 if a.dry_run else 5,
-                                      device=a.device, compile_model=mode != "eager",
-                                      compile_mode=None if mode in ("eager", "default") else mode)
+            for mode, sdpa in itertools.product(modes, a.sdpa):
+                torch._dynamo.reset()  # a fresh compilation per row (and no recompile limit reached)
+                try:
+                    with sdpa_backend(sdpa):
+                        tp = train_throughput(c, corpus, steps=a.steps, repeats=a.repeats,
+                                              warmup=2 if a.dry_run else 5, device=a.device,
+                                              compile_model=mode != "eager",
+                                              compile_mode=None if mode in ("eager", "default") else mode)
+                except RuntimeError as e:  # e.g. a backend that cannot run this shape on this card
+                    res.setdefault("failed", []).append({"model": rn, "batch": bs, "mode": mode, "sdpa": sdpa,
+                                                         "error": str(e)[:300]})
+                    print(f"failed: {rn} batch {bs} {mode} sdpa={sdpa}: {str(e)[:300]}", flush=True)
+                    continue
                 fpt = c.flops_per_token()
                 row = {"model": rn, "batch": bs, "n_ctx": c.model.n_ctx, "d_model": c.model.d_model,
-                       "layers": c.model.n_layers, "compiled": mode != "eager", "mode": mode, "tok_s": tp,
+                       "layers": c.model.n_layers, "compiled": mode != "eager", "mode": mode, "sdpa": sdpa,
+                       "tok_s": tp,
                        "flops_per_token": fpt,
                        "tflops": tp["median"] * fpt / 1e12,
                        "mfu_nominal": mfu(tp["median"], fpt, nominal) if nominal else None,
@@ -268,13 +343,23 @@ def main(argv=None) -> dict:
         for bs in a.profile_batch:
             c = bf16(names[0])
             c = dataclasses.replace(c, train=dataclasses.replace(c.train, batch_size=bs))
-            res["profiles"].append(profile_step(c, corpus_of(c), a.device, modes[-1]))
+            torch._dynamo.reset()
+            with sdpa_backend(a.sdpa[-1]):
+                res["profiles"].append(profile_step(c, corpus_of(c), a.device, modes[-1]))
+            res["profiles"][-1]["sdpa"] = a.sdpa[-1]
             print(json.dumps(res["profiles"][-1]), flush=True)
             write(res, out, a.dry_run)
+    if a.eval_timing:
+        c = bf16(names[0])
+        res["eval_timing"] = eval_batch_timing(c, corpus_of(c), a.device)
+        print(json.dumps(res["eval_timing"]), flush=True)
+        write(res, out, a.dry_run)
     if a.trainer_steps:
         c = bf16(names[0])
         corpus = corpus_of(c)
-        tr = trainer_throughput(c, corpus, a.trainer_steps, a.device)
+        with sdpa_backend(a.sdpa[-1]):
+            tr = trainer_throughput(c, corpus, a.trainer_steps, a.device)
+        tr["sdpa"] = a.sdpa[-1]
         fpt = c.flops_per_token()
         tr.update(model=names[0], batch=c.train.batch_size, compiled=a.device.startswith("cuda"),
                   mfu_nominal_train=mfu(tr["tok_s_train"], fpt, nominal) if nominal else None,

@@ -33,14 +33,23 @@ def _autocast(model: Transformer, precision: str):
 # bf16, 1 thread: 8 windows per pass are ~1.5x faster than 32 (the fp32 logits and attention
 # scores of 8 windows stay in the CPU's cache); 4 are slower again.
 EVAL_BATCH = 8
+# on a GPU a pass of 8 windows is launch-bound; passes of 64 fill it (benchmarks/gpu_bench.py)
+EVAL_BATCH_CUDA = 64
+
+
+def eval_batch(device: torch.device | str) -> int:
+    """Windows per evaluation pass on ``device``: EVAL_BATCH on the CPU, EVAL_BATCH_CUDA on a GPU."""
+    return EVAL_BATCH if torch.device(device).type == "cpu" else EVAL_BATCH_CUDA
 
 
 @torch.no_grad()
-def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int = EVAL_BATCH,
+def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int | None = None,
                      precision: str = "fp32", head_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, T-1) per-token loss l_n(i) = -log p(x_i | x_<i); column c is the token at 0-based position c+1."""
+    """(N, T-1) per-token loss l_n(i) = -log p(x_i | x_<i); column c is the token at 0-based position c+1.
+    ``batch_size``: windows per pass (default :func:`eval_batch` of the model's device)."""
     model.eval()
     dev = next(model.parameters()).device
+    batch_size = batch_size or eval_batch(dev)
     out = []
     for i in range(0, len(tokens), batch_size):
         x = tokens[i:i + batch_size].to(dev)
@@ -64,12 +73,13 @@ PREV_TOKEN_WINDOWS = 32
 
 @torch.no_grad()
 def losses_and_previous_token_scores(model: Transformer, tokens: torch.Tensor, n_prev: int = PREV_TOKEN_WINDOWS,
-                                     batch_size: int = EVAL_BATCH, precision: str = "fp32"):
+                                     batch_size: int | None = None, precision: str = "fp32"):
     """:func:`per_token_losses` on ``tokens`` and :func:`previous_token_scores` on its first ``n_prev``
     windows from one pass (the patterns are cached while those windows' losses are computed), so a
     snapshot's cheap metrics run the model over the eval set once, not twice."""
     model.eval()
     dev = next(model.parameters()).device
+    batch_size = batch_size or eval_batch(dev)
     n_prev = max(1, min(n_prev, len(tokens)))
     losses, pt_sum = [], 0.0
     for i in range(0, n_prev, batch_size):

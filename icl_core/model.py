@@ -250,7 +250,10 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if T > self.cfg.n_ctx:
             raise ValueError(f"sequence length {T} exceeds n_ctx={self.cfg.n_ctx}")
-        x = self.W_E[tokens]  # (B, T, D)
+        # F.embedding, not W_E[tokens]: the indexing's backward (an accumulating index_put) sums in a
+        # thread-dependent order with 2+ CPU threads, so training was not repeatable; embedding's
+        # backward is (bitwise equal to it at 1 thread, and ~3x faster; tests/test_model.py)
+        x = F.embedding(tokens, self.W_E)  # (B, T, D)
         pos = None
         if self.cfg.positional == "learned":
             x = x + self.W_pos[:T]

@@ -2,8 +2,9 @@
 
 Determinism: model init is seeded inside a forked RNG; the batch at step s is a pure function of
 (seed, s) (:func:`icl_core.data.train_batch`). The resume state (weights, AdamW moments, step, loss
-log) is written atomically at every snapshot and every ``RESUME_EVERY`` steps, so a run killed at any
-point and rerun ends with weights bit-identical to an uninterrupted one (same device and threads).
+log) is written atomically at snapshots and every ``RESUME_EVERY`` steps, at most once per
+``RESUME_MIN_SECONDS``, so a run killed at any point and rerun ends with weights bit-identical to
+an uninterrupted one (same device and threads).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from .io import (CorruptFileError, atomic_write_json, load_tensors, read_json_ch
 from .model import Transformer, loss_fn
 
 RESUME_EVERY = 200
+# ...and no sooner than this many seconds after the last one: on a GPU 200 steps take about a
+# second, and writing weights and AdamW moments that often (and at every snapshot) cost ~25% of
+# the wall time (benchmarks/gpu_bench.py); a kill loses at most this much training
+RESUME_MIN_SECONDS = 30.0
 
 
 def snapshot_steps(total_steps: int, n: int) -> list[int]:
@@ -247,11 +252,14 @@ class Trainer:
         ev.rep = ev.rep.to(self.device)
         total = cfg.total_steps
         snap = set(self.steps)
-        use_bf16 = t.precision == "bf16"
         net = model
         if self.distributed:
             net = torch.nn.parallel.DistributedDataParallel(model)
         cuda = self.device.startswith("cuda")
+        if self.compile:
+            # every run's loss closes over a new model, so dynamo would recompile the same code for
+            # each run trained in this process and, past its recompile limit (8), silently run eager
+            torch._dynamo.reset()
         loss_of = make_loss(net, cfg, self.device, self.compile)
         bar = None
         if progress and self.rank == 0:
@@ -278,7 +286,7 @@ class Trainer:
             return time.time() - seg_start
 
         step = start
-        seg = time.time()
+        seg = last_resume = time.time()
         while True:
             if step in snap:
                 train_time += segment_end(seg)
@@ -316,11 +324,11 @@ class Trainer:
                 if step % 20 == 0:
                     flush()
                     bar.set_postfix(loss=f"{log[-1][1]:.3f}", tok_s=f"{tok0 / (time.time() - t0):.0f}")
-            if step % RESUME_EVERY == 0 or step in snap:
+            if (step % RESUME_EVERY == 0 or step in snap) and time.time() - last_resume >= RESUME_MIN_SECONDS:
                 train_time += segment_end(seg)
                 self._save_resume(step, model, opt, log)
                 man["train_seconds"] = train_time
-                seg = time.time()
+                seg = last_resume = time.time()
         train_time += segment_end(seg)
         if bar is not None:
             bar.close()

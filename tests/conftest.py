@@ -33,6 +33,16 @@ def shared_corpus_cache(tmp_path_factory):
         os.environ["ICL_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def resume_at_every_save_point():
+    """Tests count on resume states at every snapshot and RESUME_EVERY steps: no time floor, for
+    module-scoped fixtures too (test_train checks the floor itself)."""
+    import icl_core.train as T
+    old, T.RESUME_MIN_SECONDS = T.RESUME_MIN_SECONDS, 0.0
+    yield
+    T.RESUME_MIN_SECONDS = old
+
+
 @pytest.fixture(scope="session")
 def text_folder(tmp_path_factory):
     return make_text_folder(tmp_path_factory.mktemp("corpus"))

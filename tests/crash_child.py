@@ -48,6 +48,7 @@ def run_job(job: dict) -> None:
 
     if job.get("cache"):
         os.environ["ICL_CACHE_DIR"] = job["cache"]
+    T.RESUME_MIN_SECONDS = float(job.get("resume_min_seconds", 0.0))  # resume at every save point
     if job.get("resume_every"):
         T.RESUME_EVERY = int(job["resume_every"])
     cfg = RunConfig.from_dict(job["cfg"])

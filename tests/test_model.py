@@ -158,3 +158,26 @@ def test_loss_fn_scores_each_position_against_the_next_token():
     want = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     assert torch.allclose(per, want, atol=1e-5)
     assert torch.allclose(loss_fn(logits, tokens), want.mean(), atol=1e-6)  # the last position is not scored
+
+
+def test_training_gradients_are_repeatable_with_two_threads():
+    """Two CPU threads must not make a training step's gradients depend on thread timing (the
+    token-embedding gradient did, through W_E[tokens]'s accumulating backward). Many repeated
+    tokens, so rows of W_E collect many contributions from different threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = tiny_model(d_vocab=16, n_ctx=128)
+        x = torch.randint(0, 16, (16, 128), generator=torch.Generator().manual_seed(0))
+
+        def grads():
+            m.zero_grad(set_to_none=True)
+            loss_fn(m(x), x).backward()
+            return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+        ref = grads()
+        for _ in range(10):
+            g = grads()
+            assert all(torch.equal(ref[n], g[n]) for n in ref), [n for n in ref if not torch.equal(ref[n], g[n])]
+    finally:
+        torch.set_num_threads(old)

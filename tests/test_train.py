@@ -41,6 +41,24 @@ def _weights(run: Run):
     return run.load(run.steps[-1]).state_dict()
 
 
+def test_resume_states_are_written_at_most_once_per_min_seconds(tiny_run_cfg, tmp_path, monkeypatch):
+    """With the time floor (a fast GPU run), a run stopped early has written no resume state yet;
+    rerun, it starts over and still ends identical to an uninterrupted run."""
+    import icl_core.train as T
+    full = get_or_train(tiny_run_cfg, root=tmp_path / "a", progress=False)
+    monkeypatch.setattr(T, "RESUME_MIN_SECONDS", 3600.0)
+    path = run_path(tiny_run_cfg, tmp_path / "b")
+    Trainer(tiny_run_cfg, path).run(progress=False, stop_after=13)
+    assert not (path / "resume.json").exists() and len(list((path / "snapshots").glob("step_*"))) >= 3
+    resumed = get_or_train(tiny_run_cfg, root=tmp_path / "b", progress=False)
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.manifest["train_log"] == resumed.manifest["train_log"]
+    monkeypatch.setattr(T, "RESUME_MIN_SECONDS", 0.0)
+    Trainer(tiny_run_cfg, run_path(tiny_run_cfg, tmp_path / "c")).run(progress=False, stop_after=13)
+    assert (run_path(tiny_run_cfg, tmp_path / "c") / "resume.json").exists()  # the floor made the difference
+
+
 def test_killed_run_resumes_to_identical_weights(tiny_run_cfg, tmp_path):
     full = get_or_train(tiny_run_cfg, root=tmp_path / "a", progress=False)
     path = run_path(tiny_run_cfg, tmp_path / "b")
