@@ -25,8 +25,9 @@ from .model import Transformer, loss_fn
 
 RESUME_EVERY = 200
 # ...and no sooner than this many seconds after the last one: on a GPU 200 steps take about a
-# second, and writing weights and AdamW moments that often (and at every snapshot) cost ~25% of
-# the wall time (benchmarks/gpu_bench.py); a kill loses at most this much training
+# second, and writing weights and AdamW moments that often (and at every snapshot) made an H100
+# run's wall time 1.34x its training time, 1.11x with this floor (benchmarks/gpu/README.md); a
+# kill loses at most this much training
 RESUME_MIN_SECONDS = 30.0
 
 

@@ -53,3 +53,14 @@ def test_gpu_bench_refuses_without_cuda(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit, match="CUDA is not available"):
         gpu_bench.main(["--out", str(tmp_path)])
+
+
+def test_gpu_attention_dry_run_on_cpu(tmp_path):
+    import gpu_attention
+    res = gpu_attention.main(["--device", "cpu", "--dry-run", "--out", str(tmp_path / "a.json")])
+    by = {r["kernel"]: r for r in res["rows"]}
+    assert "math" in by and by["math"]["ms_fwd_bwd"] > 0
+    assert all(r["rel_err_vs_fp32_math"] < 2e-2 for r in res["rows"])  # bf16 against fp32
+    # the causal count is half the full square: (B, H, T, d) = (1, 1, 2, 1) has 2 x 2 x 4 / 2 forward FLOPs
+    assert gpu_attention.causal_flops(1, 1, 2, 1) == 3 * 2 * 2 * 4 / 2
+    assert json.loads((tmp_path / "a.json").read_text())["rows"]
