@@ -49,7 +49,7 @@ def stats(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def _sync(device: str):
+def sync_device(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -60,13 +60,13 @@ def matmul_peak(dtype, n=1024, repeats=5, iters=20, device="cpu"):
     b = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync_device(device)
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(iters):
             a @ b
-        _sync(device)
+        sync_device(device)
         dt = time.perf_counter() - t
         out.append(2 * n ** 3 * iters / dt / 1e9)
     return stats(out)
@@ -89,13 +89,13 @@ def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup,
 
     for i in range(warmup):
         step(x_all[i % steps])
-    _sync(device)
+    sync_device(device)
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
         for x in x_all:
             step(x)
-        _sync(device)
+        sync_device(device)
         out.append(steps * x_all[0].numel() / (time.perf_counter() - t))
     return stats(out)
 

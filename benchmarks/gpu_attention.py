@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import _sync  # noqa: E402
+from bench import sync_device  # noqa: E402
 
 
 def causal_flops(b, h, t, d) -> float:
@@ -90,11 +90,11 @@ def main(argv=None) -> dict:
                 f().backward(do)
             times = []
             for _ in range(3):
-                _sync(a.device)
+                sync_device(a.device)
                 t0 = time.perf_counter()
                 for _ in range(a.iters):
                     f().backward(do)
-                _sync(a.device)
+                sync_device(a.device)
                 times.append((time.perf_counter() - t0) / a.iters)
         except RuntimeError as e:
             print(f"{name}: not run ({str(e)[:200]})")

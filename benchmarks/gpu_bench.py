@@ -1,8 +1,9 @@
 """GPU benchmark mode (issue 11): model FLOP utilisation (MFU) of the trainer on one CUDA device.
 
     python benchmarks/gpu_bench.py [--profile gpu] [--runs attn2_wide attn4] [--steps 30] [--repeats 3]
-                                   [--batch 64 128] [--compile | --compile-only] [--trainer-steps 300]
-                                   [--peak-tflops 989] [--corpus .gpucache/corpus-<key>]
+                                   [--batch 64 256] [--compile | --compile-only | --modes eager default ...]
+                                   [--sdpa auto cudnn flash ...] [--profile-batch 256] [--eval-timing]
+                                   [--trainer-steps 2000] [--peak-tflops 989] [--corpus .gpucache/corpus-<key>]
 
 For each model of the profile and each batch size: tokens/s of full training steps with bf16
 autocast (forward, backward, clipping, AdamW; the same step as ``bench.py``, timed with CUDA
@@ -14,7 +15,9 @@ Before timing, a correctness check: the first model's loss on one batch, from th
 weights, in fp32 on the CPU, bf16 on the device, and bf16 compiled on the device (they must agree
 to bf16 rounding). ``--trainer-steps N`` also trains the first model with the real
 :class:`icl_core.train.Trainer` for N steps (snapshots, resume files and all) and reports its
-tokens/s from the run's own clock. Results are rewritten after every row (a run cut short keeps
+tokens/s from the run's own clock. ``--profile-batch`` splits one step's kernel time by kind
+(matmul, attention, Triton-fused, ...); ``--eval-timing`` times a snapshot's evaluation pass by
+windows per pass. The H100 runs and what they showed: ``benchmarks/gpu/README.md``. Results are rewritten after every row (a run cut short keeps
 what it measured): ``<out>/gpu_results.json`` and ``<out>/gpu_results.md``.
 
 ``--device cpu --dry-run`` runs two steps of the smoke profile's models on the CPU: a check that
@@ -37,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import _sync, matmul_peak, train_throughput  # noqa: E402
+from bench import sync_device, matmul_peak, train_throughput  # noqa: E402
 
 from icl_core import data as D  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
@@ -141,10 +144,10 @@ def eval_batch_timing(cfg, corpus, device: str, batches=(8, 64)) -> dict:
         M.losses_and_previous_token_scores(model, toks[:2 * b], batch_size=b, precision=prec)
         xs = []
         for _ in range(3):
-            _sync(device)
+            sync_device(device)
             t = time.perf_counter()
             M.losses_and_previous_token_scores(model, toks, batch_size=b, precision=prec)
-            _sync(device)
+            sync_device(device)
             xs.append(time.perf_counter() - t)
         out[str(b)] = statistics.median(xs)
     return {"n_eval": len(toks), "seconds_by_windows_per_pass": out}
@@ -188,12 +191,12 @@ def profile_step(cfg, corpus, device: str, mode: str | None, steps: int = 5) -> 
     cuda = device.startswith("cuda")
     for i in range(5):
         step(xs[i % steps])
-    _sync(device)
+    sync_device(device)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for x in xs:
             step(x)
-        _sync(device)
+        sync_device(device)
         wall = (time.perf_counter() - t) / steps
     # the device's kernels (on a CPU dry run: the top-level operators, so the code path is exercised)
     events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA if cuda

@@ -151,8 +151,11 @@ class Trainer:
         self.dir = Path(run_dir)
         self.device = device
         # torch.compile of the forward pass and loss: an execution option like the device (not part
-        # of the run's hash); None = on for CUDA, off on the CPU, where it was measured slower
-        self.compile = device.startswith("cuda") if compile is None else compile
+        # of the run's hash); None = on for CUDA (x1.6-2.2 on an H100, benchmarks/gpu/) unless
+        # ICL_COMPILE=0, off on the CPU, where it was measured slower
+        if compile is None:
+            compile = device.startswith("cuda") and os.environ.get("ICL_COMPILE", "1") != "0"
+        self.compile = compile
         # data parallel (torchrun): every rank builds the same global batch and trains on its
         # slice; DDP averages gradients; only rank 0 writes files
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
