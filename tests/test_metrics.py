@@ -297,3 +297,15 @@ def test_one_pass_losses_and_previous_token_scores_equal_separate_ones():
     short, prev_all = M.losses_and_previous_token_scores(m, x[:5], n_prev=16)  # fewer windows than n_prev
     assert short.shape == (5, 29)
     torch.testing.assert_close(prev_all, M.previous_token_scores(m, x[:5]), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_losses_do_not_depend_on_windows_per_pass():
+    """A GPU evaluates 64 windows per pass, the CPU 8 (metrics.eval_batch): the per-token losses
+    and previous-token scores must be the same function of the windows either way."""
+    assert M.eval_batch("cpu") == M.EVAL_BATCH and M.eval_batch("cuda:0") == M.EVAL_BATCH_CUDA
+    m = tiny_model(n_ctx=64)
+    x = torch.randint(0, 50, (70, 64), generator=torch.Generator().manual_seed(1))
+    a, pa = M.losses_and_previous_token_scores(m, x, batch_size=8)
+    b, pb = M.losses_and_previous_token_scores(m, x, batch_size=64)
+    assert a.shape == (70, 63) and torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-6)
+    assert torch.allclose(M.per_token_losses(m, x), a, atol=1e-5)  # the device's default batch
