@@ -72,20 +72,24 @@ def matmul_peak(dtype, n=1024, repeats=5, iters=20, device="cpu"):
     return stats(out)
 
 
-def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup, device="cpu", opt=None):
-    """Tokens/s of full training steps (forward, backward, clip, AdamW) on the same batches."""
-    opt = opt or torch.optim.AdamW(params, lr=cfg.train.lr)
-    bf16 = cfg.train.precision == "bf16"
-    dev_type = device.split(":")[0]
-    x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s).to(device) for s in range(steps)]
+def training_step(params, loss_of, opt):
+    """One training step as the trainer takes it (forward and loss in ``loss_of``, which applies
+    its precision; backward, clipping, AdamW), as a function of the batch."""
+    params = list(params)
 
     def step(x):
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_of(x)
+        loss = loss_of(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+    return step
+
+
+def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup, device="cpu", opt=None):
+    """Tokens/s of full training steps (forward, backward, clip, AdamW) on the same batches."""
+    step = training_step(params, loss_of, opt or torch.optim.AdamW(params, lr=cfg.train.lr))
+    x_all = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s).to(device) for s in range(steps)]
 
     for i in range(warmup):
         step(x_all[i % steps])
@@ -100,11 +104,16 @@ def _throughput(params, loss_of, cfg: RunConfig, corpus, steps, repeats, warmup,
     return stats(out)
 
 
-def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3, device="cpu", compile_model=False,
-                     compile_mode=None):
-    """The trainer's own step: its optimizer (fused AdamW on CUDA) and loss (compiled if asked)."""
+def trainer_loss(model, cfg: RunConfig, device: str, mode: str = "eager"):
+    """The trainer's loss (train.make_loss) for ``mode``: "eager", "default" (plain torch.compile)
+    or another torch.compile mode ("reduce-overhead", ...)."""
+    return make_loss(model, cfg, device, compile=mode != "eager", mode=None if mode in ("eager", "default") else mode)
+
+
+def train_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3, device="cpu", mode="eager"):
+    """The trainer's own step: its optimizer (fused AdamW on CUDA) and loss (:func:`trainer_loss`)."""
     model = init_model(cfg, device)
-    return _throughput(list(model.parameters()), make_loss(model, cfg, device, compile_model, compile_mode), cfg,
+    return _throughput(list(model.parameters()), trainer_loss(model, cfg, device, mode), cfg,
                        corpus, steps, repeats, warmup, device, opt=make_optimizer(model, cfg))
 
 
@@ -118,7 +127,10 @@ def tl_throughput(cfg: RunConfig, corpus, steps=20, repeats=5, warmup=3):
         act_fn=None if m.attn_only else "gelu", normalization_type="LN" if m.layer_norm else None,
         positional_embedding_type={"shortformer": "shortformer", "rope": "rotary"}.get(m.positional, "standard"),
         rotary_adjacent_pairs=True, seed=0, device="cpu"))
-    return _throughput(list(tl.parameters()), lambda x: tl(x, return_type="loss"), cfg, corpus, steps, repeats, warmup)
+    def loss_of(x):  # under the run's precision, as the trainer's forward (train.make_loss)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            return tl(x, return_type="loss")
+    return _throughput(list(tl.parameters()), loss_of, cfg, corpus, steps, repeats, warmup)
 
 
 def speedup_ceiling(tl_tok_s: float, flops_per_token: float, peak_gflops: float) -> tuple[float, float]:

@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import sync_device, matmul_peak, train_throughput  # noqa: E402
+from bench import frac_of_peak, matmul_peak, sync_device, train_throughput, trainer_loss, training_step  # noqa: E402
 
 from icl_core import data as D  # noqa: E402
 from icl_core.profiles import load_profile  # noqa: E402
 from icl_core.runs import cache_dir  # noqa: E402
-from icl_core.train import snapshot_steps  # noqa: E402
+from icl_core.train import init_model, make_loss, make_optimizer, snapshot_steps  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity)
 NOMINAL_BF16_TFLOPS = (("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
@@ -61,8 +61,9 @@ def nominal_peak_tflops(device_name: str) -> float | None:
 
 
 def mfu(tok_s: float, flops_per_token: float, peak_tflops: float) -> float:
-    """Model FLOP utilisation: achieved model FLOP/s over the peak."""
-    return tok_s * flops_per_token / (peak_tflops * 1e12)
+    """Model FLOP utilisation: achieved model FLOP/s over the peak (bench.frac_of_peak, in TFLOP/s)."""
+    return frac_of_peak(tok_s, flops_per_token, peak_tflops * 1e3)
+
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -80,8 +81,6 @@ def sdpa_backend(name: str):
 def loss_check(cfg, corpus, device: str) -> dict:
     """One batch's loss from the same initial weights: fp32 on the CPU, the run's bf16 step on
     ``device``, eager and compiled. Differences beyond bf16 rounding (~1e-2 nats) mean a bug."""
-    from icl_core.train import init_model, make_loss
-
     x = D.train_batch(corpus, 4, cfg.model.n_ctx, 0, 0)
     fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
     m = init_model(cfg, "cpu")
@@ -91,6 +90,7 @@ def loss_check(cfg, corpus, device: str) -> dict:
     out["device_bf16"] = make_loss(m, cfg, device)(xd).item()
     out["device_bf16_compiled"] = make_loss(m, cfg, device, compile=True)(xd).item()
     out["max_abs_diff"] = max(abs(v - out["cpu_fp32"]) for v in out.values())
+    out["model"] = cfg.name
     return out
 
 
@@ -134,26 +134,27 @@ def eval_batch_timing(cfg, corpus, device: str, batches=(8, 64)) -> dict:
     import time
 
     from icl_core import metrics as M
-    from icl_core.train import EvalData, init_model
+    from icl_core.train import EvalData
 
     model = init_model(cfg, device)
     toks = EvalData(cfg, corpus).tokens.to(device)
-    prec = cfg.train.eval_precision or "fp32"
     out = {}
     for b in batches:
-        M.losses_and_previous_token_scores(model, toks[:2 * b], batch_size=b, precision=prec)
+        M.losses_and_previous_token_scores(model, toks[:2 * b], batch_size=b, precision=cfg.train.metrics_precision)
         xs = []
         for _ in range(3):
             sync_device(device)
             t = time.perf_counter()
-            M.losses_and_previous_token_scores(model, toks, batch_size=b, precision=prec)
+            M.losses_and_previous_token_scores(model, toks, batch_size=b, precision=cfg.train.metrics_precision)
             sync_device(device)
             xs.append(time.perf_counter() - t)
         out[str(b)] = statistics.median(xs)
     return {"n_eval": len(toks), "seconds_by_windows_per_pass": out}
 
 
-KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")), ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
+# checked in order: attention first, as flash kernels name cutlass types
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
                 ("optimizer", ("adam", "multi_tensor", "foreach")), ("embedding", ("embedding", "index", "scatter")),
                 ("fused (Triton)", ("triton",)))
 
@@ -174,19 +175,9 @@ def profile_step(cfg, corpus, device: str, mode: str | None, steps: int = 5) -> 
 
     from torch.profiler import ProfilerActivity, profile
 
-    from icl_core.train import init_model, make_loss, make_optimizer
-
     model = init_model(cfg, device)
-    opt = make_optimizer(model, cfg)
-    loss_of = make_loss(model, cfg, device, compile=mode != "eager", mode=None if mode in ("eager", "default") else mode)
+    step = training_step(model.parameters(), trainer_loss(model, cfg, device, mode), make_optimizer(model, cfg))
     xs = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s).to(device) for s in range(steps)]
-
-    def step(x):
-        loss = loss_of(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
 
     cuda = device.startswith("cuda")
     for i in range(5):
@@ -223,7 +214,7 @@ def write(res: dict, out: Path, dry_run: bool):
              f"torch {res['torch']}" + (" — DRY RUN on CPU: not a result" if dry_run else ""), ""]
     if res.get("loss_check"):
         lc = res["loss_check"]
-        lines += [f"Loss check ({res['rows'][0]['model'] if res['rows'] else ''} initial weights, one batch): CPU fp32 "
+        lines += [f"Loss check ({lc['model']} initial weights, one batch): CPU fp32 "
                   f"{lc['cpu_fp32']:.4f}, device bf16 {lc['device_bf16']:.4f}, compiled {lc['device_bf16_compiled']:.4f} "
                   f"(max difference {lc['max_abs_diff']:.4f} nats)", ""]
     lines += ["| model | batch x ctx | torch.compile mode | attention backend | tok/s median (min-max) | TFLOP/s | "
@@ -323,8 +314,7 @@ def main(argv=None) -> dict:
                     with sdpa_backend(sdpa):
                         tp = train_throughput(c, corpus, steps=a.steps, repeats=a.repeats,
                                               warmup=2 if a.dry_run else 5, device=a.device,
-                                              compile_model=mode != "eager",
-                                              compile_mode=None if mode in ("eager", "default") else mode)
+                                              mode=mode)
                 except RuntimeError as e:  # e.g. a backend that cannot run this shape on this card
                     res.setdefault("failed", []).append({"model": rn, "batch": bs, "mode": mode, "sdpa": sdpa,
                                                          "error": str(e)[:300]})

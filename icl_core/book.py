@@ -594,7 +594,7 @@ def runs_table(profile: Profile):
             "smeared keys": m.smeared_keys, "n_ctx": m.n_ctx, "vocab": m.d_vocab, "batch": t.batch_size, "lr": t.lr,
             "schedule": f"{t.lr_schedule}, warmup {t.warmup_steps}", "tokens": t.total_tokens,
             "steps": cfg.total_steps, "snapshots": len(run.steps) if run else None, "precision": t.precision,
-            "metrics precision": t.eval_precision or "fp32",
+            "metrics precision": t.metrics_precision,
             "seed": t.seed, "split seed": d.split_seed, "eval seed": d.eval_seed, "config hash": cfg.hash(),
             "train seconds": round(run.train_seconds, 1) if run else None,
             # evaluation at the snapshots (loss, ICL, head scores); nan for runs trained before it was logged
@@ -689,7 +689,7 @@ def deviations_table(profile: Profile):
          + _span(x.lr_schedule for x in t) + " schedule"),
         ("evaluation set", "10,000 random 512-token examples",
          _span(f"{x.n_eval} x {c.model.n_ctx}" for x, c in zip(d, cfgs)) + " tokens, fixed across snapshots; "
-         "snapshot metrics and ablations in " + _span(x.eval_precision or "fp32" for x in t)
+         "snapshot metrics and ablations in " + _span(x.metrics_precision for x in t)
          + " (train.eval_precision; bf16: autocast forward, fp32 losses)"),
         ("ICL score", "L(500) - L(50) (sign varies in the paper)",
          "L(late) - L(early), negative = ICL [book choice]; (late, early) = "

@@ -145,6 +145,11 @@ class TrainConfig:
     metrics_every_snapshot: bool = True
     threads: int = 0  # 0 = leave torch's default
 
+    @property
+    def metrics_precision(self) -> str:
+        """The precision the snapshot metrics and ablations use: ``eval_precision``, fp32 if unset."""
+        return self.eval_precision or "fp32"
+
     def __post_init__(self):
         for name in ("batch_size", "total_tokens", "n_snapshots"):
             _positive(self, name)

@@ -489,9 +489,9 @@ def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
     """Phase-change window from the ICL-score curve over training.
 
     The curve is smoothed in ln(tokens) (:func:`smooth_in_log_tokens`, kernel s.d. ``width``; 0 =
-    none); d = dICL/dlog(tokens) by finite differences; the peak is the most negative d; the window is the contiguous run of snapshots around the peak where
-    -d >= ``frac`` x peak. No window is reported if ICL never falls by ``min_change`` nats
-    overall (a 1-layer model, for example).
+    none); d = dICL/dlog(tokens) by finite differences; the peak is the most negative d; the window
+    is the contiguous run of snapshots around the peak where -d >= ``frac`` x peak. No window is
+    reported if ICL never falls by ``min_change`` nats overall (a 1-layer model, for example).
     """
     t = np.asarray(tokens, dtype=np.float64)
     y = np.asarray(icl, dtype=np.float64)

@@ -73,7 +73,7 @@ class Run:
     def eval_precision(self) -> str:
         """Precision of the metrics logged at its snapshots (``train.eval_precision``; fp32 if unset):
         analyses that recompute a logged number use it too."""
-        return self.config.train.eval_precision or "fp32"
+        return self.config.train.metrics_precision
 
     def load(self, step: int | None = None, device: str = "cpu") -> Transformer:
         """The model at snapshot ``step`` (default: the last). Checksum-verified, no pickle."""

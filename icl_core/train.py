@@ -150,11 +150,12 @@ class Trainer:
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.device = device
+        self.cuda = device.startswith("cuda")
         # torch.compile of the forward pass and loss: an execution option like the device (not part
         # of the run's hash); None = on for CUDA (x1.6-2.2 on an H100, benchmarks/gpu/) unless
         # ICL_COMPILE=0, off on the CPU, where it was measured slower
         if compile is None:
-            compile = device.startswith("cuda") and os.environ.get("ICL_COMPILE", "1") != "0"
+            compile = self.cuda and os.environ.get("ICL_COMPILE", "1") != "0"
         self.compile = compile
         # data parallel (torchrun): every rank builds the same global batch and trains on its
         # slice; DDP averages gradients; only rank 0 writes files
@@ -259,7 +260,6 @@ class Trainer:
         net = model
         if self.distributed:
             net = torch.nn.parallel.DistributedDataParallel(model)
-        cuda = self.device.startswith("cuda")
         if self.compile:
             # every run's loss closes over a new model, so dynamo would recompile the same code for
             # each run trained in this process and, past its recompile limit (8), silently run eager
@@ -285,7 +285,7 @@ class Trainer:
         def segment_end(seg_start: float) -> float:
             """Training seconds since seg_start, with the device's queued work included."""
             flush()
-            if cuda:
+            if self.cuda:
                 torch.cuda.synchronize(self.device)
             return time.time() - seg_start
 
@@ -305,7 +305,7 @@ class Trainer:
             if self.distributed:
                 b = t.batch_size // self.world
                 x = x[self.rank * b:(self.rank + 1) * b]
-            x = x.pin_memory().to(self.device, non_blocking=True) if cuda else x.to(self.device)
+            x = x.pin_memory().to(self.device, non_blocking=True) if self.cuda else x.to(self.device)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -361,7 +361,7 @@ class Trainer:
         if self.cfg.train.metrics_every_snapshot:
             t0 = time.perf_counter()
             entry["metrics"], losses = cheap_metrics(model, self.cfg, ev,
-                                                    precision=self.cfg.train.eval_precision or "fp32")
+                                                    precision=self.cfg.train.metrics_precision)
             # the per-token eval losses are kept (checksummed), so the chapters' loss analyses
             # (heatmaps, PCA, index pairs) read them instead of running the model again
             entry["losses_sha256"] = save_tensors(self.dir / "snapshots" / f"losses_{step:08d}.safetensors",
