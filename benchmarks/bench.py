@@ -15,7 +15,16 @@
    that ratio (:func:`speedup_ceiling`);
 4. the cost of the metrics: at every snapshot in training and in the chapters' analyses, for one
    run, as a ratio to its training time (:func:`metrics_cost`);
-5. the whole smoke book build, split into train / execute / render.
+5. the whole smoke book build, split into train / execute / render;
+6. with ``--baseline REF``: the trainer of an older commit and of this checkout side by side, each
+   measurement in a fresh process (benchmarks/step_worker.py) and the two alternating, so a noisy
+   machine slows both alike: tokens/s, their ratio, the share of the step in matrix products
+   (``torch.profiler``), peak resident memory; and this checkout at 1 and 2 threads (is one
+   2-thread run faster than two 1-thread runs side by side?);
+7. the peak resident memory the trainer logged for each run of a trained profile.
+
+Threads default to 1, as the book trains (two 1-thread runs at a time on 2 cores), and the matmul
+peak is measured at the same thread count, so "% of peak" compares like with like.
 
 Results: benchmarks/results.json and benchmarks/results.md (tables).
 """
@@ -213,6 +222,81 @@ def snapshot_metrics_floor(cfg, n_snapshots: int) -> float:
     return cfg.data.n_eval * cfg.model.n_ctx * n_snapshots / (3 * cfg.train.total_tokens)
 
 
+def unpack_commit(ref: str, dest: Path) -> Path:
+    """The files of commit ``ref`` (git archive) in ``dest``: an older trainer to compare with."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def worker(tree: Path, run: str, precision: str, threads: int = 1, steps: int = 20, profile_steps: int = 0,
+           compile: str = "auto", profile_name: str = "laptop") -> dict:
+    """One measurement by benchmarks/step_worker.py in a fresh process on ``tree``'s code."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_worker.py"), "--tree", str(tree), "--run", run,
+           "--profile-name", profile_name,
+           "--precision", precision, "--threads", str(threads), "--steps", str(steps),
+           "--profile-steps", str(profile_steps), "--compile", compile]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if out.returncode:
+        raise RuntimeError(f"step_worker failed on {tree} {run} {precision}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(baseline: Path, runs, precisions, rounds: int, steps: int, profile_steps: int = 5,
+                 profile_name: str = "laptop") -> list[dict]:
+    """The baseline commit's trainer and this checkout's, alternating in fresh processes for
+    ``rounds`` rounds per (run, precision): median tokens/s of each and their ratio, both profiled
+    once (share of the step in matrix products), and their peak resident memory."""
+    rows = []
+    for run in runs:
+        for precision in precisions:
+            got = {"baseline": [], "current": []}
+            prof, rss = {}, {}
+            for r in range(rounds):
+                for side, tree in (("baseline", baseline), ("current", ROOT)):
+                    res = worker(tree, run, precision, steps=steps, profile_steps=profile_steps if r == 0 else 0,
+                                 profile_name=profile_name)
+                    got[side].append(res["tok_s"]["median"])
+                    rss[side] = max(rss.get(side, 0), res["peak_rss_mb"] or 0)
+                    if "profile" in res:
+                        prof[side] = res["profile"]
+                        prof[side]["compiled"] = res["compiled"]
+            row = {"run": run, "precision": precision, "rounds": rounds,
+                   "baseline_tok_s": stats(got["baseline"]), "current_tok_s": stats(got["current"]),
+                   "speedup": statistics.median(got["current"]) / statistics.median(got["baseline"]),
+                   "profile": prof, "peak_rss_mb": rss, "flops_per_token": res["flops_per_token"]}
+            rows.append(row)
+            print("side by side", run, precision, f"x{row['speedup']:.2f}",
+                  {k: f"{v['matrix_share']:.0%} matrix" for k, v in prof.items()}, flush=True)
+    return rows
+
+
+def thread_scaling(run: str = "attn2", steps: int = 20, rounds: int = 3) -> dict:
+    """This checkout's tokens/s at 1 and 2 threads: the profile's two 1-thread runs side by side
+    reach about twice the 1-thread rate, so one 2-thread run pays only if it is > 2x faster."""
+    got = {1: [], 2: []}
+    for _ in range(rounds):
+        for t in (1, 2):
+            got[t].append(worker(ROOT, run, "bf16", threads=t, steps=steps)["tok_s"]["median"])
+    one, two = statistics.median(got[1]), statistics.median(got[2])
+    return {"run": run, "tok_s_1_thread": one, "tok_s_2_threads": two, "ratio": two / one}
+
+
+def logged_peak_rss(profile_name: str = "laptop") -> dict:
+    """Peak resident memory (MB) each trained run of the profile logged in its manifest."""
+    prof = load_profile(profile_name)
+    out = {}
+    for name in prof.runs:
+        try:
+            man = prof.run(name).manifest
+        except (FileNotFoundError, AttributeError):
+            continue
+        if man.get("peak_rss_mb"):
+            out[name] = man["peak_rss_mb"]
+    return out
+
+
 def smoke_book():
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, ICL_RUNS_DIR=f"{d}/runs")
@@ -227,13 +311,17 @@ def smoke_book():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer steps and shapes")
     ap.add_argument("--skip-tl", action="store_true")
     ap.add_argument("--skip-book", action="store_true")
     ap.add_argument("--skip-metrics", action="store_true")
     ap.add_argument("--metrics-run", default="attn3", help="the laptop run whose metric cost is measured")
+    ap.add_argument("--baseline", metavar="REF", help="an older commit whose trainer to measure side by side")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the side-by-side comparison")
+    ap.add_argument("--only-side-by-side", action="store_true",
+                    help="only the matmul peak and the --baseline comparison (with thread scaling and logged memory)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads,
@@ -241,6 +329,16 @@ def main(argv=None):
     res["peak_gflops"] = {"fp32": matmul_peak(torch.float32, repeats=a.repeats),
                           "bf16": matmul_peak(torch.bfloat16, repeats=a.repeats)}
     print("peak", json.dumps(res["peak_gflops"]), flush=True)
+    if a.baseline:
+        with tempfile.TemporaryDirectory() as d:
+            base = unpack_commit(a.baseline, Path(d) / "baseline")
+            runs = ["attn2", "attn2_wide"] if a.quick else ["attn2", "attn3", "attn2_wide"]
+            res["side_by_side"] = {"baseline": a.baseline, "current": _git_head(), "rows": side_by_side(
+                base, runs, ["bf16", "fp32"], a.rounds, steps=8 if a.quick else 20)}
+        res["threads_scaling"] = thread_scaling(rounds=a.rounds)
+        res["logged_peak_rss_mb"] = logged_peak_rss()
+    if a.only_side_by_side:
+        return write_results(res, [], a)
     prof = load_profile("laptop")
     shapes = {"attn1": prof.run_config("attn1"), "attn2": prof.run_config("attn2"),
               "attn3": prof.run_config("attn3"), "mlp2": prof.run_config("mlp2"),
@@ -282,10 +380,61 @@ def main(argv=None):
     if not a.skip_book:
         res["smoke_book"] = smoke_book()
         print("smoke book", json.dumps(res["smoke_book"]), flush=True)
+    return write_results(res, rows, a)
+
+
+def _git_head() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def side_by_side_lines(res: dict) -> list[str]:
+    """Markdown for the --baseline comparison, thread scaling and logged memory (empty without)."""
+    sb = res.get("side_by_side")
+    if not sb:
+        return []
+    pk = res["peak_gflops"]
+    lines = ["", f"Trainer of `{sb['baseline']}` (baseline) and of `{sb['current']}` (current) side by side, "
+             "alternating fresh processes; tokens/s medians over rounds (min-max); matrix share = "
+             "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps); % of peak against "
+             "this machine's matmul peak in the same precision and thread count.", "",
+             "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
+             "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sb["rows"]:
+        b, c = r["baseline_tok_s"], r["current_tok_s"]
+        peak = pk[r["precision"]]["median"]
+        fb, fc = (frac_of_peak(x["median"], r["flops_per_token"], peak) for x in (b, c))
+        pr = r["profile"]
+        share = " → ".join(f"{pr[k]['matrix_share']:.0%}" if k in pr else "-" for k in ("baseline", "current"))
+        lines.append(f"| {r['run']} | {r['precision']} | {b['median']:.0f} ({b['min']:.0f}-{b['max']:.0f}) | "
+                     f"{c['median']:.0f} ({c['min']:.0f}-{c['max']:.0f}) | x{r['speedup']:.2f} | {share} | "
+                     f"{fb:.1%} → {fc:.1%} | {pr.get('current', {}).get('compiled', '-')} | "
+                     f"{r['peak_rss_mb'].get('baseline', 0):.0f} → {r['peak_rss_mb'].get('current', 0):.0f} |")
+    for r in sb["rows"]:
+        for side in ("baseline", "current"):
+            p = r["profile"].get(side)
+            if p:
+                lines.append("")
+                lines.append(f"Where the {side} `{r['run']}` {r['precision']} step goes ({p['step_ms']:.1f} ms "
+                             f"under the profiler): " + "; ".join(f"{t['op']} {t['share']:.0%}" for t in p["top"]))
+    ts = res.get("threads_scaling")
+    if ts:
+        lines += ["", f"Threads (`{ts['run']}` bf16, current): {ts['tok_s_1_thread']:.0f} tok/s on 1 thread, "
+                  f"{ts['tok_s_2_threads']:.0f} on 2 (x{ts['ratio']:.2f}); two 1-thread runs side by side "
+                  f"{'train more tokens per second than one 2-thread run' if ts['ratio'] < 2 else 'do not beat one 2-thread run'}."]
+    rss = res.get("logged_peak_rss_mb")
+    if rss:
+        lines += ["", "Peak resident memory logged by the trainer (laptop runs, MB): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss.items())) + f"; largest {max(rss.values()):.0f}."]
+    return lines
+
+
+def write_results(res: dict, rows: list, a) -> dict:
     out = ROOT / "benchmarks"
     (out / "results.json").write_text(json.dumps(res, indent=1))
     lines = ["| model | precision | tok/s median (min-max) | GFLOP/s | % of peak | TL tok/s | TL % of peak "
-             "| speedup vs TL | ceiling (100% of peak) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| speedup vs TL | ceiling (100% of peak) |", "|---|---|---|---|---|---|---|---|---|"] if rows else []
     for r in rows:
         t = r["tok_s"]
         tl = r.get("tl_tok_s")
@@ -313,8 +462,10 @@ def main(argv=None):
                      f"{mc['ratio_logged']:.0%} of training time with the snapshot metrics." if mc.get("ratio_logged") else ""), "",
                   "| per snapshot | median s (min-max) |", "|---|---|"]
         lines += [f"| {k} | {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) |" for k, v in mc["per_snapshot_s"].items()]
+    lines += side_by_side_lines(res)
     (out / "results.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(head + lines))
+    return res
 
 
 if __name__ == "__main__":

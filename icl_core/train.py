@@ -29,6 +29,9 @@ RESUME_EVERY = 200
 # run's wall time 1.34x its training time, 1.11x with this floor (benchmarks/gpu/README.md); a
 # kill loses at most this much training
 RESUME_MIN_SECONDS = 30.0
+# CPU runs this long compile their loss (Trainer(compile=None)): compiling takes ~5-25 s per process,
+# a few hundred steps of the laptop models; the smoke profile's runs (160 steps) stay eager
+CPU_COMPILE_MIN_STEPS = 1000
 
 
 def snapshot_steps(total_steps: int, n: int) -> list[int]:
@@ -61,8 +64,9 @@ def make_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
     t = cfg.train
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    # on CUDA the fused kernel updates all parameters in a few launches (the CPU keeps the default)
-    fused = next(model.parameters()).is_cuda or None
+    # the fused kernel updates all parameters in a few launches on CUDA, and in one pass per
+    # parameter on the CPU (x1.02 of a laptop training step against the default foreach kernels)
+    fused = True
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": other, "weight_decay": 0.0}],
                              lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
@@ -70,8 +74,13 @@ def make_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
 
 def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str | None = None):
     """The training step's loss of a token batch: the forward pass under the run's precision
-    (bf16 autocast or fp32), then next-token cross-entropy. With ``compile`` the two are one
-    ``torch.compile``-d function (static shapes), so the loss's log-softmax fuses with the unembedding."""
+    (bf16 autocast or fp32), then next-token cross-entropy.
+
+    Eager, the loss is the model's chunked linear + cross-entropy (``net(x, return_loss=True)``,
+    :func:`icl_core.model.linear_cross_entropy`), which never stores the logits. With ``compile``
+    the forward and loss are one ``torch.compile``-d function (static shapes): on CUDA the plain
+    logits + cross-entropy (the log-softmax fuses with the unembedding), on the CPU the chunked
+    loss (inductor fuses the elementwise work around the matmuls into C++ loops)."""
     dev_type = device.split(":")[0]
     bf16 = cfg.train.precision == "bf16"
 
@@ -80,7 +89,37 @@ def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str
             logits = net(x)
         return loss_fn(logits, x)
 
-    return torch.compile(loss_of, dynamic=False, mode=mode) if compile else loss_of
+    def fused_loss_of(x):
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x, return_loss=True)
+
+    if not compile:
+        return fused_loss_of
+    compiled = torch.compile(loss_of if dev_type == "cuda" else fused_loss_of, dynamic=False, mode=mode)
+    if dev_type == "cuda":
+        return compiled
+    return _EagerFallback(compiled, fused_loss_of)
+
+
+class _EagerFallback:
+    """A compiled CPU loss that falls back to eager, with one warning, if its first call cannot
+    compile (inductor's CPU kernels need a C++ compiler; a machine without one still trains)."""
+
+    def __init__(self, compiled, eager):
+        self.fn, self.eager, self.checked, self.fell_back = compiled, eager, False, False
+
+    def __call__(self, x):
+        if self.checked:
+            return self.fn(x)
+        try:
+            out = self.fn(x)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: train eagerly instead
+            print(f"warning: torch.compile failed on this CPU ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "training eagerly (ICL_COMPILE=0 skips the attempt)")
+            self.fn, self.fell_back = self.eager, True
+            out = self.fn(x)
+        self.checked = True
+        return out
 
 
 class EvalData:
@@ -144,6 +183,45 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def pin_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve allocations of ``nbytes`` and more with mmap, returned to the OS when freed (glibc).
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after
+    which blocks of that size come from the heap, which returns memory to the OS only from its top:
+    a training process of the laptop's 2-layer model, freeing 16 MB logits buffers every step,
+    grew to 2.9 GB of resident memory in 800 steps (4 MB a step) and held it; with the threshold
+    pinned it stayed at 0.44 GB (benchmarks/results.md). Setting it explicitly turns the adjustment
+    off. Returns False where there is no glibc (nothing to do)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (Linux: VmHWM), so :func:`peak_rss_mb` measures
+    from here (a book worker trains several runs one after another)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB since start or :func:`reset_peak_rss` (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, corpus: D.Corpus | None = None,
                  device: str = "cpu", cache_dir: str | Path | None = None, compile: bool | None = None):
@@ -152,10 +230,12 @@ class Trainer:
         self.device = device
         self.cuda = device.startswith("cuda")
         # torch.compile of the forward pass and loss: an execution option like the device (not part
-        # of the run's hash); None = on for CUDA (x1.6-2.2 on an H100, benchmarks/gpu/) unless
-        # ICL_COMPILE=0, off on the CPU, where it was measured slower
+        # of the run's hash); None = on unless ICL_COMPILE=0: always on CUDA (x1.6-2.2 on an H100,
+        # benchmarks/gpu/), on the CPU for runs of at least CPU_COMPILE_MIN_STEPS steps, which repay
+        # the compile's seconds (benchmarks/results.md)
         if compile is None:
-            compile = self.cuda and os.environ.get("ICL_COMPILE", "1") != "0"
+            compile = os.environ.get("ICL_COMPILE", "1") != "0" and (
+                self.cuda or cfg.total_steps >= CPU_COMPILE_MIN_STEPS)
         self.compile = compile
         # data parallel (torchrun): every rank builds the same global batch and trains on its
         # slice; DDP averages gradients; only rank 0 writes files
@@ -237,6 +317,9 @@ class Trainer:
         man = self.manifest()
         if man.get("done"):
             return man
+        if not self.cuda:
+            pin_malloc_mmap_threshold()
+        reset_peak_rss()
         model = init_model(cfg, self.device)
         opt = make_optimizer(model, cfg)
         start, log = 0, []
@@ -345,6 +428,9 @@ class Trainer:
             man["train_log"] = log
             man["total_steps"] = total
             man["tokens_per_step"] = cfg.tokens_per_step
+            man["compiled"] = bool(self.compile) and not getattr(loss_of, "fell_back", False)
+            # this process's peak resident memory over the (last resumed part of the) run
+            man["peak_rss_mb"] = peak_rss_mb()
             atomic_write_json(self.dir / "manifest.json", man)
             for f in self.dir.glob("resume_*.safetensors"):
                 f.unlink(missing_ok=True)

@@ -64,3 +64,22 @@ def test_gpu_attention_dry_run_on_cpu(tmp_path):
     # the causal count is half the full square: (B, H, T, d) = (1, 1, 2, 1) has 2 x 2 x 4 / 2 forward FLOPs
     assert gpu_attention.causal_flops(1, 1, 2, 1) == 3 * 2 * 2 * 4 / 2
     assert json.loads((tmp_path / "a.json").read_text())["rows"]
+
+
+def test_side_by_side_of_two_checkouts(tmp_path):
+    """--baseline: the committed trainer unpacked from git and this checkout's, alternating in fresh
+    processes (smoke shapes, 2 steps: the numbers mean nothing; the plumbing and the table do)."""
+    base = bench.unpack_commit("HEAD", tmp_path / "base")
+    assert (base / "icl_core" / "train.py").exists()
+    rows = bench.side_by_side(base, ["attn1"], ["fp32"], rounds=2, steps=2, profile_steps=1, profile_name="smoke")
+    (row,) = rows
+    assert row["baseline_tok_s"]["n"] == row["current_tok_s"]["n"] == 2 and row["speedup"] > 0
+    for side in ("baseline", "current"):
+        p = row["profile"][side]
+        assert 0 < p["matrix_share"] < 1 and p["top"] and row["peak_rss_mb"][side] > 0
+    res = {"peak_gflops": {"fp32": {"median": 100.0}}, "side_by_side": {"baseline": "abc", "current": "def", "rows": rows},
+           "threads_scaling": {"run": "attn1", "tok_s_1_thread": 100.0, "tok_s_2_threads": 150.0, "ratio": 1.5},
+           "logged_peak_rss_mb": {"attn1": 400.0}}
+    text = "\n".join(bench.side_by_side_lines(res))
+    assert "| attn1 | fp32 |" in text and "two 1-thread runs side by side train more tokens" in text
+    assert "largest 400" in text

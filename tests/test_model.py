@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from icl_core import hooks as H
-from icl_core.model import Transformer, loss_fn
+from icl_core import model as model_module
+from icl_core.model import Transformer, linear_cross_entropy, loss_fn
 from icl_core.config import ModelConfig
 from tests.conftest import tiny_model
 
@@ -160,6 +161,41 @@ def test_loss_fn_scores_each_position_against_the_next_token():
     assert torch.allclose(loss_fn(logits, tokens), want.mean(), atol=1e-6)  # the last position is not scored
 
 
+@pytest.mark.parametrize("chunk", [4, 7, 1000])  # chunks that split the rows unevenly, and one chunk
+def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradients(chunk, monkeypatch):
+    """The chunked linear + cross-entropy (the eager training loss) is loss_fn of the logits: same
+    value and same gradients for the residual and W_U, whatever the chunking, and the gradient
+    scales with the upstream gradient (loss * 3)."""
+    monkeypatch.setattr(model_module, "CE_CHUNK_ROWS", chunk)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    W = torch.randn(8, 13, generator=g, dtype=torch.float64).requires_grad_()
+    tokens = torch.randint(0, 13, (3, 9), generator=g)
+    want = torch.nn.functional.cross_entropy((h @ W)[:, :-1].reshape(-1, 13), tokens[:, 1:].reshape(-1))  # fp64
+    want_h, want_W = torch.autograd.grad(3 * want, (h, W))
+    got = linear_cross_entropy(h, W, tokens)
+    got_h, got_W = torch.autograd.grad(3 * got, (h, W))
+    assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(got_h, want_h, atol=1e-12) and torch.allclose(got_W, want_W, atol=1e-12)
+    assert got_h[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+def test_model_training_loss_matches_logits_loss_in_fp32_and_bf16():
+    """model(x, return_loss=True) is the loss of model(x); under bf16 autocast both use bf16
+    matmuls and an fp32 log-softmax, so they agree to bf16 rounding of the summed terms."""
+    m = tiny_model(d_vocab=50)
+    x = torch.randint(0, 50, (4, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(m(x, return_loss=True), loss_fn(m(x), x), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = m(x, return_loss=True)
+        plain = loss_fn(m(x), x)
+    assert fused.dtype == torch.float32
+    assert torch.allclose(fused, plain, atol=1e-4)
+    gf = torch.autograd.grad(fused, m.W_U)[0]
+    gp = torch.autograd.grad(plain, m.W_U)[0]
+    assert torch.allclose(gf, gp, atol=1e-3 * gp.abs().max().item())
+
+
 def test_training_gradients_are_repeatable_with_two_threads():
     """Two CPU threads must not make a training step's gradients depend on thread timing (the
     token-embedding gradient did, through W_E[tokens]'s accumulating backward). Many repeated
@@ -172,7 +208,7 @@ def test_training_gradients_are_repeatable_with_two_threads():
 
         def grads():
             m.zero_grad(set_to_none=True)
-            loss_fn(m(x), x).backward()
+            m(x, return_loss=True).backward()  # the training loss
             return {n: p.grad.clone() for n, p in m.named_parameters()}
 
         ref = grads()

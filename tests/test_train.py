@@ -70,6 +70,25 @@ def test_killed_run_resumes_to_identical_weights(tiny_run_cfg, tmp_path):
     assert full.manifest["train_log"] == resumed.manifest["train_log"]
 
 
+def test_compiled_cpu_run_resumes_to_identical_weights(tiny_run_cfg, tmp_path, monkeypatch):
+    """The laptop runs train compiled on the CPU (bf16): stopped after 7 steps and rerun from its
+    last resume state, a compiled run ends bit-identical to an uninterrupted compiled one."""
+    import dataclasses
+
+    import icl_core.train as T
+    monkeypatch.setattr(T, "RESUME_MIN_SECONDS", 0.0)
+    cfg = dataclasses.replace(tiny_run_cfg, train=dataclasses.replace(tiny_run_cfg.train, precision="bf16"))
+    full = Trainer(cfg, tmp_path / "a", compile=True)
+    full.run(progress=False)
+    Trainer(cfg, tmp_path / "b", compile=True).run(progress=False, stop_after=7)
+    assert 0 < json.loads((tmp_path / "b" / "resume.json").read_text())["step"] <= 7
+    resumed = Trainer(cfg, tmp_path / "b", compile=True).run(progress=False)
+    assert resumed["compiled"] is True
+    a, b = _weights(Run(tmp_path / "a")), _weights(Run(tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.manifest()["train_log"] == resumed["train_log"]
+
+
 @pytest.mark.parametrize("how", ["truncate", "flip", "zero"])
 def test_corrupt_checkpoint_is_refused(tiny_run_cfg, tmp_path, how):
     run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
@@ -278,4 +297,30 @@ def test_compiled_training_step_matches_eager(tiny_run_cfg, tmp_path):
     assert len(a) == len(b) == tiny_run_cfg.total_steps
     assert a[-1] < a[0] - 0.1  # it learned something, so the comparison is not of two constants
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
-    assert Trainer(tiny_run_cfg, tmp_path / "x").compile is False  # the CPU default stays eager
+    assert compiled["compiled"] is True and eager["compiled"] is False
+    assert compiled["peak_rss_mb"] > 0  # logged (Linux)
+
+
+def test_cpu_compiles_only_runs_long_enough_to_repay_it(tiny_run_cfg, tmp_path, monkeypatch):
+    """Trainer(compile=None) on the CPU: short runs (the smoke profile) stay eager, runs of at least
+    CPU_COMPILE_MIN_STEPS compile, and ICL_COMPILE=0 turns compiling off."""
+    from icl_core.train import CPU_COMPILE_MIN_STEPS
+    assert tiny_run_cfg.total_steps < CPU_COMPILE_MIN_STEPS
+    assert Trainer(tiny_run_cfg, tmp_path / "short").compile is False
+    d = tiny_run_cfg.to_dict()
+    d["train"]["total_tokens"] = CPU_COMPILE_MIN_STEPS * tiny_run_cfg.tokens_per_step
+    long_cfg = RunConfig.from_dict(d)
+    assert Trainer(long_cfg, tmp_path / "long").compile is True
+    monkeypatch.setenv("ICL_COMPILE", "0")
+    assert Trainer(long_cfg, tmp_path / "long").compile is False
+
+
+def test_a_compiler_failure_falls_back_to_eager(tiny_run_cfg, capsys):
+    """Where the CPU cannot compile (no C++ compiler), the first call warns once and trains eagerly."""
+    from icl_core.train import _EagerFallback
+
+    def broken(x):
+        raise RuntimeError("no C++ compiler\nmore")
+    loss_of = _EagerFallback(broken, lambda x: x * 2)
+    assert loss_of(3) == 6 and loss_of(4) == 8 and loss_of.fell_back
+    assert capsys.readouterr().out.count("warning: torch.compile failed") == 1

@@ -1,0 +1,113 @@
+"""One benchmark measurement in a fresh process, on the code of any checkout (benchmarks/bench.py).
+
+    python benchmarks/step_worker.py --tree DIR --run attn2 --precision bf16 [--threads 1]
+                                     [--steps 20] [--warmup 3] [--profile-steps 0]
+
+Imports ``icl_core`` from ``DIR`` (this checkout, or an older commit's files that bench.py
+unpacked), builds the laptop profile's run ``--run`` at ``--precision``, and times the training
+step as that checkout's trainer takes it: its optimizer and loss, and ``torch.compile`` where that
+checkout's Trainer would compile a run of this length on this device. Prints one JSON line:
+tokens/s (median and min-max over the timed steps), the process's peak resident memory, whether
+the loss was compiled, and with ``--profile-steps N`` a ``torch.profiler`` breakdown of N steps
+(share of the step in matrix products, the top ops). Only calls that exist in every checkout
+since the benchmarks began (init_model, make_loss, make_optimizer, Corpus, train_batch) are used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+MATRIX_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::matmul_out", "aten::linear")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tree", required=True)
+    ap.add_argument("--run", default="attn2")
+    ap.add_argument("--profile-name", default="laptop")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=0)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="auto: as the checkout's Trainer would for this run on the CPU")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, a.tree)
+    import torch
+
+    from icl_core import data as D
+    from icl_core import train as T
+    from icl_core.profiles import load_profile
+    from icl_core.runs import cache_dir
+
+    torch.set_num_threads(a.threads)
+    cfg = load_profile(a.profile_name).run_config(a.run)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=a.precision))
+    min_steps = getattr(T, "CPU_COMPILE_MIN_STEPS", None)  # checkouts before it never compiled on the CPU
+    compile = {"on": True, "off": False}.get(a.compile, min_steps is not None and cfg.total_steps >= min_steps)
+    corpus = D.Corpus(cfg.data, cache_dir())
+    model = T.init_model(cfg)
+    opt = T.make_optimizer(model, cfg)
+    loss_of = T.make_loss(model, cfg, "cpu", compile=compile)
+    params = list(model.parameters())
+    batches = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(a.steps)]
+
+    def step(x):
+        loss = loss_of(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or 1.0)
+        opt.step()
+
+    t0 = time.perf_counter()
+    for i in range(a.warmup):
+        step(batches[i % len(batches)])
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for x in batches:
+        t = time.perf_counter()
+        step(x)
+        times.append(time.perf_counter() - t)
+    n_tok = batches[0].numel()
+    tok_s = [n_tok / t for t in times]
+    out = {"tree": a.tree, "run": a.run, "precision": a.precision, "threads": a.threads, "compiled": compile,
+           "warmup_s": warmup_s, "tok_s": {"median": statistics.median(tok_s), "min": min(tok_s), "max": max(tok_s),
+                                           "n": len(tok_s)},
+           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": _peak_rss_mb()}
+    if a.profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            for i in range(a.profile_steps):
+                step(batches[i % len(batches)])
+        ka = p.key_averages()
+        total = sum(k.self_cpu_time_total for k in ka)
+        matrix = sum(k.self_cpu_time_total for k in ka if k.key in MATRIX_OPS)
+        top = sorted(ka, key=lambda k: -k.self_cpu_time_total)[:8]
+        out["profile"] = {"step_ms": total / a.profile_steps / 1e3, "matrix_share": matrix / total,
+                          "top": [{"op": _short(k.key), "ms": k.self_cpu_time_total / a.profile_steps / 1e3,
+                                   "share": k.self_cpu_time_total / total} for k in top]}
+    print(json.dumps(out))
+
+
+def _short(name: str) -> str:
+    """Inductor's compiled graphs are named by a hash: one label for all of them."""
+    return "compiled elementwise (inductor)" if name.startswith("## Call CompiledFxGraph") else name[:60]
+
+
+def _peak_rss_mb():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
