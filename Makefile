@@ -62,7 +62,7 @@ $(LAB): $(STAMP) requirements-lab.txt
 	touch $(LAB)
 
 lab: $(LAB)
-	$(VENV)/bin/jupyter lab --notebook-dir=chapters $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=chapters $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: setup setup-extras
 	$(PY) benchmarks/bench.py
