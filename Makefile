@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS := $(VENV)/.extras
+LAB := $(VENV)/.lab
 
-.PHONY: setup setup-extras book test test-fast browser train bench sweep clean-build
+.PHONY: setup setup-extras book test test-fast browser train bench sweep clean-build publish lab
 
 # create or reuse the virtual environment; reinstall when requirements change
 $(STAMP): requirements.txt pyproject.toml
@@ -44,6 +45,24 @@ test: setup setup-extras browser
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# push a built book (make book, on any machine) to the gh-pages branch of $(PUBLISH_REMOTE):
+# the site's files only, with .nojekyll (GitHub Pages serves _static/ as it is); replaces the branch
+PUBLISH_REMOTE ?= origin
+PUBLISH_BRANCH ?= gh-pages
+SITE ?= _build/html
+publish: setup
+	@test -f $(SITE)/index.html || { echo "error: no $(SITE)/index.html: build the book first (make book)"; exit 1; }
+	$(VENV)/bin/ghp-import --no-jekyll --no-history --force --push --remote $(PUBLISH_REMOTE) --branch $(PUBLISH_BRANCH) \
+		--message "Publish the book ($$(git rev-parse --short HEAD 2>/dev/null || echo unversioned))" $(SITE)
+
+# JupyterLab (requirements-lab.txt) in .venv, opened on chapters/ with the project's python3 kernel
+$(LAB): $(STAMP) requirements-lab.txt
+	$(PY) -m pip install -q -r requirements-lab.txt
+	touch $(LAB)
+
+lab: $(LAB)
+	$(VENV)/bin/jupyter lab --notebook-dir=chapters $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: setup setup-extras
 	$(PY) benchmarks/bench.py

@@ -198,3 +198,85 @@ def test_widget_javascript_is_vendored(site):
         assert (site / "_static" / "ipywidgets" / f).exists()
     # only pages with widgets load the widget manager (it is not in a `_static` source folder)
     assert "embed-amd.js" not in (site / "chapters" / "07_methods.html").read_text()
+
+
+# --- publishing (issue 21): the header's buttons, the launch links, `make publish` of the site ---
+
+def _book_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def _header_buttons(page: Path) -> dict[str, str]:
+    """The article header's link buttons of a built page: tooltip -> href."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(page.read_text(), "html.parser")
+    return {a.get("title", ""): a["href"] for a in soup.select(".article-header-buttons a[href]")}
+
+
+def _toc_pages() -> dict[str, Path]:
+    """Every page of _toc.yml: its html path -> its source file in the project."""
+    from icl_core.book import toc_files
+
+    pages = {}
+    for f in toc_files(ROOT):
+        src = next(p for p in (ROOT / f"{f}.ipynb", ROOT / f"{f}.md") if p.exists())
+        pages[f"{f}.html"] = src
+    return pages
+
+
+def test_repository_issues_and_download_buttons_render(site):
+    url = _book_config()["repository"]["url"]
+    for rel, src in _toc_pages().items():
+        buttons = _header_buttons(site / rel)
+        assert buttons.get("Source repository") == url, (rel, buttons)
+        assert buttons.get("Open an issue", "").startswith(f"{url}/issues/new?"), (rel, buttons)
+        download = (site / rel).parent / buttons["Download source file"]
+        assert download.resolve().is_file() and download.suffix == src.suffix, (rel, buttons)
+
+
+def test_launch_buttons_open_the_chapter_notebooks_of_the_repository(site):
+    cfg = _book_config()
+    org, repo = cfg["repository"]["url"].removeprefix("https://github.com/").split("/")
+    branch, launch = cfg["repository"]["branch"], cfg["launch_buttons"]
+    ui = {"classic": "tree", "jupyterlab": "lab/tree"}[launch["notebook_interface"]]
+    n_notebooks = 0
+    for rel, src in _toc_pages().items():
+        buttons = _header_buttons(site / rel)
+        if src.suffix != ".ipynb":
+            assert "Launch on Binder" not in buttons and "Launch on Colab" not in buttons, rel
+            continue
+        nb = src.relative_to(ROOT).as_posix()  # e.g. chapters/03_ablation.ipynb, as stored in the repository
+        assert buttons["Launch on Binder"] == f"{launch['binderhub_url']}/v2/gh/{org}/{repo}/{branch}?urlpath={ui}/{nb}"
+        assert buttons["Launch on Colab"] == f"{launch['colab_url']}/github/{org}/{repo}/blob/{branch}/{nb}"
+        n_notebooks += 1
+    assert n_notebooks == len(list((ROOT / "chapters").glob("*.ipynb")))
+
+
+def test_about_page_links_to_the_deviations_table(site):
+    from bs4 import BeautifulSoup
+
+    about = site / "chapters" / "about.html"
+    links = [a["href"] for a in BeautifulSoup(about.read_text(), "html.parser").select("article a[href]")
+             if not a["href"].startswith(("http", "#", "mailto:"))]
+    assert "07_methods.html#deviations-from-the-paper" in links
+    for href in links:  # every local link of the page lands on an existing page and anchor
+        path, _, anchor = href.partition("#")
+        target = (about.parent / path).resolve()
+        assert target.is_file(), href
+        if anchor:
+            assert BeautifulSoup(target.read_text(), "html.parser").find(id=anchor), href
+
+
+def test_make_publish_pushes_the_built_site_to_a_bare_remote(site, tmp_path):
+    from tests.test_publish import publish_to_bare_remote
+
+    files = publish_to_bare_remote(site, tmp_path)
+    assert "index.html" in files and ".nojekyll" in files
+    assert files == {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()} | {".nojekyll"}
+    assert set(_pages(site)) <= files
+    executed = OUT / "_build" / "executed"
+    assert any(executed.rglob("*.key.json"))  # what must stay behind exists beside the site ...
+    assert not [f for f in files if f.endswith((".key.json", ".failed.ipynb")) or "executed" in f]  # ... and stays
