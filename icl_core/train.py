@@ -183,25 +183,6 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def pin_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Serve allocations of ``nbytes`` and more with mmap, returned to the OS when freed (glibc).
-
-    glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after
-    which blocks of that size come from the heap, which returns memory to the OS only from its top:
-    a training process of the laptop's 2-layer model, freeing 16 MB logits buffers every step,
-    grew to 2.9 GB of resident memory in 800 steps (4 MB a step) and held it; with the threshold
-    pinned it stayed at 0.44 GB (benchmarks/results.md). Setting it explicitly turns the adjustment
-    off. Returns False where there is no glibc (nothing to do)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def reset_peak_rss() -> None:
     """Reset this process's peak resident memory (Linux: VmHWM), so :func:`peak_rss_mb` measures
     from here (a book worker trains several runs one after another)."""
@@ -317,8 +298,12 @@ class Trainer:
         man = self.manifest()
         if man.get("done"):
             return man
-        if not self.cuda:
-            pin_malloc_mmap_threshold()
+        # peak memory of this run alone (a book worker trains several runs one after another).
+        # The unfused loss freed (N, V) fp32 logits buffers of 16 MB every step; glibc then raised
+        # its mmap threshold to 16 MB and served them from a fragmenting heap: 2.9 GB resident after
+        # 800 steps of the laptop's 2-layer model, 0.44 GB with the threshold pinned, and 0.47 GB with
+        # the chunked loss, which allocates no such buffer (benchmarks/results.md). Pinning it costs
+        # page faults on every large allocation, so the trainer does not.
         reset_peak_rss()
         model = init_model(cfg, self.device)
         opt = make_optimizer(model, cfg)
