@@ -24,10 +24,10 @@ import torch
 
 from . import analysis as A
 from . import metrics as M
+from .heads import (INDUCTION_THRESHOLD, PREV_TOKEN_THRESHOLD, head_labels, icl_curve,
+                    phase_change_window)
 
-# [book choice] thresholds, stated in the chapter
-PREFIX_THRESHOLD = 0.3  # induction head: prefix-matching score >= this
-PREV_THRESHOLD = 0.3  # previous-token head: previous-token score >= this
+# [book choice] thresholds, stated in the chapter (head classes: icl_core.heads)
 REMOVAL_THRESHOLD = 0.7  # "removes almost all ICL": ablating the induction heads removes >= 70 %
 
 
@@ -40,22 +40,8 @@ def run_kind(cfg) -> str:
     return "smeared keys" if m.smeared_keys else "attention-only"
 
 
-def final_head_scores(run) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefix, prev_token), each (L, H), at the last snapshot (cheap metrics of the training log)."""
-    df = run.metrics()
-    return (torch.tensor(df["prefix"].iloc[-1], dtype=torch.float32),
-            torch.tensor(df["prev_token"].iloc[-1], dtype=torch.float32))
-
-
-def head_labels(run, prefix_threshold: float = PREFIX_THRESHOLD, prev_threshold: float = PREV_THRESHOLD) -> np.ndarray:
-    """(L, H) labels 'induction' / 'previous-token' / 'other' at the final snapshot
-    (:func:`icl_core.analysis.classify_heads`)."""
-    pm, pt = final_head_scores(run)
-    return A.classify_heads(pm, pt, prefix_threshold, prev_threshold)
-
-
-def runs_overview(runs: list, prefix_threshold: float = PREFIX_THRESHOLD,
-                  prev_threshold: float = PREV_THRESHOLD) -> pd.DataFrame:
+def runs_overview(runs: list, prefix_threshold: float = INDUCTION_THRESHOLD,
+                  prev_threshold: float = PREV_TOKEN_THRESHOLD) -> pd.DataFrame:
     """One row per run: kind, depth, final ICL, top prefix score and head counts per class."""
     rows = []
     for run in runs:
@@ -69,7 +55,7 @@ def runs_overview(runs: list, prefix_threshold: float = PREFIX_THRESHOLD,
     return pd.DataFrame(rows).set_index("run")
 
 
-def evidence_sentence(overview: pd.DataFrame, prefix_threshold: float = PREFIX_THRESHOLD) -> tuple[list[str], str]:
+def evidence_sentence(overview: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD) -> tuple[list[str], str]:
     """(runs whose analysis is the chapter's main evidence, the sentence saying which and why).
 
     Main evidence: vanilla attention-only runs with at least one induction head. If there are none,
@@ -116,13 +102,13 @@ def _step_at(run, tokens: float) -> int:
 
 def before_after_steps(run, min_share: float = 0.5) -> tuple[int, int, str]:
     """(start step, end step, label) of the before-and-after vector: the phase-change window's edges
-    (:func:`icl_core.analysis.window`), or the first and last snapshots if no window is found or
+    (:func:`icl_core.heads.phase_change_window`), or the first and last snapshots if no window is found or
     the window holds less than ``min_share`` of the run's ICL change (first to last snapshot)."""
-    w = A.window(run)
+    w = phase_change_window(run)
     why = w.reason or "the window is a single snapshot"
     if w.found:
         s0, s1 = _step_at(run, w.start), _step_at(run, w.end)
-        _, curve = A.icl_curve(run)  # the curve the window was detected on
+        _, curve = icl_curve(run)  # the curve the window was detected on
         icl = dict(zip(run.steps, curve))
         total = float(curve[-1] - curve[0])
         inside = float(icl[s1] - icl[s0])
@@ -151,7 +137,7 @@ def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, 
     ``wall_seconds`` (this call)."""
     t0 = time.time()
     s0, s1, ba_label = before_after_steps(run)
-    L, Hn = run.config.model.n_layers, run.config.model.n_heads
+    n_layers, n_heads = run.config.model.n_layers, run.config.model.n_heads
     out = {"ba_steps": (s0, s1), "ba_label": ba_label, "seconds": 0.0,
            "n_examples": len(run.eval_data.tokens[:n_examples])}
     for mode, pp, n in (("pp", True, n_steps), ("full", False, n_steps if n_steps_full is None else n_steps_full)):
@@ -164,7 +150,7 @@ def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, 
         out[f"tokens_{mode}"] = r["tokens"].numpy()
         out[f"clean_icl_{mode}"] = r["clean_icl"].numpy()
         out[f"delta_icl_{mode}"] = r["delta_icl"].numpy()
-        out[f"projection_{mode}"] = proj.reshape(len(steps), L, Hn)
+        out[f"projection_{mode}"] = proj.reshape(len(steps), n_layers, n_heads)
         out["seconds"] += float(r["seconds"])
     out["wall_seconds"] = time.time() - t0
     return out
@@ -206,8 +192,8 @@ def random_head_sets(candidates: list[tuple[int, int]], k: int, n_draws: int,
     return seen, False
 
 
-def heads_mask(heads, L: int, Hn: int) -> torch.Tensor:
-    m = torch.zeros(L, Hn, dtype=torch.bool)
+def heads_mask(heads, n_layers: int, n_heads: int) -> torch.Tensor:
+    m = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     for l, h in heads:
         m[l, h] = True
     return m
@@ -243,14 +229,14 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
     the other three conditions. Cached in the run folder. Returns per mode the ICL of each condition,
     the random draws' ICLs (empty for 'full'), and the sets used."""
     run_steps = run.steps
-    L, Hn = labels.shape
-    ind = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] == "induction"]
-    prev = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] == "previous-token"]
-    cand = [(l, h) for l, h in np.ndindex(L, Hn) if labels[l, h] != "induction"]
+    n_layers, n_heads = labels.shape
+    ind = [(l, h) for l, h in np.ndindex(n_layers, n_heads) if labels[l, h] == "induction"]
+    prev = [(l, h) for l, h in np.ndindex(n_layers, n_heads) if labels[l, h] == "previous-token"]
+    cand = [(l, h) for l, h in np.ndindex(n_layers, n_heads) if labels[l, h] != "induction"]
     rsets, exhaustive = random_head_sets(cand, len(ind), n_draws, seed)
     ev = run.eval_data.tokens[:n_examples]
     sets = [[], ind, prev] + [list(s) for s in rsets]
-    masks = torch.stack([heads_mask(s, L, Hn) for s in sets])
+    masks = torch.stack([heads_mask(s, n_layers, n_heads) for s in sets])
     prec = run.eval_precision  # the run's metric precision (train.eval_precision)
     params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets], "icl": "band",
               "precision": prec}
@@ -263,7 +249,7 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
                 "icl_full": torch.tensor(set_ablation_icl(model, ev, masks[:3], False, prec), dtype=torch.float64)}
 
     t0 = time.time()
-    r = A._cached(run, "ablation_sets", params, compute)
+    r = A.cached(run, "ablation_sets", params, compute)
     out = {"induction": ind, "previous_token": prev, "random_sets": rsets, "exhaustive": exhaustive,
            "n_examples": len(ev), "seconds": float(r["seconds"]), "wall_seconds": time.time() - t0,
            "interval": interval}
@@ -284,7 +270,6 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
 def table_rows(run_name: str, t: dict) -> list[dict]:
     """Rows of the displayed table (one per condition) for one run."""
     k = len(t["induction"])
-    lo_q = f"{(1 - t['interval']) / 2 * 100:g}–{(1 + t['interval']) / 2 * 100:g}%"
     fmt_heads = lambda hs: ", ".join(f"L{l}H{h}" for l, h in hs) or "none"  # noqa: E731
     n_r = len(t["random_sets"])
     rows = []

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import analysis as A
 from . import metrics as M
+from .prose import fmt_tokens
+from .heads import INDUCTION_THRESHOLD, phase_change_window
 
-# [book choice] thresholds of the chapter's checks (printed in the chapter)
-PREFIX_THRESHOLD = 0.3  # a head with prefix-matching score >= this is an induction head
+# [book choice] thresholds of the chapter's checks (printed in the chapter; head classes: icl_core.heads)
 ICL_GAIN = 0.3  # nats of ICL the smeared 1-layer model must gain over its vanilla twin
 
 
@@ -54,17 +54,14 @@ def curves_from_metrics(name: str, seed: int, n_layers: int, smeared: bool, df: 
 
 
 def load_curves(run, **window_kw) -> Curves:
-    """A run's curves, with the book's phase-change window (:func:`icl_core.analysis.window`).
+    """A run's curves, with its phase-change window (:func:`icl_core.heads.phase_change_window`).
 
     [book choice] An ICL window counts as a phase change only if the run forms an induction head
-    (top prefix-matching score reaching PREFIX_THRESHOLD); an ICL drop without one (e.g. from
-    in-context token statistics) is reported as no phase change."""
+    (top prefix-matching score reaching :data:`icl_core.heads.INDUCTION_THRESHOLD`); an ICL drop
+    without one (e.g. from in-context token statistics) is reported as no phase change."""
     m = run.config.model
     df = run.metrics()
-    w = A.window(run, **window_kw)
-    if w.found and float(df["prefix_max"].max()) < PREFIX_THRESHOLD:
-        w = M.Window(float("nan"), float("nan"), float("nan"), False,
-                     f"an ICL window without an induction head (top prefix score < {PREFIX_THRESHOLD})")
+    w = phase_change_window(run, require_induction_head=True, **window_kw)
     return curves_from_metrics(run.name, run.config.train.seed, m.n_layers, m.smeared_keys, df, window=w)
 
 
@@ -87,7 +84,7 @@ def load_pairs(prof, pairs: dict[str, list], **window_kw) -> dict[str, list[tupl
 
 
 def pair_table(pairs: dict[str, list[tuple[Curves, Curves]]],
-               prefix_threshold: float = PREFIX_THRESHOLD) -> pd.DataFrame:
+               prefix_threshold: float = INDUCTION_THRESHOLD) -> pd.DataFrame:
     """One row per pair: window start/end (tokens), final ICL and final top prefix score of each twin.
 
     "Final" is at the twins' common budget (``compared at``: the shorter run's last snapshot; the
@@ -114,7 +111,7 @@ def pair_table(pairs: dict[str, list[tuple[Curves, Curves]]],
     return pd.DataFrame(rows)
 
 
-def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = PREFIX_THRESHOLD,
+def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD,
                       icl_gain: float = ICL_GAIN) -> tuple[bool | None, str]:
     """(passed, sentence) for the 1-layer claim: for every seed the smeared model has top prefix
     score > ``prefix_threshold`` and ICL better by >= ``icl_gain`` nats than its vanilla twin.
@@ -141,17 +138,8 @@ def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = PREFIX_THRE
                    f"({per_seed}).")
 
 
-def _fmt_tokens(x: float) -> str:
-    if not np.isfinite(x):
-        return "—"
-    for div, suf in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suf}"
-    return f"{x:.0f}"
-
-
 def window_interval(start: float, end: float) -> str:
-    return f"[{_fmt_tokens(start)}, {_fmt_tokens(end)}] tokens" if np.isfinite(start) else "no window"
+    return f"[{fmt_tokens(start)}, {fmt_tokens(end)}] tokens" if np.isfinite(start) else "no window"
 
 
 def two_layer_comparison(table: pd.DataFrame) -> tuple[str, str]:
@@ -203,7 +191,7 @@ def _window_verdict(t: pd.DataFrame) -> tuple[str, str]:
         verb = "have" if len(missing) > 1 else "has"
         return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no phase "
                                 f"change (no ICL window in which an induction head forms, top prefix-matching "
-                                f"score ≥ {PREFIX_THRESHOLD}), so there is nothing to compare ({detail}).")
+                                f"score ≥ {INDUCTION_THRESHOLD}), so there is nothing to compare ({detail}).")
     if all(x == "disjoint" for x in rel):
         return "earlier", (f"**Earlier.** For every seed the smeared {depth} window ends before its vanilla "
                            f"twin's begins ({detail}).")
@@ -244,7 +232,7 @@ def table_for_display(table: pd.DataFrame) -> pd.DataFrame:
     for tag in ("vanilla", "smeared"):
         out[f"{tag} window"] = [window_interval(s, e) for s, e in
                                 zip(out.pop(f"{tag} window start"), out.pop(f"{tag} window end"))]
-    out["compared at"] = [_fmt_tokens(x) for x in out["compared at"]]
+    out["compared at"] = [fmt_tokens(x) for x in out["compared at"]]
     cols = ["model", "seed", "vanilla", "smeared", "vanilla window", "smeared window", "compared at", "vanilla final ICL",
             "smeared final ICL", "ICL gain (smeared)", "vanilla top prefix", "smeared top prefix"]
     return out[cols].round(3).set_index(["model", "seed"])

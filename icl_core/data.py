@@ -11,6 +11,7 @@ Bible chapter always fall on the same side), and evaluation windows never cross 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -70,6 +71,12 @@ def bible_verses(version: str) -> dict[int, str]:
         t = _VERSE_NUM.sub("", text[a:end[vid]]).replace("[", "").replace("]", "").strip()
         out[vid] = re.sub(r"\s+", " ", t)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def bible_verses_cached(version: str) -> dict[int, str]:
+    """:func:`bible_verses`, parsed once per process (do not modify the returned dict)."""
+    return bible_verses(version)
 
 
 def bible_documents(versions, max_chars: int = 0) -> list[Document]:
@@ -436,25 +443,44 @@ def repeated_random_tokens(pool: np.ndarray, n_seqs: int, seq_len: int, repeats:
     return torch.stack(rows)
 
 
-def version_alignment(versions, reference: str = "kjv", n: int = 400, seed: int = 0):
-    """How well each translation's verse index lines up with the reference translation's: the
-    median word-sequence similarity (difflib ratio, case-insensitive) of the same verse id over
-    ``n`` random shared verses, and the share of verses starting mid-word (lower-case first letter).
-    A misaligned index (a wheel whose verse offsets drift) shows as a similarity near that of
-    unrelated verses."""
+def verse_similarities(version_a: str, version_b: str, n: int = 300, seed: int = 0, sampler: str = "numpy",
+                       autojunk: bool = False) -> tuple[list[int], list[float]]:
+    """(verse ids, similarities): ``n`` random verse ids shared by two translations and, for each,
+    the word-level similarity of the two texts (``difflib`` ratio of lower-cased words, A against
+    B): close to 1 for near-identical versions, near 0 when the verse ids of the two versions do
+    not refer to the same text (a broken verse index).
+
+    ``sampler`` draws the ids with ``numpy`` (``np.random.default_rng(seed).choice``, used by
+    Argument 4) or ``python`` (``random.Random(seed).sample``, used by the methods appendix), and
+    ``autojunk`` is difflib's heuristic (off for Argument 4, on for the appendix): the two callers'
+    historical settings, kept so that their published numbers do not change."""
     import difflib
     import random
 
+    va = bible_verses_cached(version_a)
+    vb = va if version_b == version_a else bible_verses_cached(version_b)
+    ids = sorted(set(va) & set(vb))
+    if sampler == "numpy":
+        pick = [ids[i] for i in np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)]
+    elif sampler == "python":
+        pick = random.Random(seed).sample(ids, min(n, len(ids)))
+    else:
+        raise ValueError(f"sampler={sampler!r} is not numpy or python")
+    return pick, [difflib.SequenceMatcher(None, va[i].lower().split(), vb[i].lower().split(),
+                                          autojunk=autojunk).ratio() for i in pick]
+
+
+def version_alignment(versions, reference: str = "kjv", n: int = 400, seed: int = 0):
+    """How well each translation's verse index lines up with the reference translation's: the
+    median :func:`verse_similarities` of ``n`` random shared verses, and the share of those verses
+    starting mid-word (lower-case first letter). A misaligned index (a wheel whose verse offsets
+    drift) shows as a similarity near that of unrelated verses."""
     import pandas as pd
 
-    ref = bible_verses(reference)
     rows = []
     for v in versions:
-        vv = ref if v == reference else bible_verses(v)
-        ids = sorted(set(vv) & set(ref))
-        sample = random.Random(seed).sample(ids, min(n, len(ids)))
-        sims = [difflib.SequenceMatcher(None, vv[i].lower().split(), ref[i].lower().split()).ratio()
-                for i in sample]
+        vv = bible_verses_cached(v)
+        sample, sims = verse_similarities(v, reference, n, seed, sampler="python", autojunk=True)
         rows.append({"version": v, "verses": len(vv), "median similarity to " + reference: float(np.median(sims)),
                      "starts mid-word": float(np.mean([vv[i][:1].islower() for i in sample]))})
     return pd.DataFrame(rows).set_index("version")

@@ -31,6 +31,7 @@ import torch
 from . import analysis as A
 from . import data as D
 from . import hooks as Hk
+from .heads import INDUCTION_THRESHOLD, PREV_TOKEN_THRESHOLD, classify_heads, top_induction_head
 from .model import Transformer, loss_fn
 from .runs import Run
 
@@ -68,27 +69,18 @@ def verdict(lo: float, hi: float, chance: float, higher_is_better: bool = True) 
 # --- heads ---------------------------------------------------------------------------------------
 
 
-def top_induction_head(run: Run, step: int | None = None) -> tuple[int, int, float]:
-    """(layer, head, prefix score) of the head with the highest prefix-matching score at ``step``
-    (default: the last snapshot), from the scores logged during training."""
-    df = run.metrics()
-    row = df.iloc[-1] if step is None else df[df.step == step].iloc[0]
-    pm = np.asarray(row["prefix"], dtype=float)
-    l, h = np.unravel_index(int(pm.argmax()), pm.shape)
-    return int(l), int(h), float(pm[l, h])
-
-
-def head_table(runs: dict[str, Run], prefix_threshold: float = 0.3, prev_threshold: float = 0.3) -> pd.DataFrame:
+def head_table(runs: dict[str, Run], prefix_threshold: float = INDUCTION_THRESHOLD,
+               prev_threshold: float = PREV_TOKEN_THRESHOLD) -> pd.DataFrame:
     """One row per head of every run at its last snapshot: prefix-matching, previous-token,
     empirical copying and OV-eigenvalue copying scores, and the head's class
-    (:func:`icl_core.analysis.classify_heads`)."""
+    (:func:`icl_core.heads.classify_heads`)."""
     rows = []
     for name, run in runs.items():
         s = A.head_scores(run, [run.steps[-1]])
-        lab = A.classify_heads(s["prefix"][0], s["prev_token"][0], prefix_threshold, prev_threshold)
-        L, H = lab.shape
-        for l in range(L):
-            for h in range(H):
+        lab = classify_heads(s["prefix"][0], s["prev_token"][0], prefix_threshold, prev_threshold)
+        n_layers, n_heads = lab.shape
+        for l in range(n_layers):
+            for h in range(n_heads):
                 rows.append({"model": name, "layer": l, "head": h,
                              "prefix": float(s["prefix"][0, l, h]), "prev_token": float(s["prev_token"][0, l, h]),
                              "copying": float(s["copying"][0, l, h]), "ov_eigen": float(s["ov_eigen"][0, l, h]),
@@ -97,11 +89,6 @@ def head_table(runs: dict[str, Run], prefix_threshold: float = 0.3, prev_thresho
 
 
 # --- text: parallel verses, passages, word alignment --------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _verses(version: str) -> dict[int, str]:
-    return D.bible_verses(version)
 
 
 WORD = re.compile(r"[A-Za-z0-9]+")
@@ -153,7 +140,7 @@ def parallel_passages(version_a: str, version_b: str, corpus: D.Corpus, data_cfg
     versions, each at most ``max_tokens`` tokens in version A. Held-out (validation) chapters come
     first; training chapters only fill up if there are too few. One passage per chapter, so the
     examples are independent."""
-    va, vb = _verses(version_a), _verses(version_b)
+    va, vb = D.bible_verses_cached(version_a), D.bible_verses_cached(version_b)
     common = sorted(set(va) & set(vb))
     chapters: dict[int, list[int]] = {}
     for vid in common:
@@ -180,16 +167,10 @@ def parallel_passages(version_a: str, version_b: str, corpus: D.Corpus, data_cfg
 
 
 @functools.lru_cache(maxsize=32)
-def version_agreement(version_a: str, version_b: str, n: int = 300, seed: int = 0) -> float:
-    """Median word-level similarity (``difflib`` ratio of lower-cased words) of ``n`` random verses
-    with the same id in two versions: close to 1 for near-identical versions, near 0 when the verse
-    ids of the two versions do not refer to the same text (a broken verse index)."""
-    va, vb = _verses(version_a), _verses(version_b)
-    ids = sorted(set(va) & set(vb))
-    pick = np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)
-    r = [difflib.SequenceMatcher(None, va[ids[i]].lower().split(), vb[ids[i]].lower().split(),
-                                 autojunk=False).ratio() for i in pick]
-    return float(np.median(r))
+def version_agreement(version_a: str, version_b: str) -> float:
+    """Median similarity of 300 random verses with the same id in two versions
+    (:func:`icl_core.data.verse_similarities`): near 0 when their verse ids do not line up."""
+    return float(np.median(D.verse_similarities(version_a, version_b, n=300, seed=0)[1]))
 
 
 MIN_AGREEMENT = 0.3  # [book choice] below this a version's verse ids are not treated as parallel
@@ -530,9 +511,9 @@ def pattern_matching(run: Run, n_seqs: int = 64, n_items: int | None = None, ste
     l, h, _ = top_induction_head(run, step)
     x = task["tokens"]
     acc = np.zeros((n_seqs, K))
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     share, chance, lshare, lchance = (np.zeros((n_seqs, K - 1)) for _ in range(4))
-    heads_gain = np.zeros((n_seqs, L, H))
+    heads_gain = np.zeros((n_seqs, n_layers, n_heads))
     for i in range(0, n_seqs, 16):
         xb = x[i:i + 16]
         with Hk.cache_patterns(model) as c:
@@ -543,8 +524,8 @@ def pattern_matching(run: Run, n_seqs: int = 64, n_items: int | None = None, ste
             row = {k: task[k][n] for k in ("colon", "labels", "item_span", "label_pos")}
             lg = logits[b, row["colon"]][:, task["label_ids"]]  # (K, 4)
             acc[n] = (lg.argmax(-1).numpy() == row["labels"])
-            for ll in range(L):
-                for hh in range(H):
+            for ll in range(n_layers):
+                for hh in range(n_heads):
                     s, cc, ls, lc = same_label_shares(pats[b, ll, hh], row)
                     heads_gain[n, ll, hh] = np.nanmean(s - cc)
                     if (ll, hh) == (l, h):

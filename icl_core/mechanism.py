@@ -22,7 +22,6 @@ QK circuit matches a = b), and its OV circuit copies the attended token. This mo
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ import torch
 
 from . import analysis as A
 from . import metrics as M
+from .heads import INDUCTION_THRESHOLD, classify_heads, phase_change_window, top_heads
 from .model import Transformer
 from .runs import Run
 
@@ -42,8 +42,8 @@ def scores_over_training(run: Run, n_steps: int | None = None) -> dict:
     run's phase-change window and the heads' classes at the last snapshot."""
     steps = A.select_steps(run, n_steps)
     s = dict(A.head_scores(run, steps))
-    s["window"] = A.window(run)
-    s["kind"] = A.classify_heads(s["prefix"][-1], s["prev_token"][-1])
+    s["window"] = phase_change_window(run)
+    s["kind"] = classify_heads(s["prefix"][-1], s["prev_token"][-1])
     return s
 
 
@@ -58,34 +58,11 @@ def composition_over_training(run: Run, steps: list[int]) -> dict:
                 acc[k].append(c[k])
         return {**{k: torch.stack(v) for k, v in acc.items()}, "steps": torch.tensor(steps)}
 
-    res = dict(A._cached(run, "composition", {"steps": steps}, compute))
+    res = dict(A.cached(run, "composition", {"steps": steps}, compute))
     mc = run.config.model
     res["baseline"] = M.composition_baseline(mc.d_model, mc.d_head)
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res
-
-
-def top_heads(prefix: torch.Tensor, prev: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(induction head, previous-token head): the highest prefix score, and the highest
-    previous-token score among heads of earlier layers (None for an induction head in layer 0)."""
-    pm = np.asarray(prefix, dtype=float)
-    pt = np.asarray(prev, dtype=float)
-    l, h = np.unravel_index(int(pm.argmax()), pm.shape)
-    if l == 0:
-        return (int(l), int(h)), None
-    lp, hp = np.unravel_index(int(pt[:l].argmax()), pt[:l].shape)
-    return (int(l), int(h)), (int(lp), int(hp))
-
-
-def circuit_heads(prefix: torch.Tensor, prev: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The two-head circuit's candidates in a model with >= 2 layers: the head of layers >= 1 with
-    the highest prefix score, and the head of an earlier layer with the highest previous-token
-    score (None for a one-layer model)."""
-    pm = np.asarray(prefix, dtype=float).copy()
-    if pm.shape[0] < 2:
-        return None
-    pm[0] = -np.inf
-    return top_heads(pm, prev)  # type: ignore[return-value]
 
 
 # --- circuits -------------------------------------------------------------------------------------
@@ -154,7 +131,7 @@ def circuits_over_training(run: Run, induction: tuple[int, int], prev: tuple[int
             "steps": torch.tensor(steps)}
 
     key = {"steps": steps, "induction": list(induction), "prev": list(prev) if prev else None, "n": int(n_tokens)}
-    res = dict(A._cached(run, "circuits", key, compute))
+    res = dict(A.cached(run, "circuits", key, compute))
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     res["chance_k"], res["chance_ov"] = 1.0 / len(toks), 1.0 / run.config.model.d_vocab
     res["induction_head"], res["prev_head"] = induction, prev
@@ -237,7 +214,7 @@ def smear_over_training(run: Run) -> dict:
 # --- computed checks ---------------------------------------------------------------------------------
 
 
-def agreement(scores: dict[str, dict], prefix_threshold: float = 0.3) -> pd.DataFrame:
+def agreement(scores: dict[str, dict], prefix_threshold: float = INDUCTION_THRESHOLD) -> pd.DataFrame:
     """Per model (and pooled over models): Spearman rank correlation across heads, at the last
     snapshot, between the prefix-matching score and (a) the OV-eigenvalue copying score (all heads),
     (b) the K-composition trace (heads in layers >= 1); and how many heads named by the prefix
@@ -352,11 +329,11 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
     pooled = agr.iloc[-1]
     parts = []
     if pooled["induction heads"] == 0:
-        parts.append("No head reaches a prefix-matching score of 0.3 in these models, so there are no induction "
+        parts.append(f"No head reaches a prefix-matching score of {INDUCTION_THRESHOLD} in these models, so there are no induction "
                      "heads whose weights could be checked; the correlations below are over non-induction heads only.")
     else:
         parts.append(f"Of the {int(pooled['induction heads'])} heads named by the prefix-matching score "
-                     f"(≥ 0.3), {int(pooled['with OV > 0'])} have a positive OV-eigenvalue copying score, and "
+                     f"(≥ {INDUCTION_THRESHOLD}), {int(pooled['with OV > 0'])} have a positive OV-eigenvalue copying score, and "
                      f"{int(pooled['with K-comp > 0'])} of the {int(pooled['in layers >= 1'])} in layers ≥ 1 have a "
                      f"positive K-composition trace.")
     # the acceptance test is about models that have induction heads: report those one by one
@@ -435,10 +412,3 @@ def head_explorer_images(runs: dict[str, Run], n_snapshots: int = 4, size: float
     n = max(i for (_, i, _, _) in images) + 1
     labels = {i: f"#{i + 1} of {n}" + (" (first)" if i == 0 else " (last)" if i == n - 1 else "") for i in range(n)}
     return images, labels
-
-
-def timed(fn, *a, **kw):
-    """(result, seconds)."""
-    t0 = time.time()
-    r = fn(*a, **kw)
-    return r, time.time() - t0

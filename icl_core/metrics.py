@@ -9,7 +9,6 @@ Ablations: :func:`ablation_effects` (full and pattern-preserving).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import numpy as np

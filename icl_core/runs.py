@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import data as D
-from .config import RunConfig, ConfigError
+from .config import RunConfig
 from .io import CorruptFileError, FileLock, load_tensors, read_json_checked
 from .model import Transformer
 from .train import EvalData, Trainer

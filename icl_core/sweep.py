@@ -18,15 +18,17 @@ import numpy as np
 import pandas as pd
 
 from .config import RunConfig, load_yaml, merge
-from .metrics import phase_change_window
+from .heads import INDUCTION_THRESHOLD, phase_change_window
 
 
 def summarise(run) -> dict:
+    """One row of a sweep's summary table: the run's speed, losses, ICL and head scores, and its
+    phase-change window (:func:`icl_core.heads.phase_change_window`)."""
     m = run.metrics()
     t = m["tokens"].to_numpy()
     icl = m["icl"].to_numpy()  # the banded estimate where it was logged (Run.metrics)
     pm = m["prefix_max"].to_numpy()
-    w = phase_change_window(t, icl)
+    w = phase_change_window(run)
     cfg = run.config
     row = {
         "variant": cfg.name, "hash": cfg.hash(),
@@ -39,7 +41,8 @@ def summarise(run) -> dict:
         # where the previous-token heads sit: the best previous-token score in each layer (final
         # snapshot); an induction circuit needs one in an earlier layer than the induction head
         "prev_by_layer": "/".join(f"{max(v):.2f}" for v in m["prev_token"].iloc[-1]),
-        "tokens_prefix_0.3_M": (t[np.argmax(pm > 0.3)] / 1e6) if (pm > 0.3).any() else np.nan,
+        # (the column's name is kept: committed summaries use it)
+        "tokens_prefix_0.3_M": (t[np.argmax(pm > INDUCTION_THRESHOLD)] / 1e6) if (pm > INDUCTION_THRESHOLD).any() else np.nan,
         "window_M": f"{w.start / 1e6:.2f}-{w.end / 1e6:.2f}" if w.found else "none",
     }
     if w.found:

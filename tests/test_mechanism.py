@@ -117,13 +117,6 @@ def test_agreement_rank_correlation():
     assert a.loc["all models (pooled)", "n_k"] == 3
 
 
-def test_top_heads():
-    pm = torch.tensor([[0.1, 0.0], [0.2, 0.8]])
-    pt = torch.tensor([[0.1, 0.7], [0.9, 0.0]])
-    assert Me.top_heads(pm, pt) == ((1, 1), (0, 1))  # the previous-token head comes from earlier layers
-    assert Me.top_heads(torch.tensor([[0.9, 0.1]]), torch.tensor([[0.0, 0.5]]))[1] is None
-
-
 def test_frequent_tokens_skips_eos():
     counts = np.array([100, 5, 50, 7])
     assert Me.frequent_tokens(counts, 2).tolist() == [2, 3]

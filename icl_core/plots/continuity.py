@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
+from ..heads import INDUCTION_THRESHOLD
 from .cooccurrence import _shade, model_colours
 
 
@@ -89,7 +90,7 @@ def plot_window_timing(family, title: str = "") -> plt.Figure:
     return fig
 
 
-def plot_layer_prefix(family, threshold: float = 0.3, title: str = "") -> plt.Figure:
+def plot_layer_prefix(family, threshold: float = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """Top prefix-matching score per layer (max over heads) for every model at the end of training;
     layers counted from the first (left); cells outside a model's depth are blank."""
     L = int(family["layers"].max())

@@ -5,13 +5,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..heads import INDUCTION_THRESHOLD
 from .intro import ATTN_CMAP
 
 KIND_COLOURS = {"induction": "tab:red", "previous-token": "tab:blue", "other": "0.6"}
 MARKERS = "osD^vP*X"
 
 
-def plot_copying_vs_prefix(heads: pd.DataFrame, prefix_threshold: float = 0.3, title: str = "") -> plt.Figure:
+def plot_copying_vs_prefix(heads: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """Empirical copying score vs prefix-matching score, one point per head of every model
     (``generality.head_table``); colour = head class, marker = model."""
     fig, ax = plt.subplots(figsize=(6.2, 4.2), dpi=90)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
+
+from ..heads import INDUCTION_THRESHOLD
 
 SCORE_LABELS = {"prefix": "prefix-matching score", "prev_token": "previous-token score",
                 "ov_eigen": "OV eigenvalue copying score\nΣλ / Σ|λ|", "k_comp": "K-composition trace\n(normalised, Σλ / Σ|λ|)",
@@ -18,7 +19,8 @@ def _shade(ax, window):
 def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen", "k_comp"),
                               title: str = "") -> plt.Figure:
     """Rows: models; columns: per-head scores over training (``mechanism.scores_over_training``).
-    Induction heads (prefix >= 0.3 at the end) are drawn thick and red-toned, other heads thin and
+    Induction heads (the kind the scores carry, :mod:`icl_core.heads`) are drawn thick and red-toned, other
+    heads thin and
     grey; the phase-change window is shaded."""
     names = list(scores)
     fig, axes = plt.subplots(len(names), len(keys), figsize=(4.1 * len(keys), 2.5 * len(names)), dpi=90,
@@ -196,7 +198,7 @@ def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
             ok = np.isfinite(v)
             ax.scatter(pm[ok], v[ok], marker="osD^vP"[i % 6], s=30, edgecolors="k", linewidths=0.4, label=name)
     for ax, key in zip(axes, ("ov_eigen", "k_comp")):
-        ax.axvline(0.3, color="tab:red", ls=":", lw=0.8, label="induction threshold (0.3)")
+        ax.axvline(INDUCTION_THRESHOLD, color="tab:red", ls=":", lw=0.8, label=f"induction threshold ({INDUCTION_THRESHOLD})")
         ax.axhline(0, color="0.4", lw=0.6)
         ax.set_xlabel("prefix-matching score")
         ax.set_ylabel(SCORE_LABELS[key])

@@ -1,0 +1,447 @@
+"""Argument 1, co-occurrence (chapters/01_cooccurrence): induction heads and ICL appear together.
+
+For each run: where its ICL improves fastest (the phase-change window, :mod:`icl_core.heads`),
+where its top prefix-matching score jumps and where its loss curve bumps (:mod:`icl_core.curves`),
+and whether the three line up; then the paper's views of the same runs (loss by context index,
+per-token-loss PCA, a repeated passage). Returns arrays, dicts and DataFrames for
+:mod:`icl_core.plots.cooccurrence`, and the chapter's sentences, generated from the numbers so
+they stay true under every profile.
+
+Per run
+    :func:`cooccurrence_row` / :func:`cooccurrence_table` (one row per run, with its verdict).
+Figure data (the first seed stands for a model)
+    :func:`loss_curve_data`, :func:`icl_curve_data`, :func:`head_curve_data`, :func:`heatmap_data`,
+    :func:`loss_pca_paths`, :func:`passage_change`.
+Sentences
+    :func:`headline`, :func:`cooccurrence_verdicts`, :func:`heatmap_sentence`, :func:`pca_sentence`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import analysis as A
+from . import metrics as M
+from .config import icl_indices
+from .curves import (BUMP_TOL, convex_gap, dloss_dlnindex, initial_fall_end, inside, loss_bump,
+                     overlaps, rise_window, smooth_log_curve, turn_angle)
+from .heads import INDUCTION_THRESHOLD, phase_change_window
+from .prose import fmt, fmt_tokens, join
+from .runs import Run
+
+#: The paper's Argument 1 numbers (../shared/PAPER.md), in the book's sign convention
+#: (ICL = L(late) - L(early), negative = in-context learning).
+PAPER_ICL_BEFORE = -0.15  # "ICL < 0.15 nats before" the phase change: ICL score above -0.15
+PAPER_ICL_AFTER = -0.4  # "~0.4 after"
+PAPER_FRAC_IN_WINDOW = 0.75  # ">= 75% of final ICL gained inside the window"
+#: [book choice] the second copy of a repeated passage must gain this many nats more than the first
+#: (mean per-token loss change across the window) to count as a sign of induction.
+REPEAT_GAIN_MIN = 0.1
+
+
+def train_loss_curve(run: Run, n_grid: int = 200, width: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The run's per-step training loss, smoothed in log tokens (:func:`smooth_log_curve`)."""
+    df = run.train_log()
+    return smooth_log_curve(df["tokens"].to_numpy(), df["loss"].to_numpy(), n_grid, width)
+
+
+def cooccurrence_row(run: Run, label: str | None = None, bump_tol: float = BUMP_TOL) -> dict:
+    """One run's Argument-1 numbers: ICL window, ICL and top prefix score before/after it, the
+    fraction of the final ICL gained inside it, where the prefix score jumps, and the loss bump
+    (from the smoothed training loss and from the eval loss), each checked against the window."""
+    df = run.metrics()
+    t = df["tokens"].to_numpy(dtype=np.float64)
+    icl = df["icl"].to_numpy()
+    pm = df["prefix_max"].to_numpy()
+    w = phase_change_window(run)
+    pw = rise_window(t, pm)
+    tl_t, tl_y = train_loss_curve(run)
+    bump = loss_bump(tl_t, tl_y, bump_tol)
+    ebump = loss_bump(t, df["loss"].to_numpy(), bump_tol)
+    row = {"model": label or run.name, "run": run.name, "layers": run.config.model.n_layers,
+           "MLPs": not run.config.model.attn_only, "seed": run.config.train.seed,
+           "tokens": int(t[-1]), "initial_icl": float(icl[0]), "final_icl": float(icl[-1]),
+           "final_prefix": float(pm[-1]), "window_found": w.found, "window_reason": w.reason,
+           "window_start": w.start, "window_peak": w.peak, "window_end": w.end,
+           "icl_before": np.nan, "icl_after": np.nan, "frac_icl_in_window": np.nan,
+           "prefix_before": np.nan, "prefix_after": np.nan,
+           "prefix_jump_found": pw.found, "prefix_jump_peak": pw.peak,
+           "prefix_jump_start": pw.start, "prefix_jump_end": pw.end,
+           "frac_prefix_in_window": np.nan, "prefix_jump_in_window": False,
+           "bump_found": bump.found, "bump_start": bump.start, "bump_end": bump.end,
+           "bump_peak": bump.peak, "bump_height": bump.height, "bump_stretches": bump.n_stretches,
+           "bump_in_window": False, "eval_bump_found": ebump.found, "eval_bump_start": ebump.start,
+           "eval_bump_end": ebump.end, "eval_bump_height": ebump.height, "eval_bump_in_window": False}
+    if w.found:
+        i0 = np.nonzero(t <= w.start)[0][-1]
+        i1 = np.nonzero(t >= w.end)[0][0]
+        total = icl[-1] - icl[0]
+        ptotal = pm.max() - pm[0]
+        row.update({"icl_before": float(icl[i0]), "icl_after": float(icl[i1]),
+                    "frac_icl_in_window": float((icl[i1] - icl[i0]) / total) if total else np.nan,
+                    "prefix_before": float(pm[i0]), "prefix_after": float(pm[i1]),
+                    "frac_prefix_in_window": float((pm[i1] - pm[i0]) / ptotal) if ptotal > 0 else np.nan,
+                    "prefix_jump_in_window": pw.found and inside(pw.peak, w.start, w.end),
+                    "bump_in_window": bump.found and overlaps(bump.start, bump.end, w.start, w.end),
+                    "eval_bump_in_window": ebump.found and overlaps(ebump.start, ebump.end, w.start, w.end)})
+    row["induction_head"] = row["final_prefix"] >= INDUCTION_THRESHOLD
+    row["verdict"] = run_verdict(row)
+    return row
+
+
+def run_verdict(row: dict) -> str:
+    """Classify one run from its :func:`cooccurrence_row` (the rule is stated in the chapter):
+
+    - "co-occur": an ICL window, an induction head (top prefix >= INDUCTION_THRESHOLD) whose score jumps inside it,
+      and a loss bump overlapping it;
+    - "co-occur (no bump)": the same without the loss bump;
+    - "ICL window without an induction-head jump": ICL improves in a window but the top prefix score
+      does not jump inside it (e.g. context-frequency effects in small models);
+    - "no ICL window".
+    """
+    if not row["window_found"]:
+        return "no ICL window"
+    heads = row["prefix_jump_in_window"] and row["final_prefix"] >= INDUCTION_THRESHOLD
+    if not heads:
+        return "ICL window without an induction-head jump"
+    return "co-occur" if row["bump_in_window"] or row["eval_bump_in_window"] else "co-occur (no bump)"
+
+
+def cooccurrence_table(models: dict[str, list[Run]]) -> pd.DataFrame:
+    """:func:`cooccurrence_row` for every run of every model ({label: [runs over seeds]})."""
+    return pd.DataFrame([cooccurrence_row(r, label) for label, rs in models.items() for r in rs])
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The chapter's table: one row per model and seed, next to the paper's numbers."""
+    rows = []
+    for r in table.to_dict("records"):
+        rows.append({
+            "model": r["model"], "seed": r["seed"],
+            "window (tokens)": f"{fmt_tokens(r['window_start'])}–{fmt_tokens(r['window_end'])}"
+            if r["window_found"] else "none",
+            "ICL before": fmt(r["icl_before"]), "ICL after": fmt(r["icl_after"]),
+            "final ICL": fmt(r["final_icl"]),
+            "final ICL gained in window": fmt(r["frac_icl_in_window"], ".0%"),
+            "top prefix before": fmt(r["prefix_before"], ".2f"),
+            "top prefix after": fmt(r["prefix_after"], ".2f"),
+            "final top prefix": fmt(r["final_prefix"], ".2f"),
+            "prefix jump (tokens)": fmt_tokens(r["prefix_jump_peak"]) if r["prefix_jump_found"] else "none",
+            "loss bump (tokens)": f"{fmt_tokens(r['bump_start'])}–{fmt_tokens(r['bump_end'])} "
+                                  f"({r['bump_height']:.3f} nats)" if r["bump_found"] else "none",
+            "verdict": r["verdict"],
+        })
+    rows.append({"model": "paper (Olsson et al. 2022)", "seed": "", "window (tokens)": "~2.5–5B",
+                 "ICL before": f"> {PAPER_ICL_BEFORE:+.2f}", "ICL after": f"≈ {PAPER_ICL_AFTER:+.1f}",
+                 "final ICL": f"≈ {PAPER_ICL_AFTER:+.1f}",
+                 "final ICL gained in window": f"≥ {PAPER_FRAC_IN_WINDOW:.0%}",
+                 "top prefix before": "low", "top prefix after": "high", "final top prefix": "high",
+                 "prefix jump (tokens)": "in window", "loss bump (tokens)": "in window",
+                 "verdict": "co-occur (≥2 layers); none (1 layer)"})
+    return pd.DataFrame(rows).set_index(["model", "seed"])
+
+
+def paper_checks(row: dict) -> dict:
+    """The paper's three numbers checked for one run: ICL before the window above −0.15, ICL after
+    the window within 0.2 nats of −0.4 ([book choice] tolerance), ≥75% of the final ICL gained inside."""
+    if not row["window_found"]:
+        return {"before": False, "after": False, "frac": False}
+    return {"before": bool(row["icl_before"] > PAPER_ICL_BEFORE),
+            "after": bool(abs(row["icl_after"] - PAPER_ICL_AFTER) <= 0.2),
+            "frac": bool(row["frac_icl_in_window"] >= PAPER_FRAC_IN_WINDOW)}
+
+
+def cooccurrence_verdicts(table: pd.DataFrame) -> str:
+    """Markdown sentences, one per model, stating what the table shows (generated from the data)."""
+    out = []
+    for label, g in table.groupby("model", sort=False):
+        n = len(g)
+        counts = g["verdict"].value_counts()
+        parts = [f"{k} in {v} of {n} seed{'s' if n > 1 else ''}" for k, v in counts.items()]
+        checks = [paper_checks(r) for r in g.to_dict("records")]
+        nb, na, nf = (sum(c[k] for c in checks) for k in ("before", "after", "frac"))
+        s = (f"- **{label}** ({g['layers'].iloc[0]} layer{'s' if g['layers'].iloc[0] > 1 else ''}): "
+             f"{join(parts)}. Final ICL {fmt(g['final_icl'].mean())} nats, final top prefix-matching "
+             f"score {g['final_prefix'].mean():.2f} (mean over seeds).")
+        if g["window_found"].any():
+            s += (f" Against the paper: ICL before the window above {PAPER_ICL_BEFORE:+.2f} in {nb} of {n}, "
+                  f"ICL after within 0.2 of {PAPER_ICL_AFTER:+.1f} in {na} of {n}, "
+                  f"≥{PAPER_FRAC_IN_WINDOW:.0%} of final ICL gained in the window in {nf} of {n}.")
+        out.append(s)
+    return "\n".join(out)
+
+
+def headline(table: pd.DataFrame) -> str:
+    """One sentence: does the book reproduce co-occurrence at this scale?"""
+    multi = table[table["layers"] >= 2]
+    single = table[table["layers"] == 1]
+    co = multi["verdict"].str.startswith("co-occur")
+    one_clean = (~single["induction_head"]).all() if len(single) else None
+    if len(multi) and co.all() and one_clean:
+        s = (f"**Reproduced at this scale:** in all {len(multi)} runs with two or more layers the ICL "
+             "window, the induction-head jump and the loss bump line up (see the table for the bump), "
+             "and no one-layer run forms an induction head.")
+    elif len(multi) and co.any():
+        s = (f"**Partly reproduced at this scale:** induction heads form inside the ICL window in "
+             f"{int(co.sum())} of {len(multi)} runs with two or more layers.")
+    else:
+        s = ("**Not reproduced at this scale:** no run with two or more layers forms an induction head "
+             "inside its ICL window. Whatever ICL these models have comes from something else "
+             "(for example, using how often a token has already appeared in the context).")
+    if len(single):
+        ws = int(single["window_found"].sum())
+        s += (f" The one-layer control finds an ICL window in {ws} of {len(single)} runs"
+              + (" — ICL that improves without an induction head, which is why the chapter checks "
+                 "co-occurrence instead of assuming it." if ws else "."))
+    return s
+
+
+def loss_by_index(run: Run, steps: list[int] | None = None, n_examples: int | None = None) -> dict:
+    """Mean per-token loss over the eval set at each snapshot and context index.
+
+    Returns tokens (S,), index (T-1,) 1-based text-token indices, loss (S, T-1), and the seconds
+    the cached per-token losses took to compute."""
+    res = A.snapshot_losses(run, n_examples, steps)
+    loss = res["losses"].mean(1).numpy()
+    return {"tokens": res["tokens"].numpy().astype(np.float64), "index": np.arange(1, loss.shape[1] + 1),
+            "loss": loss, "seconds": float(res["seconds"])}
+
+
+def late_index_slope(heat: dict, step_index: int, late_from: float = 0.25) -> float:
+    """Mean ∂loss/∂ln(index) over indices ≥ ``late_from`` × context at one snapshot (nats per e-fold):
+    about 0 when the loss has stopped improving with more context, negative when it keeps improving."""
+    c, d = dloss_dlnindex(heat["index"], heat["loss"][step_index:step_index + 1])
+    m = c >= late_from * (heat["index"][-1] + 1)
+    return float(d[0, m].mean())
+
+
+def heatmap_summary(heat: dict, window: M.Window) -> dict:
+    """Late-index loss slope at the snapshots just before and just after the window."""
+    t = heat["tokens"]
+    if not window.found:
+        return {"found": False}
+    i0 = int(np.nonzero(t <= window.start)[0][-1]) if (t <= window.start).any() else 0
+    i1 = int(np.nonzero(t >= window.end)[0][0]) if (t >= window.end).any() else len(t) - 1
+    return {"found": True, "before_tokens": float(t[i0]), "after_tokens": float(t[i1]),
+            "slope_before": late_index_slope(heat, i0), "slope_after": late_index_slope(heat, i1),
+            "slope_final": late_index_slope(heat, len(t) - 1)}
+
+
+def loss_pca_paths(runs: dict[str, Run], steps_n: int | None = None, n_examples: int | None = None,
+                   seed: int = 0) -> dict:
+    """The paper's per-token-loss PCA: one random (example, position) per eval example, the same for
+    every run; one PCA fitted on all snapshots of all runs (which must share the eval set).
+
+    Returns coords {name: (S, 2)}, tokens {name: (S,)}, explained (2,), seconds (per-token losses)."""
+    vecs, toks, secs = {}, {}, 0.0
+    shape = None
+    for name, run in runs.items():
+        res = A.snapshot_losses(run, n_examples, A.select_steps(run, steps_n))
+        L = res["losses"]
+        if shape is None:
+            shape = L.shape[1:]
+            pos = M.sample_token_positions(shape[0], shape[1], seed)
+        elif L.shape[1:] != shape:
+            raise ValueError(f"run {name} has eval losses of shape {tuple(L.shape[1:])}, not {tuple(shape)}: "
+                             "a joint PCA needs one eval set")
+        vecs[name] = np.stack([M.loss_vectors(L[s], pos) for s in range(len(L))])
+        toks[name] = res["tokens"].numpy().astype(np.float64)
+        secs += float(res["seconds"])
+    pca, coords = M.loss_pca(vecs, 2)
+    return {"coords": coords, "tokens": toks, "explained": pca.explained_variance_ratio_, "seconds": secs}
+
+
+def reference_window(rows: pd.DataFrame) -> M.Window:
+    """The median ICL window of the ≥2-layer runs that have one: the span used for runs without
+    their own window (e.g. the 1-layer control) when comparing PCA turns."""
+    g = rows[(rows["layers"] >= 2) & rows["window_found"]]
+    if not len(g):
+        return M.Window(float("nan"), float("nan"), float("nan"), False, "no ≥2-layer run has a window")
+    return M.Window(float(np.exp(np.log(g["window_start"]).median())),
+                    float(np.exp(np.log(g["window_end"]).median())),
+                    float(np.exp(np.log(g["window_peak"]).median())), True)
+
+
+def pca_turns(pca: dict, rows: pd.DataFrame) -> pd.DataFrame:
+    """Turn angle of each run's PCA path at its own window, and at the reference window
+    (:func:`reference_window`) so that runs with and without a window compare over the same span."""
+    ref = reference_window(rows)
+    out = []
+    for r in rows.to_dict("records"):
+        name = r["run"]
+        if name not in pca["coords"]:
+            continue
+        c, t = pca["coords"][name], pca["tokens"][name]
+        out.append({"model": r["model"], "run": name, "layers": r["layers"],
+                    "turn_own_window": turn_angle(c, t, r["window_start"], r["window_end"]) if r["window_found"] else np.nan,
+                    "turn_reference_window": turn_angle(c, t, ref.start, ref.end)})
+    return pd.DataFrame(out)
+
+
+def pca_sentence(turns: pd.DataFrame) -> str:
+    if not len(turns):
+        return "No PCA paths to compare."
+    multi = turns[turns["layers"] >= 2]["turn_reference_window"].dropna()
+    single = turns[turns["layers"] == 1]["turn_reference_window"].dropna()
+    if not len(multi):
+        return "No run with two or more layers has a path long enough around the reference window to measure a turn."
+    s = (f"Across the reference window, the paths of the ≥2-layer runs turn by {multi.mean():.0f}° on "
+         f"average (range {multi.min():.0f}–{multi.max():.0f}°)")
+    if len(single):
+        verb = ("less than" if single.mean() < multi.min() else
+                ("more than" if single.mean() > multi.max() else "within the range of"))
+        s += f"; the 1-layer runs turn by {single.mean():.0f}°, {verb} the ≥2-layer runs"
+        s += (". The paper's pattern (only ≥2-layer paths pivot) is "
+              + ("reproduced." if single.mean() < multi.min() else "not clearly reproduced here."))
+    else:
+        s += "."
+    return s
+
+
+def repeated_passage(run: Run, example: int = 0) -> torch.Tensor:
+    """(1, T): BOS, then the first ⌊(n_ctx−1)/2⌋ text tokens of eval window ``example``, twice."""
+    x = run.eval_data.tokens[example]
+    half = (len(x) - 1) // 2
+    p = x[1:1 + half]
+    return torch.cat([x[:1], p, p])[None]
+
+
+def passage_losses(run: Run, example: int = 0) -> dict:
+    """Per-token loss on :func:`repeated_passage` at every snapshot (cached): losses (S, T-1)."""
+    x = repeated_passage(run, example)
+
+    def compute():
+        out = torch.stack([M.per_token_losses(run.load(s), x)[0] for s in run.steps])
+        return {"losses": out, "steps": torch.tensor(run.steps), "passage": x[0]}
+
+    res = A.cached(run, "passage_losses", {"example": example, "steps": run.steps}, compute)
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    return res
+
+
+def passage_change(run: Run, window: M.Window, example: int = 0) -> dict:
+    """Per-token loss change on the repeated passage from the snapshot at the window's start to the
+    one at its end, and two tokens chosen by rule:
+
+    - *helped*: in the second copy, the token whose loss fell the most across the window;
+    - *hurt*: anywhere in the passage from the early ICL index on (the first tokens have almost no
+      context), the token whose loss rose the most (or, if none rose, fell the least).
+
+    Without a window (``window.found`` False) the change is taken over the whole of training.
+    """
+    res = passage_losses(run, example)
+    t = res["tokens"].numpy().astype(np.float64)
+    L = res["losses"].numpy()
+    x = res["passage"].numpy()
+    if window.found and (t <= window.start).any() and (t >= window.end).any():
+        i0 = int(np.nonzero(t <= window.start)[0][-1])
+        i1 = int(np.nonzero(t >= window.end)[0][0])
+        span = "window"
+    else:
+        i0, i1 = 0, len(t) - 1
+        span = "whole training"
+    delta = L[i1] - L[i0]  # column c predicts token x[c+1]
+    half = (len(x) - 1) // 2
+    col = np.arange(len(delta))
+    second = col >= half  # columns predicting tokens of the second copy
+    helped = int(np.flatnonzero(second)[np.argmin(delta[second])])
+    _, early = icl_indices(run.config.model.n_ctx)
+    cand = np.flatnonzero(col >= early - 1)
+    hurt = int(cand[np.argmax(delta[cand])])
+    tok = run.corpus.token_str
+    return {"delta": delta, "half": half, "tokens": t, "losses": L, "i_before": i0, "i_after": i1, "span": span,
+            "helped": helped, "hurt": hurt,
+            "helped_token": tok(int(x[helped + 1])), "hurt_token": tok(int(x[hurt + 1])),
+            "helped_context": run.corpus.decode(x[max(1, helped - 6):helped + 2]),
+            "hurt_context": run.corpus.decode(x[max(1, hurt - 6):hurt + 2]),
+            "mean_delta_first": float(delta[~second].mean()), "mean_delta_second": float(delta[second].mean()),
+            "seconds": float(res["seconds"])}
+
+
+def loss_curve_data(models: dict[str, list[Run]]) -> tuple[dict, dict, dict]:
+    """({label: (tokens, smoothed train loss)}, {label: Window}, {label: (tokens, convex gap)}) for
+    the first run of each model; the gap is computed after the initial fall (:func:`loss_bump`)."""
+    curves, windows, gaps = {}, {}, {}
+    for k, rs in models.items():
+        t, y = train_loss_curve(rs[0])
+        curves[k] = (t, y)
+        windows[k] = phase_change_window(rs[0])
+        i0 = initial_fall_end(t, y)
+        gaps[k] = (t[i0:], convex_gap(t[i0:], y[i0:]))
+    return curves, windows, gaps
+
+
+def icl_curve_data(models: dict[str, list[Run]]) -> tuple[dict, dict]:
+    """({label: (tokens, icl (n_seeds, S))}, {label: [Window per seed]}); seeds are aligned on the
+    first seed's snapshots (runs of one model share the snapshot schedule)."""
+    curves, windows = {}, {}
+    for k, rs in models.items():
+        dfs = [r.metrics() for r in rs]
+        t = dfs[0]["tokens"].to_numpy(dtype=np.float64)
+        ys = [np.interp(t, d["tokens"].to_numpy(dtype=np.float64), d["icl"].to_numpy()) for d in dfs]
+        curves[k] = (t, np.stack(ys))
+        windows[k] = [phase_change_window(r) for r in rs]
+    return curves, windows
+
+
+def head_curve_data(models: dict[str, list[Run]]) -> dict:
+    """{label: (tokens, prefix (S, L, H), prev_token (S, L, H))} from the first run's logged metrics."""
+    out = {}
+    for k, rs in models.items():
+        df = rs[0].metrics()
+        out[k] = (df["tokens"].to_numpy(dtype=np.float64), np.asarray(df["prefix"].tolist(), dtype=np.float64),
+                  np.asarray(df["prev_token"].tolist(), dtype=np.float64))
+    return out
+
+
+def heatmap_data(models: dict[str, list[Run]], steps_n: int | None = None,
+                 n_examples: int | None = None) -> dict:
+    """{label: loss_by_index(...) + centres, dloss} for the first run of each model."""
+    out = {}
+    for k, rs in models.items():
+        h = loss_by_index(rs[0], A.select_steps(rs[0], steps_n), n_examples)
+        h["centres"], h["dloss"] = dloss_dlnindex(h["index"], h["loss"])
+        out[k] = h
+    return out
+
+
+def heatmap_sentence(heats: dict, windows: dict) -> str:
+    """What the heatmaps show, per model: late-index ∂loss/∂ln(index) before vs after the window."""
+    parts = []
+    for k, h in heats.items():
+        s = heatmap_summary(h, windows[k])
+        if not s["found"]:
+            parts.append(f"- **{k}**: no ICL window; at the last snapshot the late-index slope is "
+                         f"{late_index_slope(h, len(h['tokens']) - 1):+.3f} nats per e-fold of context.")
+            continue
+        parts.append(f"- **{k}**: late-index slope {s['slope_before']:+.3f} nats per e-fold of context "
+                     f"before the window ({fmt_tokens(s['before_tokens'])} tokens), {s['slope_after']:+.3f} "
+                     f"after it ({fmt_tokens(s['after_tokens'])} tokens), {s['slope_final']:+.3f} at the end"
+                     + (" — late tokens improve more after the window." if s["slope_after"] < s["slope_before"]
+                        else " — late tokens do not improve more after the window."))
+    return "\n".join(parts)
+
+
+def showcase_run(table: pd.DataFrame) -> str:
+    """[book choice] The run whose repeated passage the chapter shows: the ≥2-layer run with the
+    highest final top prefix-matching score (ties: the first listed)."""
+    multi = table[table["layers"] >= 2]
+    g = multi if len(multi) else table
+    return str(g.loc[g["final_prefix"].idxmax(), "run"])
+
+
+def window_rule() -> str:
+    """The phase-change window rule, with the defaults :func:`metrics.phase_change_window` uses."""
+    import inspect
+
+    p = inspect.signature(M.phase_change_window).parameters
+    return (f"The ICL score is smoothed with a Gaussian of s.d. {p['width'].default} in ln(tokens) (the late "
+            f"snapshots are close together in log tokens, so unsmoothed, a snapshot-to-snapshot "
+            f"fluctuation of the score would pass for its steepest fall) *[book choice]*, and its "
+            f"derivative with respect to log training tokens is computed between snapshots; the window is the "
+            f"contiguous run of snapshots around its steepest fall where the fall is at least "
+            f"{p['frac'].default:.0%} of the steepest; no window is reported if ICL never falls by "
+            f"{p['min_change'].default} nats. Like every ICL score in the book it uses the banded estimate "
+            f"(`metrics.icl_band_score`, a few indices around each of the two), "
+            f"because single-index ICL is noisy with a few hundred evaluation windows")
