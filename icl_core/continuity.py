@@ -3,19 +3,25 @@
 A family of models that differ in one thing at a time; for each, the Argument-1 numbers
 (:func:`icl_core.cooccurrence.cooccurrence_row`), its size, where its top induction head sits, and
 ICL with other index pairs. :func:`claims_table` puts the paper's continuity claims beside them,
-each with a verdict by a stated rule. Figures: :mod:`icl_core.plots.continuity`.
+each with a verdict by a stated rule. The chapter loads with :func:`compute`, adds
+:func:`index_pairs` and :func:`family_pca`, and says what they show with the ``*_summary``
+functions. Figures: :mod:`icl_core.plots.continuity`.
 """
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import analysis as A
+from . import loss_pca as LP
 from . import metrics as M
 from .config import ModelConfig, icl_indices
-from .cooccurrence import cooccurrence_row
-from .heads import INDUCTION_THRESHOLD
+from .cooccurrence import cooccurrence_row, cooccurrence_table
+from .heads import INDUCTION_THRESHOLD, phase_change_window
 from .model import Transformer
 from .prose import fmt_tokens, join, span_tokens
 from .runs import Run
@@ -270,3 +276,125 @@ def depth_sentence(family: pd.DataFrame) -> str:
         parts.append(f"`{r.model}` ({r.layers} layer{'s' if r.layers > 1 else ''}, {kind}): top head in layer {r.top_layer}"
                      f" (score {r.final_prefix:.2f}{'' if ok else ', below the induction threshold'})")
     return "; ".join(parts) + "."
+
+
+# --- the chapter: load -> plot -> say ---------------------------------------------------------------
+
+@dataclass
+class Continuity:
+    """The family of models and its table (:func:`compute`)."""
+    groups: dict[str, list[str]]  # {comparison: [run names]}
+    runs: dict[str, Run]  # one run per model of the family, by name
+    seeds: dict[str, list[Run]]  # extra seeds of family members
+    family: pd.DataFrame  # family_table(runs, seeds)
+    late: int
+    early: int
+    seconds: float  # to build the table
+
+
+def compute(prof, depth: list[str], width: list[str], mlp: list[str], corpus: list[str],
+            seeds: dict[str, list[str]]) -> Continuity:
+    """Load the family (the runs that vary depth, width, MLPs and corpus, each once) and build its table."""
+    groups = {"depth (attention-only)": depth, "width (2 layers)": width, "attention-only vs MLPs": mlp,
+              "corpus": corpus}
+    names = family_names(groups)
+    runs = {n: prof.run(n) for n in names}
+    seed_runs = {n: [prof.run(s) for s in seeds.get(n, [])] for n in names}
+    t0 = time.time()
+    family = family_table(runs, seed_runs)
+    late, early = icl_indices(runs[names[0]].config.model.n_ctx)
+    return Continuity(groups, runs, seed_runs, family, late, early, time.time() - t0)
+
+
+def all_models(res: Continuity) -> dict[str, list[Run]]:
+    """{model: [its run and its extra seeds]}."""
+    return {n: [r] + res.seeds[n] for n, r in res.runs.items()}
+
+
+def family_display(res: Continuity) -> pd.DataFrame:
+    """The family table as the chapter shows it."""
+    return res.family[["model", "layers", "d_model", "heads", "MLPs", "corpus", "params", "non_embedding_params",
+                       "tokens", "n_seeds", "final_icl", "final_prefix", "top_layer", "verdict"]].set_index("model").round(3)
+
+
+def family_summary(res: Continuity) -> str:
+    """:func:`scale_range` and the ICL convention."""
+    return (scale_range(res.family) + f" ICL is L({res.late}) − L({res.early}) (negative = in-context learning), "
+            f"with indices rescaled to the context *[book choice]*. ({len(res.runs)} models; table {res.seconds:.1f} s.)")
+
+
+def final_icl_summary(family: pd.DataFrame) -> str:
+    """The range of final ICL over the family, among ≥2-layer models and over seeds."""
+    multi = family[family.layers >= 2]
+    return (
+        f"Final ICL ranges from {family.final_icl.min():+.2f} nats (`{family.loc[family.final_icl.idxmin(), 'model']}`) "
+        f"to {family.final_icl.max():+.2f} (`{family.loc[family.final_icl.idxmax(), 'model']}`)"
+        + (f"; among ≥2-layer models, from {multi.final_icl.min():+.2f} to {multi.final_icl.max():+.2f}." if len(multi) else ".")
+        + " Seed ranges: " + "; ".join(f"`{r.model}` {r.final_icl_min:+.2f} to {r.final_icl_max:+.2f}"
+                                       for r in family.itertuples() if r.n_seeds > 1) + "."
+        + (" The models' training budgets differ (the *tokens* column above): each final value is at the model's own "
+           "last snapshot, so compare models with equal budgets." if family.tokens.nunique() > 1 else "")
+    )
+
+
+def window_summary(family: pd.DataFrame) -> str:
+    """Each model's ICL window and verdict."""
+    return "\n".join(
+        f"- `{r.model}`: " + (f"window {fmt_tokens(r.window_start)}–{fmt_tokens(r.window_end)} tokens, steepest at "
+                              f"{fmt_tokens(r.window_peak)}; verdict: {r.verdict}" if r.window_found else f"no ICL window; verdict: {r.verdict}")
+        for r in family.itertuples())
+
+
+@dataclass
+class IndexPairs:
+    """ICL with other index pairs over training (:func:`index_pairs`)."""
+    table: pd.DataFrame  # index_pair_table(...)
+    n_steps: int | None
+    seconds: float
+
+
+def index_pairs(res: Continuity, n_steps: int | None = None, n_examples: int | None = None) -> IndexPairs:
+    """:func:`index_pair_table` of the family at ``n_steps`` snapshots per run."""
+    t0 = time.time()
+    table = index_pair_table(res.runs, n_steps, n_examples)
+    return IndexPairs(table, n_steps, time.time() - t0)
+
+
+def index_pairs_summary(p: IndexPairs) -> str:
+    """The indices used and :func:`index_pair_sentence`."""
+    pairs = p.table
+    return (f"Early indices used: {', '.join(str(e) for e in sorted(set(pairs.early)))} (paper: 10, 50, 100), late index "
+            f"{int(pairs.late.iloc[0])}; {p.n_steps} snapshots per run spread in log tokens ({p.seconds:.0f} s). "
+            + index_pair_sentence(pairs))
+
+
+@dataclass
+class FamilyPCA:
+    """One per-token-loss PCA of the models that share an evaluation set (:func:`family_pca`)."""
+    pca: LP.LossPCA
+    runs: dict[str, Run]  # the runs fitted
+    left_out: list[str]  # runs with another evaluation set
+    windows: dict[str, M.Window]
+    seconds: float
+
+
+def family_pca(res: Continuity, n_steps: int | None = None, n_examples: int | None = None,
+               seed: int = 0) -> FamilyPCA:
+    """:func:`icl_core.loss_pca.compute` on the largest set of family runs with one evaluation set."""
+    t0 = time.time()
+    runs, left_out = shared_eval_subset(res.runs)
+    rows = cooccurrence_table({n: [r] for n, r in runs.items()})
+    pca = LP.compute(runs, rows, n_steps, n_examples, seed)
+    return FamilyPCA(pca, runs, left_out, {n: phase_change_window(r) for n, r in runs.items()}, time.time() - t0)
+
+
+def family_pca_summary(p: FamilyPCA) -> str:
+    """Which runs were fitted, and :func:`icl_core.loss_pca.pca_sentence`."""
+    return (f"Fitted on {len(p.runs)} models ({', '.join(f'`{n}`' for n in p.runs)})"
+            + (f"; left out (other evaluation text): {', '.join(f'`{n}`' for n in p.left_out)}" if p.left_out else "")
+            + f". {LP.pca_sentence(p.pca.turns)} ({p.seconds:.0f} s.)")
+
+
+def claims_summary(claims: pd.DataFrame, family: pd.DataFrame) -> str:
+    """:func:`claims_sentence` and the range of scale it holds for."""
+    return claims_sentence(claims) + " " + scale_range(family).split(". The paper")[0] + "."

@@ -2,20 +2,25 @@
 
 For each run: where its ICL improves fastest (the phase-change window, :mod:`icl_core.heads`),
 where its top prefix-matching score jumps and where its loss curve bumps (:mod:`icl_core.curves`),
-and whether the three line up; then the paper's views of the same runs (loss by context index,
-per-token-loss PCA, a repeated passage). Returns arrays, dicts and DataFrames for
+and whether the three line up; and a passage that repeats itself. The paper's other views of the
+same runs have their own modules: :mod:`icl_core.loss_by_index` (heatmaps) and
+:mod:`icl_core.loss_pca` (per-token-loss PCA). Returns arrays, dicts and DataFrames for
 :mod:`icl_core.plots.cooccurrence`, and the chapter's sentences, generated from the numbers so
 they stay true under every profile.
 
-Per run
-    :func:`cooccurrence_row` / :func:`cooccurrence_table` (one row per run, with its verdict).
+Load
+    :func:`compute` -> :class:`Cooccurrence` (the runs, their windows, :func:`cooccurrence_table`:
+    one :func:`cooccurrence_row` per run, with its :func:`run_verdict`); :func:`passage`.
 Figure data (the first seed stands for a model)
-    :func:`loss_curve_data`, :func:`icl_curve_data`, :func:`head_curve_data`, :func:`heatmap_data`,
-    :func:`loss_pca_paths`, :func:`passage_change`.
-Sentences
-    :func:`headline`, :func:`cooccurrence_verdicts`, :func:`heatmap_sentence`, :func:`pca_sentence`.
+    :func:`loss_curve_data`, :func:`icl_curve_data`, :func:`head_curve_data`, :func:`passage_change`.
+Say
+    :func:`models_table`, :func:`definitions`, :func:`verdict_summary`, :func:`verdict_rule`,
+    :func:`bump_rule`, :func:`bump_summary`, :func:`prefix_summary`, :func:`passage_summary`.
 """
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -24,8 +29,8 @@ import torch
 from . import analysis as A
 from . import metrics as M
 from .config import icl_indices
-from .curves import (BUMP_TOL, convex_gap, dloss_dlnindex, initial_fall_end, inside, loss_bump,
-                     overlaps, rise_window, smooth_log_curve, turn_angle)
+from .curves import (BUMP_TOL, PREFIX_MIN_RISE, convex_gap, initial_fall_end, inside, loss_bump,
+                     overlaps, rise_window, smooth_log_curve)
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 from .prose import fmt, fmt_tokens, join
 from .runs import Run
@@ -197,108 +202,6 @@ def headline(table: pd.DataFrame) -> str:
     return s
 
 
-def loss_by_index(run: Run, steps: list[int] | None = None, n_examples: int | None = None) -> dict:
-    """Mean per-token loss over the eval set at each snapshot and context index.
-
-    Returns tokens (S,), index (T-1,) 1-based text-token indices, loss (S, T-1), and the seconds
-    the cached per-token losses took to compute."""
-    res = A.snapshot_losses(run, n_examples, steps)
-    loss = res["losses"].mean(1).numpy()
-    return {"tokens": res["tokens"].numpy().astype(np.float64), "index": np.arange(1, loss.shape[1] + 1),
-            "loss": loss, "seconds": float(res["seconds"])}
-
-
-def late_index_slope(heat: dict, step_index: int, late_from: float = 0.25) -> float:
-    """Mean ∂loss/∂ln(index) over indices ≥ ``late_from`` × context at one snapshot (nats per e-fold):
-    about 0 when the loss has stopped improving with more context, negative when it keeps improving."""
-    c, d = dloss_dlnindex(heat["index"], heat["loss"][step_index:step_index + 1])
-    m = c >= late_from * (heat["index"][-1] + 1)
-    return float(d[0, m].mean())
-
-
-def heatmap_summary(heat: dict, window: M.Window) -> dict:
-    """Late-index loss slope at the snapshots just before and just after the window."""
-    t = heat["tokens"]
-    if not window.found:
-        return {"found": False}
-    i0 = int(np.nonzero(t <= window.start)[0][-1]) if (t <= window.start).any() else 0
-    i1 = int(np.nonzero(t >= window.end)[0][0]) if (t >= window.end).any() else len(t) - 1
-    return {"found": True, "before_tokens": float(t[i0]), "after_tokens": float(t[i1]),
-            "slope_before": late_index_slope(heat, i0), "slope_after": late_index_slope(heat, i1),
-            "slope_final": late_index_slope(heat, len(t) - 1)}
-
-
-def loss_pca_paths(runs: dict[str, Run], steps_n: int | None = None, n_examples: int | None = None,
-                   seed: int = 0) -> dict:
-    """The paper's per-token-loss PCA: one random (example, position) per eval example, the same for
-    every run; one PCA fitted on all snapshots of all runs (which must share the eval set).
-
-    Returns coords {name: (S, 2)}, tokens {name: (S,)}, explained (2,), seconds (per-token losses)."""
-    vecs, toks, secs = {}, {}, 0.0
-    shape = None
-    for name, run in runs.items():
-        res = A.snapshot_losses(run, n_examples, A.select_steps(run, steps_n))
-        L = res["losses"]
-        if shape is None:
-            shape = L.shape[1:]
-            pos = M.sample_token_positions(shape[0], shape[1], seed)
-        elif L.shape[1:] != shape:
-            raise ValueError(f"run {name} has eval losses of shape {tuple(L.shape[1:])}, not {tuple(shape)}: "
-                             "a joint PCA needs one eval set")
-        vecs[name] = np.stack([M.loss_vectors(L[s], pos) for s in range(len(L))])
-        toks[name] = res["tokens"].numpy().astype(np.float64)
-        secs += float(res["seconds"])
-    pca, coords = M.loss_pca(vecs, 2)
-    return {"coords": coords, "tokens": toks, "explained": pca.explained_variance_ratio_, "seconds": secs}
-
-
-def reference_window(rows: pd.DataFrame) -> M.Window:
-    """The median ICL window of the ≥2-layer runs that have one: the span used for runs without
-    their own window (e.g. the 1-layer control) when comparing PCA turns."""
-    g = rows[(rows["layers"] >= 2) & rows["window_found"]]
-    if not len(g):
-        return M.Window(float("nan"), float("nan"), float("nan"), False, "no ≥2-layer run has a window")
-    return M.Window(float(np.exp(np.log(g["window_start"]).median())),
-                    float(np.exp(np.log(g["window_end"]).median())),
-                    float(np.exp(np.log(g["window_peak"]).median())), True)
-
-
-def pca_turns(pca: dict, rows: pd.DataFrame) -> pd.DataFrame:
-    """Turn angle of each run's PCA path at its own window, and at the reference window
-    (:func:`reference_window`) so that runs with and without a window compare over the same span."""
-    ref = reference_window(rows)
-    out = []
-    for r in rows.to_dict("records"):
-        name = r["run"]
-        if name not in pca["coords"]:
-            continue
-        c, t = pca["coords"][name], pca["tokens"][name]
-        out.append({"model": r["model"], "run": name, "layers": r["layers"],
-                    "turn_own_window": turn_angle(c, t, r["window_start"], r["window_end"]) if r["window_found"] else np.nan,
-                    "turn_reference_window": turn_angle(c, t, ref.start, ref.end)})
-    return pd.DataFrame(out)
-
-
-def pca_sentence(turns: pd.DataFrame) -> str:
-    if not len(turns):
-        return "No PCA paths to compare."
-    multi = turns[turns["layers"] >= 2]["turn_reference_window"].dropna()
-    single = turns[turns["layers"] == 1]["turn_reference_window"].dropna()
-    if not len(multi):
-        return "No run with two or more layers has a path long enough around the reference window to measure a turn."
-    s = (f"Across the reference window, the paths of the ≥2-layer runs turn by {multi.mean():.0f}° on "
-         f"average (range {multi.min():.0f}–{multi.max():.0f}°)")
-    if len(single):
-        verb = ("less than" if single.mean() < multi.min() else
-                ("more than" if single.mean() > multi.max() else "within the range of"))
-        s += f"; the 1-layer runs turn by {single.mean():.0f}°, {verb} the ≥2-layer runs"
-        s += (". The paper's pattern (only ≥2-layer paths pivot) is "
-              + ("reproduced." if single.mean() < multi.min() else "not clearly reproduced here."))
-    else:
-        s += "."
-    return s
-
-
 def repeated_passage(run: Run, example: int = 0) -> torch.Tensor:
     """(1, T): BOS, then the first ⌊(n_ctx−1)/2⌋ text tokens of eval window ``example``, twice."""
     x = run.eval_data.tokens[example]
@@ -395,34 +298,6 @@ def head_curve_data(models: dict[str, list[Run]]) -> dict:
     return out
 
 
-def heatmap_data(models: dict[str, list[Run]], steps_n: int | None = None,
-                 n_examples: int | None = None) -> dict:
-    """{label: loss_by_index(...) + centres, dloss} for the first run of each model."""
-    out = {}
-    for k, rs in models.items():
-        h = loss_by_index(rs[0], A.select_steps(rs[0], steps_n), n_examples)
-        h["centres"], h["dloss"] = dloss_dlnindex(h["index"], h["loss"])
-        out[k] = h
-    return out
-
-
-def heatmap_sentence(heats: dict, windows: dict) -> str:
-    """What the heatmaps show, per model: late-index ∂loss/∂ln(index) before vs after the window."""
-    parts = []
-    for k, h in heats.items():
-        s = heatmap_summary(h, windows[k])
-        if not s["found"]:
-            parts.append(f"- **{k}**: no ICL window; at the last snapshot the late-index slope is "
-                         f"{late_index_slope(h, len(h['tokens']) - 1):+.3f} nats per e-fold of context.")
-            continue
-        parts.append(f"- **{k}**: late-index slope {s['slope_before']:+.3f} nats per e-fold of context "
-                     f"before the window ({fmt_tokens(s['before_tokens'])} tokens), {s['slope_after']:+.3f} "
-                     f"after it ({fmt_tokens(s['after_tokens'])} tokens), {s['slope_final']:+.3f} at the end"
-                     + (" — late tokens improve more after the window." if s["slope_after"] < s["slope_before"]
-                        else " — late tokens do not improve more after the window."))
-    return "\n".join(parts)
-
-
 def showcase_run(table: pd.DataFrame) -> str:
     """[book choice] The run whose repeated passage the chapter shows: the ≥2-layer run with the
     highest final top prefix-matching score (ties: the first listed)."""
@@ -445,3 +320,160 @@ def window_rule() -> str:
             f"{p['min_change'].default} nats. Like every ICL score in the book it uses the banded estimate "
             f"(`metrics.icl_band_score`, a few indices around each of the two), "
             f"because single-index ICL is noisy with a few hundred evaluation windows")
+
+
+# --- the chapter: load -> plot -> say ---------------------------------------------------------------
+
+@dataclass
+class Cooccurrence:
+    """The runs of the chapter and their per-run table (:func:`compute`)."""
+    models: dict[str, list[Run]]  # {model label: [runs over seeds]}
+    runs: dict[str, Run]  # every run by name
+    table: pd.DataFrame  # cooccurrence_table(models)
+    late: int
+    early: int
+    seconds: float = 0.0  # to compute the table
+    windows: dict = field(default_factory=dict)  # {run name: phase-change window}
+
+
+def compute(prof, models: dict[str, list[str]]) -> Cooccurrence:
+    """Load the runs of ``models`` ({label: [run names]}) from the profile and build their table."""
+    runs = {label: [prof.run(r) for r in names] for label, names in models.items()}
+    every = {r.name: r for rs in runs.values() for r in rs}
+    late, early = icl_indices(next(iter(every.values())).config.model.n_ctx)
+    t0 = time.time()
+    table = cooccurrence_table(runs)
+    return Cooccurrence(runs, every, table, late, early, time.time() - t0,
+                        {n: phase_change_window(r) for n, r in every.items()})
+
+
+def groups(res: Cooccurrence) -> dict[str, str]:
+    """{run name: model label}."""
+    return {r.name: k for k, rs in res.models.items() for r in rs}
+
+
+def models_table(res: Cooccurrence) -> str:
+    """Markdown: one row per model (runs, architecture, training tokens, snapshots)."""
+    return ("| model | runs (seeds) | layers | d_model | heads | MLPs | training tokens | snapshots |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(f"| {k} | {', '.join(f'`{r.name}` ({r.config.train.seed})' for r in rs)} | {rs[0].config.model.n_layers} | "
+                        f"{rs[0].config.model.d_model} | {rs[0].config.model.n_heads} | {'yes' if not rs[0].config.model.attn_only else 'no'} | "
+                        f"{rs[0].metrics().tokens.iloc[-1]:,} | {len(rs[0].steps)} |" for k, rs in res.models.items()))
+
+
+def definitions(res: Cooccurrence) -> str:
+    """The ICL score, the phase-change window and the induction-head threshold, as the chapter uses them."""
+    first = next(iter(res.runs.values()))
+    return (
+        f"**ICL score.** L({res.late}) − L({res.early}): the mean loss around the {res.late}th text token minus the mean loss "
+        f"around the {res.early}th (a band of a few indices around each, `metrics.icl_band_score`, see the introduction), over the {len(first.eval_data.tokens)} fixed evaluation windows, in nats; "
+        f"**negative means in-context learning** *[book choice: the paper's sign varies]*. The paper uses "
+        f"indices 500 and 50 with 512-token contexts; with this profile's context of {first.config.model.n_ctx} tokens the "
+        f"book rescales both by n_ctx/512 *[book choice]*.\n\n"
+        f"**Phase-change window.** {window_rule()}.\n\n"
+        f"**Induction heads.** A head counts as an induction head when its prefix-matching score (attention "
+        f"from a repeated token to the token after its earlier copy, on repeated random tokens) reaches "
+        f"{INDUCTION_THRESHOLD} *[book choice]*; the top score *jumps* where it rises fastest in log tokens "
+        f"(the same window rule applied to the rising score, requiring a rise of {PREFIX_MIN_RISE})."
+    )
+
+
+def verdict_summary(table: pd.DataFrame) -> str:
+    """:func:`headline` and :func:`cooccurrence_verdicts`."""
+    return headline(table) + "\n\n" + cooccurrence_verdicts(table)
+
+
+def verdict_rule(res: Cooccurrence) -> str:
+    """How a run's verdict is decided (:func:`run_verdict`)."""
+    return ("**Verdict rule.** *co-occur*: an ICL window, a top prefix-matching score that ends at or above "
+            f"{INDUCTION_THRESHOLD} and jumps inside the window, and a loss bump overlapping it; *co-occur (no bump)*: the "
+            "same without the bump; *ICL window without an induction-head jump*: ICL improves in a window but no "
+            "induction head forms inside it; *no ICL window*: the ICL curve never falls steeply enough. "
+            f"*[Book choice]* 'ICL after ≈ −0.4' is checked within 0.2 nats. (Table computed in {res.seconds:.1f} s.)")
+
+
+def bump_rule() -> str:
+    """How the loss bump is measured."""
+    return ("The paper's bump is a short stretch where the loss, plotted against log tokens, stops being convex: "
+            "it flattens, then falls faster again. We measure it directly: the training loss (logged at every step, "
+            "smoothed with a Gaussian of width 0.1 in ln tokens) minus its **lower convex envelope** in log tokens, "
+            "after the initial fall from ln(vocabulary), where every model's curve has a concave shoulder. A convex "
+            f"curve has zero gap everywhere; a bump is a stretch more than {BUMP_TOL} nats above the envelope "
+            "*[book choice: smoothing width and threshold]*. The same test on the evaluation loss (at the snapshots) "
+            "is a second check, reported below the figure.")
+
+
+def bump_summary(table: pd.DataFrame) -> str:
+    """Per run: the largest non-convex stretch of its loss, and whether it overlaps the window."""
+    parts = []
+    for r in table.to_dict("records"):
+        if r["bump_found"]:
+            parts.append(f"`{r['run']}`: {r['bump_height']:.3f} nats at {fmt_tokens(r['bump_peak'])} tokens "
+                         f"({r['bump_stretches']} stretch{'es' if r['bump_stretches'] > 1 else ''} above threshold), "
+                         f"overlapping the window: {'yes' if r['bump_in_window'] else 'no'}")
+        else:
+            parts.append(f"`{r['run']}`: no bump")
+        parts[-1] += (f" (eval loss: {'bump at ' + fmt_tokens(r['eval_bump_start']) + '–' + fmt_tokens(r['eval_bump_end']) + ' tokens' if r['eval_bump_found'] else 'no bump'}"
+                      f"{', overlapping the window' if r['eval_bump_in_window'] else ''})")
+    n1 = table[table.layers == 1]
+    return ("Largest non-convex stretch of the smoothed training loss per run — " + "; ".join(parts) + ". "
+            + (f"The one-layer runs have {'no bump' if not n1.bump_found.any() else f'a bump in {int(n1.bump_found.sum())} of {len(n1)} runs'}"
+               + (", so a bump alone does not mark induction heads at this scale." if n1.bump_found.any() else ", as in the paper.")
+               if len(n1) else ""))
+
+
+def prefix_summary(table: pd.DataFrame) -> str:
+    """Per run: the top prefix score across the window, and where it rises fastest."""
+    return "\n".join(
+        f"- `{r['run']}`: "
+        + (f"top prefix score {fmt(r['prefix_before'], '.2f')} → {fmt(r['prefix_after'], '.2f')} across the ICL window, "
+           if r['window_found'] else "no ICL window; top prefix score ")
+        + f"{fmt(r['final_prefix'], '.2f')} at the end; "
+        + (f"it rises fastest at {fmt_tokens(r['prefix_jump_peak'])} tokens, "
+           f"{'inside' if r['prefix_jump_in_window'] else 'outside'} the ICL window"
+           + (f", and {fmt(r['frac_prefix_in_window'], '.0%')} of its rise happens inside it" if r['window_found'] else "")
+           if r['prefix_jump_found'] else f"it never rises by {PREFIX_MIN_RISE}")
+        + "." for r in table.to_dict("records"))
+
+
+@dataclass
+class Passage:
+    """The repeated passage of the chapter's showcase run (:func:`passage`)."""
+    run: str
+    window: M.Window  # the window the change is taken across
+    own_window: bool  # the run's own window (else the reference window or the whole of training)
+    change: dict  # passage_change(...)
+
+    @property
+    def span_label(self) -> str:
+        return "ICL window" if self.change["span"] == "window" else "whole of training"
+
+
+def passage(res: Cooccurrence, example: int = 0) -> Passage:
+    """:func:`passage_change` of :func:`showcase_run` across its own window (or the reference window
+    of the ≥2-layer runs when it has none)."""
+    from .loss_pca import reference_window
+
+    show = showcase_run(res.table)
+    own = res.windows[show]
+    win = own if own.found else reference_window(res.table)
+    return Passage(show, win, win is own, passage_change(res.runs[show], win, example))
+
+
+def passage_summary(p: Passage) -> str:
+    """The mean loss change on each copy, and a helped and a hurt token."""
+    change = p.change
+    return (
+        f"Run `{p.run}`, snapshots at {fmt_tokens(change['tokens'][change['i_before']])} and "
+        f"{fmt_tokens(change['tokens'][change['i_after']])} tokens ("
+        + ("its own ICL window" if p.own_window and change["span"] == "window" else
+           "the reference window of the ≥2-layer runs" if change["span"] == "window" else "no window: first and last snapshot")
+        + f"). Mean loss change: {change['mean_delta_first']:+.2f} nats on the first copy, "
+        f"{change['mean_delta_second']:+.2f} on the second"
+        + (f" — the repeat gains {change['mean_delta_first'] - change['mean_delta_second']:.2f} nats more, as induction predicts."
+           if change['mean_delta_second'] <= change['mean_delta_first'] - REPEAT_GAIN_MIN
+           else f" — the repeat does not gain at least {REPEAT_GAIN_MIN} nats more than the first copy *[book choice: threshold]*: "
+                "no clear sign of induction on this passage.")
+        + f" Helped token: {change['helped_token']!r} in …{change['helped_context']!r} "
+        f"({change['delta'][change['helped']]:+.2f} nats); hurt token: {change['hurt_token']!r} in …{change['hurt_context']!r} "
+        f"({change['delta'][change['hurt']]:+.2f} nats)."
+    )

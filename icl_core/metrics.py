@@ -109,6 +109,13 @@ def icl_score_from_losses(losses: torch.Tensor, n_ctx: int | None = None,
     return float((losses[:, late - 1] - losses[:, early - 1]).mean())
 
 
+def icl_band_widths(n_ctx: int) -> tuple[int, int]:
+    """Half-widths of the bands :func:`icl_band_score` averages over: late +- 2% of n_ctx, early +-
+    10% of the early index (each >= 1)."""
+    _, early = icl_indices(n_ctx)
+    return max(1, round(0.02 * n_ctx)), max(1, round(0.1 * early))
+
+
 def icl_band_score(losses: torch.Tensor, n_ctx: int | None = None) -> float:
     """A lower-variance ICL estimate: mean loss over a band of indices around the late index minus
     the mean over a band around the early one. [book choice] (with a few hundred evaluation
@@ -122,8 +129,7 @@ def icl_band_score(losses: torch.Tensor, n_ctx: int | None = None) -> float:
     """
     n_ctx = n_ctx if n_ctx is not None else losses.shape[1] + 1
     late, early = icl_indices(n_ctx)
-    wl = max(1, round(0.02 * n_ctx))
-    we = max(1, round(0.1 * early))
+    wl, we = icl_band_widths(n_ctx)
     lo_l, hi_l = max(early + we + 1, late - wl), min(losses.shape[1], late + wl)
     lo_e, hi_e = max(1, early - we), early + we
     return float(losses[:, lo_l - 1:hi_l].mean() - losses[:, lo_e - 1:hi_e].mean())

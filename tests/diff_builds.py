@@ -2,6 +2,7 @@
 
     python tests/diff_builds.py /tmp/before/_build/executed/smoke _build/executed/smoke
     python tests/diff_builds.py BEFORE AFTER --numbers    # compare only the numbers, in order
+    python tests/diff_builds.py BEFORE AFTER --unordered  # outputs may have moved between cells
 
 A refactor that changes no behaviour must leave every computed number of the book unchanged. This
 reads each ``<chapter>.ipynb`` present in both folders, joins its text outputs (stream text, and
@@ -32,10 +33,12 @@ def _text(x) -> str:
     return "".join(x) if isinstance(x, list) else str(x)
 
 
-def output_lines(nb_path: Path) -> list[str]:
-    """The text outputs of an executed notebook, one string per line, with timings masked."""
+def output_lines(nb_path: Path, unordered: bool = False) -> list[str]:
+    """The text outputs of an executed notebook, one string per line, with timings masked; with
+    ``unordered`` the outputs (each one a block of lines) are sorted, so that moving an output to
+    another cell or place is not a difference."""
     nb = json.loads(Path(nb_path).read_text())
-    lines: list[str] = []
+    blocks: list[list[str]] = []
     for i, cell in enumerate(nb.get("cells", [])):
         for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             if out.get("output_type") == "stream":
@@ -47,8 +50,8 @@ def output_lines(nb_path: Path) -> list[str]:
                 chunks = [_text(data[m]) for m in TEXT_MIMES if m in data]
             for chunk in chunks:
                 chunk = VOLATILE.sub("<id>", TIMING.sub("<time>", IMAGE.sub("<image>", chunk)))
-                lines.extend(line.rstrip() for line in chunk.splitlines())
-    return lines
+                blocks.append([line.rstrip() for line in chunk.splitlines()])
+    return [line for block in (sorted(blocks) if unordered else blocks) for line in block]
 
 
 def numbers(lines: list[str]) -> list[str]:
@@ -56,7 +59,7 @@ def numbers(lines: list[str]) -> list[str]:
     return [n.replace("−", "-") for line in lines for n in NUMBER.findall(line)]
 
 
-def diff_builds(before: Path, after: Path, numbers_only: bool = False) -> dict[str, list[str]]:
+def diff_builds(before: Path, after: Path, numbers_only: bool = False, unordered: bool = False) -> dict[str, list[str]]:
     """{chapter: unified-diff lines} for every chapter whose outputs differ, or that is missing
     from one build (reported as a one-line diff)."""
     a = {p.name: p for p in Path(before).glob("*.ipynb") if not p.name.endswith(".failed.ipynb")}
@@ -66,7 +69,7 @@ def diff_builds(before: Path, after: Path, numbers_only: bool = False) -> dict[s
         if name not in a or name not in b:
             out[name] = [f"only in {'after' if name in b else 'before'}"]
             continue
-        la, lb = output_lines(a[name]), output_lines(b[name])
+        la, lb = output_lines(a[name], unordered), output_lines(b[name], unordered)
         if numbers_only:
             la, lb = numbers(la), numbers(lb)
         d = list(difflib.unified_diff(la, lb, f"before/{name}", f"after/{name}", lineterm="", n=1))
@@ -80,16 +83,19 @@ def main(argv=None) -> int:
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
     ap.add_argument("--numbers", action="store_true", help="compare only the numbers in the outputs")
+    ap.add_argument("--unordered", action="store_true",
+                    help="ignore the order of the outputs (a figure moved above its sentence is no difference)")
     a = ap.parse_args(argv)
     for d in (a.before, a.after):
         if not d.is_dir() or not any(d.glob("*.ipynb")):
             print(f"error: {d} is not a folder of executed notebooks", file=sys.stderr)
             return 2
-    diffs = diff_builds(a.before, a.after, a.numbers)
+    diffs = diff_builds(a.before, a.after, a.numbers, a.unordered)
     for name, d in diffs.items():
         print("\n".join(d))
     n = len({p.name for p in a.before.glob("*.ipynb")} | {p.name for p in a.after.glob("*.ipynb")})
-    print(f"{len(diffs)} of {n} notebooks differ ({'numbers' if a.numbers else 'text outputs'}, timings ignored)")
+    what = ('numbers' if a.numbers else 'text outputs') + (', in any order' if a.unordered else '')
+    print(f"{len(diffs)} of {n} notebooks differ ({what}, timings ignored)")
     return 1 if diffs else 0
 
 

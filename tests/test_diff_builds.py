@@ -57,3 +57,16 @@ def test_a_missing_chapter_is_reported(tmp_path):
     _executed(tmp_path / "b", "01", "x")
     assert diff_builds(tmp_path / "a", tmp_path / "b") == {"02.ipynb": ["only in before"]}
     assert main([str(tmp_path / "a"), str(tmp_path / "nosuch")]) == 2
+
+
+def test_unordered_mode_ignores_moved_outputs_only(tmp_path):
+    for name, texts in (("a", ["x = 1", "y = 2"]), ("b", ["y = 2", "x = 1"]), ("c", ["y = 2", "x = 3"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        nb = nbf.v4.new_notebook()
+        nb.cells = [nbf.v4.new_code_cell("")]
+        nb.cells[0].outputs = [nbf.v4.new_output("stream", name="stdout", text=t) for t in texts]
+        nbf.write(nb, folder / "01.ipynb")
+    assert diff_builds(tmp_path / "a", tmp_path / "b") != {}
+    assert diff_builds(tmp_path / "a", tmp_path / "b", unordered=True) == {}
+    assert diff_builds(tmp_path / "a", tmp_path / "c", unordered=True) != {}
