@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from .config import icl_indices
 from .prose import fmt_tokens
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 
@@ -279,3 +280,77 @@ def summary_sentence(one_layer_ok: bool | None, two_layer: str) -> str:
         tail = ("At this scale the chapter does not reproduce the paper's co-perturbation evidence; the "
                 "figures above show how far the runs got.")
     return f"{one[0].upper() + one[1:]}; {two}. {tail}"
+
+
+# --- the chapter: load -> plot -> say ---------------------------------------------------------------
+
+@dataclass
+class Coperturbation:
+    """The chapter's vanilla/smeared pairs, their table and verdicts (:func:`compute`)."""
+    profile: object
+    pairs: dict[str, list]  # {depth label: [[vanilla run name, smeared run name], ...]}
+    data: dict[str, list[tuple[Curves, Curves]]]  # load_pairs(...)
+    table: pd.DataFrame  # pair_table(data)
+    one_layer: tuple[bool | None, str]  # one_layer_verdict(table)
+    two_layer: tuple[str, str]  # two_layer_comparison(table)
+
+
+def compute(prof, pairs: dict[str, list]) -> Coperturbation:
+    """Load the pairs' curves (:func:`load_pairs`), tabulate them and decide both verdicts."""
+    data = load_pairs(prof, pairs)
+    table = pair_table(data)
+    return Coperturbation(prof, pairs, data, table, one_layer_verdict(table), two_layer_comparison(table))
+
+
+def runs_summary(res: Coperturbation) -> str:
+    """The runs, the ICL score and the book's choices (including the initial smear, read from the
+    first smeared model at its first snapshot)."""
+    prof, pairs = res.profile, res.pairs
+    first = prof.run(pairs[next(iter(pairs))][0][1])
+    cfg = first.config
+    late, early = icl_indices(cfg.model.n_ctx)
+    n_seeds = {label: len(p) for label, p in res.data.items()}
+    alpha0 = float(first.load(first.steps[0]).blocks[0].attn.alpha.detach().mean())
+    sigma0 = 1 / (1 + np.exp(-alpha0))
+    return (
+        f"The **{prof.name}** profile trains {sum(n_seeds.values())} vanilla/smeared pairs: "
+        + ", ".join(f"{n} seed{'s' if n > 1 else ''} of the {label} pair" for label, n in n_seeds.items())
+        + f". Every model has d_model = {cfg.model.d_model}, {cfg.model.n_heads} heads per layer, "
+        f"{'no MLPs' if cfg.model.attn_only else 'MLPs'}, "
+        f"a context of {cfg.model.n_ctx} tokens and {len(first.steps)} snapshots; "
+        + "; ".join(f"the {tag} twins see {', '.join(sorted({f'{prof.run_config(p[i]).train.total_tokens:,}' for ps in pairs.values() for p in ps}))} training tokens"
+                    for i, tag in ((0, "vanilla"), (1, "smeared")))
+        + f". ICL is L({late}) − L({early}) in nats on the fixed evaluation "
+        f"set (negative = in-context learning), estimated as everywhere in the book by the mean loss in a band "
+        f"of indices around each (see the introduction).\n\n"
+        f"*Book choices.* The paper's smeared-key models are 1 and 2 layers of its small-model family "
+        f"(d_model 768, 12 heads, context 8192); ours are much smaller, trained on far fewer tokens, with "
+        f"{', '.join(f'{n} seed' + ('s' if n > 1 else '') + f' at {label}' for label, n in n_seeds.items())}. The ICL indices are the paper's 500 and 50 rescaled to "
+        f"the context ({late} and {early} here). The paper does not say how α is initialised; we start "
+        f"α = {alpha0:g}, so σ(α) = {sigma0:.2f}: at initialisation each key is {sigma0:.0%} its own token's "
+        f"and {1 - sigma0:.0%} the previous token's. "
+        f"A head counts as an induction head when its prefix-matching score is at least "
+        f"{INDUCTION_THRESHOLD:g}."
+    )
+
+
+def one_layer_summary(res: Coperturbation) -> str:
+    """The one-layer test and its verdict (:func:`one_layer_verdict`)."""
+    return (f"**One layer.** The test: for every seed the smeared one-layer model has a top prefix-matching "
+            f"score above {INDUCTION_THRESHOLD:g} and an ICL score at least {ICL_GAIN:g} nats more negative than "
+            f"its vanilla twin's after the same training (the shorter twin's last snapshot). " + res.one_layer[1])
+
+
+def two_layer_summary(res: Coperturbation) -> str:
+    """The multi-layer test and its verdict (:func:`two_layer_comparison`)."""
+    return ("**Two or more layers.** The paper's prediction is that the smeared two-layer window comes earlier than its "
+            "vanilla twin's; we test it at every depth the profile pairs (only a vanilla model with a phase change gives a window to compare with). We call it *earlier* when, for every seed, the smeared window ends before the "
+            "vanilla one starts, and *earlier, but overlapping* when it only starts first; windows are "
+            "located on the snapshot grid, so the intervals below are the resolution of the comparison. "
+            + res.two_layer[1])
+
+
+def chapter_summary(res: Coperturbation) -> str:
+    """The closing summary with its thresholds (:func:`summary_sentence`)."""
+    return (f"**Summary** (thresholds: top prefix score > {INDUCTION_THRESHOLD:g}, ICL gain ≥ {ICL_GAIN:g} nats). "
+            + summary_sentence(res.one_layer[0], res.two_layer[0]))

@@ -8,14 +8,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..coperturbation import seed_band
+from ..heads import INDUCTION_THRESHOLD
 
 VANILLA_COLOR = "tab:blue"
 SMEARED_COLOR = "tab:orange"
 
 
-def plot_icl_and_prefix(pairs, prefix_threshold: float | None = None, title: str = "") -> plt.Figure:
+def plot_icl_and_prefix(pairs, prefix_threshold: float | None = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """ICL score (top row) and max prefix-matching score (bottom row) vs tokens, one column per depth;
-    vanilla vs smeared, line = mean over seeds, band = min-max over seeds."""
+    vanilla vs smeared, line = mean over seeds, band = min-max over seeds; a dotted line at
+    ``prefix_threshold`` (None: no line)."""
     labels = list(pairs)
     fig, axes = plt.subplots(2, len(labels), figsize=(4.2 * len(labels), 5.6), dpi=90, squeeze=False)
     for j, label in enumerate(labels):
