@@ -25,8 +25,9 @@ TEXT_MIMES = ("text/plain", "text/markdown", "text/html")
 TIMING = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?\s*(?:ms|s|sec|secs|seconds?|min|mins|minutes?|h|hours?)\b")
 NUMBER = re.compile(r"[-+−]?\d+(?:[.,]\d+)*(?:e[+-]?\d+)?")
 IMAGE = re.compile(r"<img\b[^>]*>|data:[a-z]+/[a-z0-9.+-]+;base64,[A-Za-z0-9+/=]+", re.I)
-# widget views and matplotlib reprs name objects by id or memory address, which differ per run
-VOLATILE = re.compile(r"0x[0-9a-f]{6,}|\"model_id\": \"[0-9a-f]+\"", re.I)
+# widget views and matplotlib reprs name objects by id or memory address, and pandas' Styler
+# names its table by a random uuid (T_1a2b3_row0_col0): all differ per run
+VOLATILE = re.compile(r"0x[0-9a-f]{6,}|\"model_id\": \"[0-9a-f]+\"|(?<=T_)[0-9a-f]{5}(?=[_\"\s])", re.I)
 
 
 def _text(x) -> str:

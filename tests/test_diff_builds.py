@@ -70,3 +70,11 @@ def test_unordered_mode_ignores_moved_outputs_only(tmp_path):
     assert diff_builds(tmp_path / "a", tmp_path / "b") != {}
     assert diff_builds(tmp_path / "a", tmp_path / "b", unordered=True) == {}
     assert diff_builds(tmp_path / "a", tmp_path / "c", unordered=True) != {}
+
+
+def test_pandas_styler_uuids_are_ignored(tmp_path):
+    _executed(tmp_path / "a", "01", "x", html='<style>#T_1a2b3_row0_col0 {}</style><table id="T_1a2b3"><td>0.41</td>')
+    _executed(tmp_path / "b", "01", "x", html='<style>#T_9f8e7_row0_col0 {}</style><table id="T_9f8e7"><td>0.41</td>')
+    _executed(tmp_path / "c", "01", "x", html='<style>#T_9f8e7_row0_col0 {}</style><table id="T_9f8e7"><td>0.42</td>')
+    assert diff_builds(tmp_path / "a", tmp_path / "b") == {}
+    assert diff_builds(tmp_path / "a", tmp_path / "c") != {}

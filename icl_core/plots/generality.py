@@ -81,6 +81,13 @@ def plot_repeated_passage(rp: dict, dla: pd.DataFrame, title: str = "", max_toke
     return fig
 
 
+def plot_translation_attention(cross: dict | None) -> plt.Figure | None:
+    """:func:`plot_cross_attention` of :func:`icl_core.generality.cross_attention` (None: nothing to draw)."""
+    if cross is None:
+        return None
+    return plot_cross_attention(cross["pattern"], cross["example"], cross["tokens"], title=cross["title"])
+
+
 def plot_cross_attention(pattern: np.ndarray, example, tokens: list[str], n_words: int = 28,
                          title: str = "") -> plt.Figure:
     """The head's attention from the start of version B (rows) onto the start of version A
