@@ -34,3 +34,11 @@ def span_tokens(values) -> str:
     """The range of token counts ``values`` ('3.2M' when all equal, else '1.6M–3.2M')."""
     lo, hi = float(np.min(values)), float(np.max(values))
     return fmt_tokens(lo) if lo == hi else f"{fmt_tokens(lo)}–{fmt_tokens(hi)}"
+
+
+def say(text: str | None) -> None:
+    """Display ``text`` as Markdown in a notebook; nothing when there is nothing to say (None or "")."""
+    if text:
+        from IPython.display import Markdown, display
+
+        display(Markdown(text))

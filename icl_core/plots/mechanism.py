@@ -1,6 +1,8 @@
 """Figures of chapter 5 (Argument 5, mechanism). Data come from :mod:`icl_core.mechanism`."""
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -213,14 +215,23 @@ def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
     return fig
 
 
-def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], title: str = "") -> plt.Figure:
+def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], title: str = "") -> plt.Figure | None:
     """One panel per model: the top induction head's prefix score, its eigenvalue scores (dashed:
     OV Σλ/Σ|λ|, K-composition trace) and the token-level circuit readouts (solid: fraction of
     frequent tokens copied by the OV circuit, fraction of K-composition-circuit rows peaking on the
-    diagonal) over training, with the phase-change window shaded (``mechanism.circuits_over_training``)."""
+    diagonal) over training, with the phase-change window shaded (``mechanism.circuits_over_training``).
+    Panels wrap into rows of two so that the figure stays readable at the page's width; the legend
+    sits below them. None when there is no circuit to time."""
     names = list(circuits)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.5), dpi=90, squeeze=False)
-    for ax, name in zip(axes[0], names):
+    if not names:
+        return None
+    ncols = min(2, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.3 * nrows + 0.9), dpi=90, squeeze=False,
+                             sharey=True)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         s, c = scores[name], circuits[name]
         (l, h), prev = c["induction_head"], c["prev_head"]
         _shade(ax, s["window"])
@@ -244,7 +255,49 @@ def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], titl
         ax.set_ylim(-1.05, 1.05)
         ax.set_xlabel("training tokens")
         ax.set_title(f"`{name}`: induction head L{l}H{h}", fontsize=10)
-    axes[0, 0].legend(fontsize=7, loc="lower left")
+    # one legend for every panel (the first panel with a previous-token head has every line)
+    ax0 = max(axes.flat[:len(names)], key=lambda a: len(a.get_lines()))
+    handles, labels = ax0.get_legend_handles_labels()
+    fig.legend(handles, [lb.replace("\n", " ") for lb in labels], fontsize=8, loc="lower center", ncol=2, frameon=False)
     fig.suptitle(title or "when the circuit forms", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.9 / (3.3 * nrows + 0.9) + 0.02, 1, 1))
     return fig
+
+
+# --- the chapter's figures, from icl_core.mechanism's results (None where there is nothing to draw) ---
+
+def plot_focus_composition(c) -> plt.Figure | None:
+    """:func:`plot_composition_heatmaps` of the followed model (a ``mechanism.Composition``), last snapshot."""
+    if c.focus is None:
+        return None
+    (li, _), prev = c.induction, c.prev
+    return plot_composition_heatmaps(c.comp[c.focus], layers=(prev[0], li),
+                                     title=f"`{c.focus}`, last snapshot: composition of layer {prev[0]} into layer {li}")
+
+
+def plot_focus_composition_over_training(m, c) -> plt.Figure | None:
+    """:func:`plot_composition_over_training` of the followed pair, with its model's window."""
+    if c.focus is None or c.prev is None:
+        return None
+    return plot_composition_over_training(c.comp[c.focus], (c.prev, c.induction), window=m.scores[c.focus]["window"],
+                                          title=f"`{c.focus}`: previous-token head → induction head, over training")
+
+
+def plot_same_token_circuit(d: dict | None) -> plt.Figure | None:
+    """:func:`plot_token_circuit` of ``mechanism.same_token_circuit``."""
+    return None if d is None else plot_token_circuit(d["circuit"].numpy(), d["labels"], title=d["title"])
+
+
+def plot_focus_positional(d: dict | None) -> plt.Figure | None:
+    """:func:`plot_positional_attention` of ``mechanism.positional``."""
+    return None if d is None else plot_positional_attention(d["curves"], title=d["title"])
+
+
+def plot_smeared_head(d: dict | None) -> tuple[plt.Figure, plt.Figure] | None:
+    """σ(α) over training and the top head's token QK circuit (``mechanism.smeared_head``)."""
+    if d is None:
+        return None
+    s1, (l1, h1) = d["scores"], d["head"]
+    return (plot_smear(d["smear"], window=s1["window"], kind=s1["kind"], title=f"`{d['name']}`: σ(α) per head"),
+            plot_token_circuit(d["circuit"].numpy(), d["labels"], xlabel="key token b",
+                               title=f"`{d['name']}` L{l1}H{h1}: token QK circuit W_E W_Q (W_E W_K)^T"))
