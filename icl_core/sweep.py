@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, load_yaml, merge
+from .config import ConfigError, RunConfig, load_yaml, merge
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 
 
@@ -83,8 +83,11 @@ def main(argv=None):
     ap.add_argument("--summary-only", action="store_true",
                     help="train nothing; summarise the variants that have a run folder (finished or stopped)")
     a = ap.parse_args(argv)
-    spec = load_yaml(a.spec)
-    cfgs = variant_configs(spec)
+    try:
+        cfgs = variant_configs(load_yaml(a.spec))
+    except ConfigError as e:  # a bad field or value, or no such file: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.only:
         cfgs = {k: v for k, v in cfgs.items() if k in a.only}
     if a.summary_only:
@@ -113,10 +116,6 @@ def main(argv=None):
             df.to_csv(f"{out}.summary.csv", index=False)
             Path(f"{out}.summary.md").write_text(df.to_markdown(index=False, floatfmt=".3g"))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
@@ -157,3 +156,7 @@ def _describe(over: dict, prefix: str = "") -> str:
         else:
             parts.append(f"{prefix}{k}={v}")
     return ", ".join(p for p in parts if p) or "(base)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
