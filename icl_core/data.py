@@ -86,33 +86,39 @@ def bible_documents(versions, max_chars: int = 0) -> list[Document]:
         chapters: dict[int, list[str]] = {}
         for vid in sorted(verses):
             chapters.setdefault(vid // 1000, []).append(verses[vid])
-        n = 0
-        for ch, vs in chapters.items():
-            text = " ".join(vs)
-            docs.append(Document(f"bible/{version}/{ch:05d}", f"bible/{ch:05d}", text))
-            n += len(text)
-            if max_chars and n >= max_chars:
-                break
+        docs += up_to_chars((Document(f"bible/{version}/{ch:05d}", f"bible/{ch:05d}", " ".join(vs))
+                             for ch, vs in chapters.items()), max_chars)
     return docs
+
+
+def up_to_chars(docs, max_chars: int = 0) -> list[Document]:
+    """The documents, in order, until their texts hold ``max_chars`` characters (0: all of them);
+    the document that reaches the limit is the last one kept. ``docs`` is read lazily."""
+    out, n = [], 0
+    for doc in docs:
+        out.append(doc)
+        n += len(doc.text)
+        if max_chars and n >= max_chars:
+            break
+    return out
+
+
+def _package_files(root: Path):
+    """Documents of the non-blank ``.py`` files under ``root``, in path order."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"corpus file {str(path)!r} is not UTF-8: {e}") from None
+        if text.strip():
+            yield Document(f"code/{rel}", f"code/{rel}", text)
 
 
 def code_documents(packages, max_chars: int = 0) -> list[Document]:
     docs = []
     for package in packages:
-        root = _package_dir(package)
-        n = 0
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root.parent).as_posix()
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"corpus file {str(path)!r} is not UTF-8: {e}") from None
-            if not text.strip():
-                continue
-            docs.append(Document(f"code/{rel}", f"code/{rel}", text))
-            n += len(text)
-            if max_chars and n >= max_chars:
-                break
+        docs += up_to_chars(_package_files(_package_dir(package)), max_chars)
     return docs
 
 
@@ -120,20 +126,19 @@ def folder_documents(folder: str, max_chars: int = 0) -> list[Document]:
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"data.sources folder {folder!r} does not exist or is not a directory")
-    docs, n = [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"data.sources folder {folder!r}: corpus file {str(path)!r} is not valid "
-                              f"UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-        if not text.strip():
-            continue
-        rel = path.relative_to(root).as_posix()
-        docs.append(Document(f"folder/{rel}", f"folder/{rel}", text))
-        n += len(text)
-        if max_chars and n >= max_chars:
-            break
+
+    def files():
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"data.sources folder {folder!r}: corpus file {str(path)!r} is not valid "
+                                  f"UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            if text.strip():
+                rel = path.relative_to(root).as_posix()
+                yield Document(f"folder/{rel}", f"folder/{rel}", text)
+
+    docs = up_to_chars(files(), max_chars)
     if not docs:
         raise ConfigError(f"data.sources folder {folder!r} has no non-empty text files")
     return docs
@@ -163,15 +168,8 @@ def hf_documents(spec: str, max_chars: int = 0, loader=None) -> list[Document]:
     ds = loader(name, split)
     if column not in ds.column_names:
         raise ConfigError(f"dataset {name!r} has no column {column!r} (has {ds.column_names})")
-    docs, n = [], 0
-    for i, text in enumerate(ds[column]):
-        if not text or not text.strip():
-            continue
-        docs.append(Document(f"hf/{name}/{i}", f"hf/{name}/{i}", text))
-        n += len(text)
-        if max_chars and n >= max_chars:
-            break
-    return docs
+    return up_to_chars((Document(f"hf/{name}/{i}", f"hf/{name}/{i}", text) for i, text in enumerate(ds[column])
+                        if text and text.strip()), max_chars)
 
 
 def load_documents(cfg: DataConfig) -> list[Document]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from icl_core import generality as G
+from icl_core import logit_attribution as LA
 from icl_core import parallel_text as PX
 from icl_core import pattern_task as PT
 from icl_core import stats as S
@@ -90,7 +91,7 @@ def test_direct_logit_attribution_sums_to_logits_without_layernorm():
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     x = torch.randint(0, 20, (3, 12))
-    dla = G.direct_logit_attribution(m, x)  # (B, L, H, T-1)
+    dla = LA.direct_logit_attribution(m, x)  # (B, L, H, T-1)
     logits = m(x)
     centred = logits - logits.mean(-1, keepdim=True)
     direct = m.W_E[x] @ m.W_U

@@ -8,7 +8,8 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 from ..heads import INDUCTION_THRESHOLD
-from .cooccurrence import _shade, model_colours
+from .common import finish, shade_window
+from .cooccurrence import model_colours
 
 
 def plot_icl_groups(curves: dict, windows: dict, groups: dict, indices: tuple[int, int], title: str = "") -> plt.Figure:
@@ -30,7 +31,7 @@ def plot_icl_groups(curves: dict, windows: dict, groups: dict, indices: tuple[in
             if len(y) > 1:
                 ax.fill_between(t[m], y.min(0)[m], y.max(0)[m], color=col[k], alpha=0.2, lw=0)
             ws = windows.get(k) or [None]
-            _shade(ax, ws[0], col[k], alpha=0.08)
+            shade_window(ax, ws[0], col[k], alpha=0.08)
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
@@ -82,12 +83,8 @@ def plot_window_timing(family, title: str = "") -> plt.Figure:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("non-embedding parameters")
-    ax.set_ylabel("training tokens")
-    ax.legend(fontsize=7)
-    ax.set_title(title or "ICL window (bar) and its steepest point (dot) vs model size", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "non-embedding parameters", "training tokens",
+                  title or "ICL window (bar) and its steepest point (dot) vs model size", xlog=False)
 
 
 def plot_layer_prefix(family, threshold: float = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:

@@ -9,18 +9,14 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.ticker import NullFormatter
 
+from .common import finish, shade_window
+
 LAYER_CMAP = "viridis"
 
 
 def model_colours(labels) -> dict:
     cyc = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {k: cyc[i % len(cyc)] for i, k in enumerate(labels)}
-
-
-def _shade(ax, window, colour, alpha=0.12, label=None):
-    """Shade a phase-change window (an object with found/start/end) on a tokens axis."""
-    if window is not None and getattr(window, "found", False):
-        ax.axvspan(window.start, window.end, color=colour, alpha=alpha, lw=0, label=label)
 
 
 def plot_loss_curves(curves: dict, windows: dict, gaps: dict | None = None, title: str = "") -> plt.Figure:
@@ -34,7 +30,7 @@ def plot_loss_curves(curves: dict, windows: dict, gaps: dict | None = None, titl
     for k, (t, y) in curves.items():
         for ax in axes[:2]:
             ax.plot(t, y, color=col[k], label=k, lw=1.4)
-            _shade(ax, windows.get(k), col[k])
+            shade_window(ax, windows.get(k), col[k], alpha=0.12)
     axes[0].set_xscale("log")
     axes[0].set_title("log tokens", fontsize=10)
     axes[1].set_title("linear tokens", fontsize=10)
@@ -48,7 +44,7 @@ def plot_loss_curves(curves: dict, windows: dict, gaps: dict | None = None, titl
     if gaps:
         for k, (t, g) in gaps.items():
             axes[2].plot(t, g, color=col[k], label=k, lw=1.4)
-            _shade(axes[2], windows.get(k), col[k])
+            shade_window(axes[2], windows.get(k), col[k], alpha=0.12)
         axes[2].set_xscale("log")
         axes[2].xaxis.set_minor_formatter(NullFormatter())
         axes[2].set_xlabel("training tokens")
@@ -74,7 +70,7 @@ def plot_icl_curves(curves: dict, windows: dict, indices: tuple[int, int], title
         if len(y) > 1:
             ax.fill_between(t[m], y.min(0)[m], y.max(0)[m], color=col[k], alpha=0.2, lw=0)
         for w in windows.get(k, []):
-            _shade(ax, w, col[k], alpha=0.08)
+            shade_window(ax, w, col[k], alpha=0.08)
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
@@ -108,7 +104,7 @@ def plot_head_score_curves(data: dict, windows: dict, title: str = "") -> plt.Fi
                 c = cmap(layer / max(L - 1, 1) * 0.85)
                 for h in range(H):
                     ax.plot(t[m], arr[m, layer, h], color=c, lw=1, label=f"layer {layer}" if h == 0 else None)
-            _shade(ax, windows.get(k), "tab:red", alpha=0.12, label="ICL window")
+            shade_window(ax, windows.get(k), "tab:red", alpha=0.12, label="ICL window")
             ax.set_xscale("log")
             ax.set_ylim(0, 1)
             ax.set_xlabel("training tokens")
@@ -225,11 +221,6 @@ def plot_token_loss_curves(change: dict, window=None, title: str = "") -> plt.Fi
         i = change[key]
         ax.plot(t[m], change["losses"][m, i], color=c, marker=".",
                 label=f"{key}: {change[key + '_token']!r} (index {i + 1})")
-    _shade(ax, window, "0.5", alpha=0.2, label="ICL window")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss on this token (nats)")
-    ax.legend(fontsize=7)
-    ax.set_title(title or "Two tokens of the repeated passage over training", fontsize=10)
-    fig.tight_layout()
-    return fig
+    shade_window(ax, window, "0.5", alpha=0.2, label="ICL window")
+    return finish(fig, ax, "training tokens", "loss on this token (nats)",
+                  title or "Two tokens of the repeated passage over training")

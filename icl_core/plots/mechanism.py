@@ -7,15 +7,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..heads import INDUCTION_THRESHOLD
+from .common import finish, shade_window
 
 SCORE_LABELS = {"prefix": "prefix-matching score", "prev_token": "previous-token score",
                 "ov_eigen": "OV eigenvalue copying score\nΣλ / Σ|λ|", "k_comp": "K-composition trace\n(normalised, Σλ / Σ|λ|)",
                 "copying": "empirical copying score"}
-
-
-def _shade(ax, window):
-    if window is not None and window.found:
-        ax.axvspan(window.start, window.end, color="gold", alpha=0.25, lw=0)
 
 
 def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen", "k_comp"),
@@ -43,7 +39,7 @@ def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen
                 ax.set_xticks([])
                 ax.set_yticks([])
                 continue
-            _shade(ax, s["window"])
+            shade_window(ax, s["window"])
             n_ind = 0
             for l in range(v.shape[1]):
                 for h in range(v.shape[2]):
@@ -110,20 +106,14 @@ def plot_composition_over_training(comp: dict, pair: tuple[tuple[int, int], tupl
     t = np.asarray(comp["tokens"], dtype=float)
     keep = t > 0
     fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=90)
-    _shade(ax, window)
+    shade_window(ax, window)
     for k, col in zip("QKV", ("tab:green", "tab:red", "tab:purple")):
         v = np.asarray(comp[k], dtype=float)
         ax.plot(t[keep], v[keep, l1, h1, l2, h2], color=col, lw=2, label=f"{k}: L{l1}H{h1} → L{l2}H{h2}")
         ax.plot(t[keep], np.nanmax(v[keep].reshape(keep.sum(), -1), 1), color=col, lw=0.8, ls=":",
                 label=f"{k}: max over all pairs")
     ax.axhline(comp["baseline"], color="0.3", ls="--", lw=0.9, label="random-matrix baseline")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("composition score")
-    ax.set_title(title or "composition over training", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "training tokens", "composition score", title or "composition over training", legend_ncol=2)
 
 
 def plot_token_circuit(m, labels: list[str], title: str = "", xlabel: str = "key: previous token b",
@@ -174,19 +164,14 @@ def plot_smear(sm: dict, window=None, kind=None, title: str = "") -> plt.Figure:
     keep = t > 0
     s = sm["sigma"]
     fig, ax = plt.subplots(figsize=(6.2, 3.4), dpi=90)
-    _shade(ax, window)
+    shade_window(ax, window)
     for l in range(s.shape[1]):
         for h in range(s.shape[2]):
             ind = kind is not None and kind[l, h] == "induction"
             ax.plot(t[keep], s[keep, l, h], lw=2 if ind else 1, label=f"L{l}H{h}" + (" (induction)" if ind else ""))
-    ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("σ(α): weight of the key's own token")
-    ax.set_title(title or "smeared keys over training", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "training tokens", "σ(α): weight of the key's own token",
+                  title or "smeared keys over training", legend_ncol=2)
 
 
 def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
@@ -234,7 +219,7 @@ def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], titl
     for ax, name in zip(axes.flat, names):
         s, c = scores[name], circuits[name]
         (l, h), prev = c["induction_head"], c["prev_head"]
-        _shade(ax, s["window"])
+        shade_window(ax, s["window"])
         t = np.asarray(s["tokens"], dtype=float)
         keep = t > 0
         ax.plot(t[keep], np.asarray(s["prefix"], dtype=float)[keep, l, h], color="k", lw=2.2, label="prefix-matching score")
