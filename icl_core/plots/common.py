@@ -22,3 +22,12 @@ def finish(fig: plt.Figure, ax, xlabel: str, ylabel: str, title: str, legend_nco
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+#: how whitespace tokens are drawn in tick labels (a space would be an invisible label)
+WHITESPACE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}
+
+
+def visible_token(s: str) -> str:
+    """A token string as a tick label: whitespace drawn as ␣ ⏎ ⇥ ␍, other unprintable characters escaped."""
+    return "".join(WHITESPACE.get(ch) or (ch if ch.isprintable() else repr(ch)[1:-1]) for ch in s)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ..heads import INDUCTION_THRESHOLD
+from .common import visible_token
 from .intro import ATTN_CMAP
 
 KIND_COLOURS = {"induction": "tab:red", "previous-token": "tab:blue", "other": "0.6"}
@@ -99,9 +100,9 @@ def plot_cross_attention(pattern: np.ndarray, example, tokens: list[str], n_word
     fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=90)
     im = ax.imshow(sub, cmap=ATTN_CMAP, vmin=0, vmax=max(0.05, float(sub.max())), interpolation="nearest")
     ax.set_xticks(range(na))
-    ax.set_xticklabels([repr(t)[1:-1] for t in tokens[1:1 + na]], rotation=90, fontsize=7)
+    ax.set_xticklabels([visible_token(t) for t in tokens[1:1 + na]], rotation=90, fontsize=7)
     ax.set_yticks(range(nb))
-    ax.set_yticklabels([repr(t)[1:-1] for t in tokens[b0:b0 + nb]], fontsize=7)
+    ax.set_yticklabels([visible_token(t) for t in tokens[b0:b0 + nb]], fontsize=7)
     for q, t in zip(example.queries, example.targets):
         if b0 <= q < b0 + nb and 1 <= t < 1 + na:
             ax.scatter(t - 1, q - b0, s=40, facecolors="none", edgecolors="tab:red", linewidths=1.0)

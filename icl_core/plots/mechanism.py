@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..heads import INDUCTION_THRESHOLD
-from .common import finish, shade_window
+from .common import finish, shade_window, visible_token
 
 SCORE_LABELS = {"prefix": "prefix-matching score", "prev_token": "previous-token score",
                 "ov_eigen": "OV eigenvalue copying score\nΣλ / Σ|λ|", "k_comp": "K-composition trace\n(normalised, Σλ / Σ|λ|)",
@@ -125,9 +125,9 @@ def plot_token_circuit(m, labels: list[str], title: str = "", xlabel: str = "key
     fig, ax = plt.subplots(figsize=(6.6, 5.8), dpi=90)
     im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([repr(s)[1:-1] for s in labels], rotation=90, fontsize=6)
+    ax.set_xticklabels([visible_token(s) for s in labels], rotation=90, fontsize=6)
     ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels([repr(s)[1:-1] for s in labels], fontsize=6)
+    ax.set_yticklabels([visible_token(s) for s in labels], fontsize=6)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
