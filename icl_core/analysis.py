@@ -4,7 +4,9 @@
 
 Each function returns plain tensors/arrays indexed by snapshot (``steps``), per head as
 (S, n_layers, n_heads). Results are keyed by the analysis name, its parameters and the snapshot
-list; a corrupt cache file is recomputed, never used.
+list; a corrupt cache file is recomputed, never used. :func:`cached` is the cache itself, for the
+argument modules' own analyses (ablation sets, composition, circuits, passages). Which heads are
+induction heads, and a run's phase-change window: :mod:`icl_core.heads`.
 """
 from __future__ import annotations
 

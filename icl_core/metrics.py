@@ -5,6 +5,8 @@ Behavioural: :func:`per_token_losses`, :func:`icl_score`, :func:`phase_change_wi
 Head activity: :func:`prefix_matching_scores`, :func:`previous_token_scores`, :func:`copying_scores`.
 Weights: :func:`ov_eigen_copying_scores`, :func:`k_composition_traces`, :func:`composition_scores`.
 Ablations: :func:`ablation_effects` (full and pattern-preserving).
+Head classes and a run's window (thresholds, top heads) are in :mod:`icl_core.heads`; curve maths
+over training (bump, rise windows) in :mod:`icl_core.curves`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Figures for Argument 6, continuity across scale (chapters/06_continuity); data from
-:mod:`icl_core.dynamics` (:func:`~icl_core.dynamics.family_table`, :func:`~icl_core.dynamics.index_pair_table`).
+:mod:`icl_core.continuity` (:func:`~icl_core.continuity.family_table`, :func:`~icl_core.continuity.index_pair_table`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Figures for Argument 1, co-occurrence (chapters/01_cooccurrence); data from :mod:`icl_core.dynamics`.
+"""Figures for Argument 1, co-occurrence (chapters/01_cooccurrence); data from :mod:`icl_core.cooccurrence`,
+:mod:`icl_core.loss_by_index` and :mod:`icl_core.loss_pca`.
 
 Each function takes plain arrays/dicts and returns a matplotlib Figure; nothing here touches a model.
 """
