@@ -243,7 +243,7 @@ def final_ablation_table(run, labels: np.ndarray, n_examples: int = 256, n_draws
     ev = run.eval_data.tokens[:n_examples]
     sets = [[], ind, prev] + [list(s) for s in rsets]
     masks = torch.stack([heads_mask(s, n_layers, n_heads) for s in sets])
-    prec = run.eval_precision  # the run's metric precision (train.eval_precision)
+    prec = run.metrics_precision  # the precision of the run's logged metrics
     params = {"step": run_steps[-1], "n": len(ev), "sets": [[list(h) for h in s] for s in sets], "icl": "band",
               "precision": prec}
 

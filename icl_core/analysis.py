@@ -89,7 +89,7 @@ def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | 
                 "tokens": torch.tensor(steps) * run.config.tokens_per_step, "seconds": torch.tensor(time.time() - t0)}
 
     def compute():
-        out = torch.stack([M.per_token_losses(run.load(s), ev, precision=run.eval_precision) for s in steps])
+        out = torch.stack([M.per_token_losses(run.load(s), ev, precision=run.metrics_precision) for s in steps])
         return {"losses": out.half() if out.numel() > 2e7 else out, "steps": torch.tensor(steps)}
 
     res = cached(run, "losses", {"n": len(ev), "steps": steps}, compute)
@@ -117,8 +117,8 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = M.PREV_T
                 pm, pt = torch.tensor(got["prefix"]), torch.tensor(got["prev_token"])
             else:
                 pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len,
-                                              precision=run.eval_precision)
-                pt = M.previous_token_scores(m, ev.tokens[:n_text], precision=run.eval_precision)
+                                              precision=run.metrics_precision)
+                pt = M.previous_token_scores(m, ev.tokens[:n_text], precision=run.metrics_precision)
             acc["prefix"].append(pm)
             acc["prev_token"].append(pt)
             acc["copying"].append(M.copying_scores(m, ev.rep))
@@ -154,7 +154,7 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
             # M.ABLATION_SEQS_PER_PASS sequences
             r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving,
                                    batch_size=max(1, M.ABLATION_SEQS_PER_PASS // (n_layers * n_heads + 1)),
-                                   precision=run.eval_precision)
+                                   precision=run.metrics_precision)
             clean = r.clean
             d_icl.append(r.delta_icl)
             d_loss.append(r.delta_loss)
@@ -166,6 +166,6 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
                 "ablated_vec": torch.stack(avec), "steps": torch.tensor(steps)}
 
     res = cached(run, "ablations", {"steps": steps, "n": len(ev), "pp": pattern_preserving,
-                                     "seed": pca_seed, "L": n_layers, "H": n_heads, "precision": run.eval_precision}, compute)
+                                     "seed": pca_seed, "L": n_layers, "H": n_heads, "precision": run.metrics_precision}, compute)
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res

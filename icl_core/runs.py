@@ -70,10 +70,17 @@ class Run:
         return step * self.config.tokens_per_step
 
     @property
-    def eval_precision(self) -> str:
-        """Precision of the metrics logged at its snapshots (``train.eval_precision``; fp32 if unset):
-        analyses that recompute a logged number use it too."""
+    def metrics_precision(self) -> str:
+        """Precision of the metrics logged at its snapshots (:attr:`TrainConfig.metrics_precision`: the
+        config field ``train.eval_precision``, fp32 if unset): analyses that recompute a logged number
+        use it too."""
         return self.config.train.metrics_precision
+
+    @property
+    def eval_precision(self) -> str:
+        """Old name of :attr:`metrics_precision`, still read by benchmarks/bench.py and
+        tests/test_train.py; use :attr:`metrics_precision`."""
+        return self.metrics_precision
 
     def load(self, step: int | None = None, device: str = "cpu") -> Transformer:
         """The model at snapshot ``step`` (default: the last). Checksum-verified, no pickle."""
