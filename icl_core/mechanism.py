@@ -265,6 +265,12 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
 
 # --- the chapter: load -> plot -> say ---------------------------------------------------------------
 
+#: [book choice] one smeared-key head does both jobs when its keys borrow more than this share from
+#: the previous token (1 - σ(α)), its token QK circuit's diagonal stands more than this many
+#: off-diagonal standard deviations above the rest, and its OV copying score is positive.
+ONE_HEAD_MIN_BORROWED = 0.2
+ONE_HEAD_MIN_DIAG_Z = 1
+
 @dataclass
 class Mechanism:
     """The chapter's models and their per-head scores over training (:func:`compute`)."""
@@ -474,7 +480,8 @@ def smeared_text(d: dict | None) -> str:
             f"{stq['row_argmax_on_diagonal']:.0%} of rows (chance {stq['chance']:.0%}; diagonal "
             f"{stq['diag_z']:+.1f} standard deviations above the rest). "
             + ("Together: a key mixes in the previous token, the QK circuit matches it to the current token, and the OV "
-               "circuit copies — one head doing the work of two." if (1 - sig) > 0.2 and stq['diag_z'] > 1
+               "circuit copies — one head doing the work of two." if (1 - sig) > ONE_HEAD_MIN_BORROWED
+               and stq['diag_z'] > ONE_HEAD_MIN_DIAG_Z
                and s1['ov_eigen'][-1, l1, h1] > 0 else
                "Not every part of the one-head mechanism is in place in this model."))
 
