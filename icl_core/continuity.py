@@ -53,15 +53,15 @@ def icl_index_pairs(run: Run, steps: list[int] | None = None, n_examples: int | 
 
     Long format: tokens, late, early (scaled), early_paper (the paper's unscaled index), icl."""
     res = A.snapshot_losses(run, n_examples, steps)
-    L = res["losses"]
+    losses = res["losses"]
     n_ctx = run.config.model.n_ctx
     late, _ = icl_indices(n_ctx)
     rows = []
     for e_paper, e in zip(early, scaled_early_indices(n_ctx, early)):
-        for s in range(len(L)):
+        for s in range(len(losses)):
             rows.append({"run": run.name, "tokens": float(res["tokens"][s]), "late": late, "early": e,
                          "early_paper": e_paper,
-                         "icl": M.icl_score_from_losses(L[s], indices=(late, e))})
+                         "icl": M.icl_score_from_losses(losses[s], indices=(late, e))})
     return pd.DataFrame(rows)
 
 

@@ -235,7 +235,7 @@ def passage_change(run: Run, window: M.Window, example: int = 0) -> dict:
     """
     res = passage_losses(run, example)
     t = res["tokens"].numpy().astype(np.float64)
-    L = res["losses"].numpy()
+    losses = res["losses"].numpy()
     x = res["passage"].numpy()
     if window.found and (t <= window.start).any() and (t >= window.end).any():
         i0 = int(np.nonzero(t <= window.start)[0][-1])
@@ -244,7 +244,7 @@ def passage_change(run: Run, window: M.Window, example: int = 0) -> dict:
     else:
         i0, i1 = 0, len(t) - 1
         span = "whole training"
-    delta = L[i1] - L[i0]  # column c predicts token x[c+1]
+    delta = losses[i1] - losses[i0]  # column c predicts token x[c+1]
     half = (len(x) - 1) // 2
     col = np.arange(len(delta))
     second = col >= half  # columns predicting tokens of the second copy
@@ -253,7 +253,7 @@ def passage_change(run: Run, window: M.Window, example: int = 0) -> dict:
     cand = np.flatnonzero(col >= early - 1)
     hurt = int(cand[np.argmax(delta[cand])])
     tok = run.corpus.token_str
-    return {"delta": delta, "half": half, "tokens": t, "losses": L, "i_before": i0, "i_after": i1, "span": span,
+    return {"delta": delta, "half": half, "tokens": t, "losses": losses, "i_before": i0, "i_after": i1, "span": span,
             "helped": helped, "hurt": hurt,
             "helped_token": tok(int(x[helped + 1])), "hurt_token": tok(int(x[hurt + 1])),
             "helped_context": run.corpus.decode(x[max(1, helped - 6):helped + 2]),

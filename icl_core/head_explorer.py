@@ -44,9 +44,9 @@ def head_explorer_images(runs: dict[str, Run], n_snapshots: int = 4, size: float
         d = head_explorer_data(run, n_snapshots)
         for i, s in enumerate(d["steps"]):
             e = d["snapshots"][s]
-            L, H = e["pattern"].shape[:2]
-            for l in range(L):
-                for h in range(H):
+            n_layers, n_heads = e["pattern"].shape[:2]
+            for l in range(n_layers):
+                for h in range(n_heads):
                     kc = e["k_comp"][l, h]
                     title = (f"{name} L{l}H{h}, step {s} ({e['tokens']:,} tok)\n"
                              f"prefix {e['prefix'][l, h]:.2f} · prev {e['prev_token'][l, h]:.2f} · "

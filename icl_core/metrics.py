@@ -212,8 +212,8 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
     (a - b) / (a + b) in [-1, 1]: 1 when the head raises only the tokens it attends to.
     """
     model.eval()
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    tot = torch.zeros(L, Hn)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    tot = torch.zeros(n_layers, n_heads)
     n = 0
     W_U = model.W_U.float()
     for i in range(0, len(rep_tokens), batch_size):
@@ -221,7 +221,7 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
         names = H.pattern_names(model) + H.result_names(model)
         with H.cache(model, names) as c:
             model(x)
-        for l in range(L):
+        for l in range(n_layers):
             pat = c[f"blocks.{l}.attn.hook_pattern"].float()  # (B, H, T, T)
             res = c[f"blocks.{l}.attn.hook_result"].float()  # (B, T, H, D)
             if model.cfg.layer_norm:
@@ -229,7 +229,7 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
             logits = torch.einsum("bthd,dv->bthv", res, W_U)
             logits = torch.relu(logits - logits.mean(-1, keepdim=True))  # (B, T, H, V)
             idx = x[:, None, :].expand(-1, x.shape[1], -1)  # (B, Tq, Tk) token ids of keys
-            g = torch.gather(logits, 3, idx[:, :, None, :].expand(-1, -1, Hn, -1))  # (B, Tq, H, Tk)
+            g = torch.gather(logits, 3, idx[:, :, None, :].expand(-1, -1, n_heads, -1))  # (B, Tq, H, Tk)
             a = (g * pat.permute(0, 2, 1, 3)).sum(-1)  # attention-weighted boost of attended tokens
             causal = torch.ones(x.shape[1], x.shape[1]).tril()
             b = (g * causal[None, :, None, :]).sum(-1) / causal.sum(-1)[None, :, None]
@@ -260,12 +260,12 @@ def ov_eigen_copying_scores(model: Transformer) -> torch.Tensor:
     The nonzero eigenvalues of W_E (W_V W_O W_U) equal those of the small d_model x d_model matrix
     (W_V W_O W_U) W_E, so we never form the vocab x vocab matrix.
     """
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    out = torch.zeros(L, Hn)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.zeros(n_layers, n_heads)
     WE, WU = model.W_E.double(), model.W_U.double()
-    for l in range(L):
+    for l in range(n_layers):
         a = model.blocks[l].attn
-        for h in range(Hn):
+        for h in range(n_heads):
             M = a.W_V[h].double() @ a.W_O[h].double() @ WU @ WE  # (D, D), same nonzero spectrum
             ev = torch.linalg.eigvals(M)
             out[l, h] = float(ev.real.sum() / ev.abs().sum())
@@ -289,18 +289,18 @@ def k_composition_traces(model: Transformer, prev_scores: torch.Tensor, normalis
     W (the eigenvalue-ratio form, in [-1, 1]) so heads and snapshots compare.
     Computed on the d_model-sized equivalent so that no vocab x vocab matrix is formed.
     """
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    out = torch.full((L, Hn), float("nan"))
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.full((n_layers, n_heads), float("nan"))
     WE = model.W_E.double()
     G = WE.T @ WE  # (D, D): W_E^T W_E
-    for l in range(1, L):
+    for l in range(1, n_layers):
         a = model.blocks[l].attn
-        for h in range(Hn):
+        for h in range(n_heads):
             # tr(W_E W_Q (W_E W_OV W_K)^T) = tr(W_Q K^T W_OV^T W_E^T W_E) with the D x D Gram matrix
             M = torch.zeros(WE.shape[1], WE.shape[1], dtype=torch.float64)
             for le in range(l):
                 ae = model.blocks[le].attn
-                for e in range(Hn):
+                for e in range(n_heads):
                     ov = ae.W_V[e].double() @ ae.W_O[e].double()  # (D, D)
                     M += float(prev_scores[le, e]) * (ov @ a.W_K[h].double() @ a.W_Q[h].double().T)
             # W = W_E W_Q (W_E OV W_K)^T = W_E [W_Q W_K^T OV^T] W_E^T ; nonzero spectrum of
@@ -320,15 +320,15 @@ def composition_scores(model: Transformer) -> dict[str, torch.Tensor]:
     Row-vector convention (x @ W): W_A = W_OV = W_V W_O of the earlier head; the later head reads
     x W_OV through its query side for Q-composition (W_B = W_QK = W_Q W_K^T), its key side for
     K-composition (W_B = W_QK^T) and its value side for V-composition (W_B = W_OV)."""
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    out = {k: torch.full((L, Hn, L, Hn), float("nan")) for k in "QKV"}
-    OV = [[(b.attn.W_V[h] @ b.attn.W_O[h]).double() for h in range(Hn)] for b in model.blocks]
-    QK = [[(b.attn.W_Q[h] @ b.attn.W_K[h].T).double() for h in range(Hn)] for b in model.blocks]
-    for l1 in range(L):
-        for h1 in range(Hn):
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = {k: torch.full((n_layers, n_heads, n_layers, n_heads), float("nan")) for k in "QKV"}
+    OV = [[(b.attn.W_V[h] @ b.attn.W_O[h]).double() for h in range(n_heads)] for b in model.blocks]
+    QK = [[(b.attn.W_Q[h] @ b.attn.W_K[h].T).double() for h in range(n_heads)] for b in model.blocks]
+    for l1 in range(n_layers):
+        for h1 in range(n_heads):
             A = OV[l1][h1]
-            for l2 in range(l1 + 1, L):
-                for h2 in range(Hn):
+            for l2 in range(l1 + 1, n_layers):
+                for h2 in range(n_heads):
                     for k, B in (("Q", QK[l2][h2]), ("K", QK[l2][h2].T), ("V", OV[l2][h2])):
                         out[k][l1, h1, l2, h2] = float((A @ B).norm() / (A.norm() * B.norm()))
     return out
@@ -347,10 +347,10 @@ def composition_baseline(d_model: int, d_head: int, n: int = 200, seed: int = 0)
 
 # --- ablations -----------------------------------------------------------------------------------
 
-def single_head_masks(L: int, Hn: int, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+def single_head_masks(n_layers: int, n_heads: int, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """(len(heads), L, H) bool masks, one head per mask (default: every head, in (layer, head) order)."""
-    heads = heads if heads is not None else [(l, h) for l in range(L) for h in range(Hn)]
-    masks = torch.zeros(len(heads), L, Hn, dtype=torch.bool)
+    heads = heads if heads is not None else [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    masks = torch.zeros(len(heads), n_layers, n_heads, dtype=torch.bool)
     for i, (l, h) in enumerate(heads):
         masks[i, l, h] = True
     return masks
@@ -370,9 +370,9 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
     ``precision`` bf16 runs the clean and ablated passes under bf16 autocast (losses in fp32).
     """
     model.eval()
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if masks is None:
-        masks = single_head_masks(L, Hn, heads)
+        masks = single_head_masks(n_layers, n_heads, heads)
     A = len(masks)
     out = torch.empty(A, len(tokens), tokens.shape[1] - 1)
     step = max(1, batch_size)
@@ -409,16 +409,16 @@ class AblationResult:
 def ablation_effects(model: Transformer, tokens: torch.Tensor, pattern_preserving: bool = True,
                      batch_size: int = 16, precision: str = "fp32") -> AblationResult:
     """Per-head change in ICL score and loss when that head alone is ablated."""
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     # the clean losses come from the same batched pass, as the ablation of no head: under bf16 the
     # hooked path rounds differently from a plain forward, and the deltas must not carry that offset
-    masks = torch.cat([torch.zeros(1, L, Hn, dtype=torch.bool), single_head_masks(L, Hn)])
+    masks = torch.cat([torch.zeros(1, n_layers, n_heads, dtype=torch.bool), single_head_masks(n_layers, n_heads)])
     both = ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving,
                            batch_size=batch_size, precision=precision)
     clean, abl = both[0], both[1:]
     c_icl = icl_score_from_losses(clean, model.cfg.n_ctx, band=True)
-    d_icl = torch.tensor([icl_score_from_losses(a, model.cfg.n_ctx, band=True) - c_icl for a in abl]).view(L, Hn)
-    d_loss = (abl.mean(dim=(1, 2)) - clean.mean()).view(L, Hn)
+    d_icl = torch.tensor([icl_score_from_losses(a, model.cfg.n_ctx, band=True) - c_icl for a in abl]).view(n_layers, n_heads)
+    d_loss = (abl.mean(dim=(1, 2)) - clean.mean()).view(n_layers, n_heads)
     return AblationResult(clean, c_icl, d_icl, d_loss, abl)
 
 

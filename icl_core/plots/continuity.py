@@ -90,17 +90,17 @@ def plot_window_timing(family, title: str = "") -> plt.Figure:
 def plot_layer_prefix(family, threshold: float = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """Top prefix-matching score per layer (max over heads) for every model at the end of training;
     layers counted from the first (left); cells outside a model's depth are blank."""
-    L = int(family["layers"].max())
-    M = np.full((len(family), L), np.nan)
+    n_layers = int(family["layers"].max())
+    M = np.full((len(family), n_layers), np.nan)
     for i, lp in enumerate(family["layer_prefix"]):
         M[i, :len(lp)] = lp
-    fig, ax = plt.subplots(figsize=(1.2 * L + 3, 0.45 * len(family) + 1.5), dpi=90)
+    fig, ax = plt.subplots(figsize=(1.2 * n_layers + 3, 0.45 * len(family) + 1.5), dpi=90)
     im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(M):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}" + ("*" if v >= threshold else ""), ha="center", va="center", fontsize=8,
                     color="white" if v < 0.6 else "black")
-    ax.set_xticks(range(L))
+    ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
     ax.set_yticks(range(len(family)))
     ax.set_yticklabels(family["model"])
@@ -112,13 +112,18 @@ def plot_layer_prefix(family, threshold: float = INDUCTION_THRESHOLD, title: str
 
 def plot_index_pairs(pairs, title: str = "") -> plt.Figure:
     """Final ICL per model for each early index (grouped bars), and ICL over training for each pair
-    (one panel per early index)."""
+    (one panel per early index); two panels a row."""
     fin = pairs.loc[pairs.groupby(["run", "early"])["tokens"].idxmax()]
     runs = list(dict.fromkeys(pairs["run"]))
     early = sorted(set(pairs["early"]))
     late = int(pairs["late"].iloc[0])
     n = len(early)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4), dpi=90)
+    cols = min(n + 1, 2)  # two panels a row: readable at the page's width
+    rows = int(np.ceil((n + 1) / cols))
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), dpi=90, squeeze=False)
+    for ax in grid.flat[n + 1:]:
+        ax.set_visible(False)
+    axes = grid.flat[:n + 1]
     col = model_colours(runs)
     w = 0.8 / len(runs)
     for i, r in enumerate(runs):

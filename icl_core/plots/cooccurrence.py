@@ -98,12 +98,12 @@ def plot_head_score_curves(data: dict, windows: dict, title: str = "") -> plt.Fi
     for jj, (k, (t, pre, prev)) in enumerate(data.items()):
         b, j = divmod(jj, ncol)
         m = t > 0
-        L, H = pre.shape[1:]
+        n_layers, n_heads = pre.shape[1:]
         for i, (arr, name) in enumerate(((pre, "prefix-matching score"), (prev, "previous-token score"))):
             ax = axes[2 * b + i, j]
-            for layer in range(L):
-                c = cmap(layer / max(L - 1, 1) * 0.85)
-                for h in range(H):
+            for layer in range(n_layers):
+                c = cmap(layer / max(n_layers - 1, 1) * 0.85)
+                for h in range(n_heads):
                     ax.plot(t[m], arr[m, layer, h], color=c, lw=1, label=f"layer {layer}" if h == 0 else None)
             shade_window(ax, windows.get(k), "tab:red", alpha=0.12, label="ICL window")
             ax.set_xscale("log")

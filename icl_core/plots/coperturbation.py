@@ -60,15 +60,15 @@ def plot_smear_over_training(pairs, title: str = "") -> plt.Figure:
         ax.set_axis_off()
         return fig
     n = len(runs)
-    cols = min(n, 4)
+    cols = min(n, 2)  # two panels a row: readable at the page's width
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), dpi=90, squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 2.9 * rows), dpi=90, squeeze=False, sharey=True)
     cmap = plt.get_cmap("tab10")
     for ax, c in zip(axes.ravel(), runs):
         keep = c.tokens > 0
-        S, L, Hn = c.smear.shape
-        for layer in range(L):
-            for head in range(Hn):
+        _, n_layers, n_heads = c.smear.shape
+        for layer in range(n_layers):
+            for head in range(n_heads):
                 ax.plot(c.tokens[keep], c.smear[keep, layer, head], color=cmap(head % 10),
                         ls=("-", "--", ":", "-.")[layer % 4], label=f"L{layer}H{head}")
         ax.set_xscale("log")
