@@ -447,6 +447,11 @@ class Passage:
     def span_label(self) -> str:
         return "ICL window" if self.change["span"] == "window" else "whole of training"
 
+    @property
+    def shaded_window(self) -> M.Window | None:
+        """The window to shade on the token curves (None when the change spans the whole of training)."""
+        return self.window if self.change["span"] == "window" else None
+
 
 def passage(res: Cooccurrence, example: int = 0) -> Passage:
     """:func:`passage_change` of :func:`showcase_run` across its own window (or the reference window

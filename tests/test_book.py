@@ -200,7 +200,8 @@ def test_every_profile_chapter_has_a_notebook_in_the_toc():
 #: what a chapter's code may not contain: the work belongs in icl_core (load -> plot -> say)
 FORBIDDEN = {ast.For: "a loop", ast.AsyncFor: "a loop", ast.While: "a loop", ast.ListComp: "a comprehension",
              ast.SetComp: "a comprehension", ast.DictComp: "a comprehension", ast.GeneratorExp: "a comprehension",
-             ast.Lambda: "a lambda", ast.FunctionDef: "a def", ast.AsyncFunctionDef: "a def", ast.ClassDef: "a class"}
+             ast.Lambda: "a lambda", ast.FunctionDef: "a def", ast.AsyncFunctionDef: "a def", ast.ClassDef: "a class",
+             ast.If: "a branch", ast.IfExp: "a branch", ast.Compare: "a comparison (a rule belongs in icl_core)"}
 MAX_CELL_LINES = 8  # lines of code in a cell, not counting imports, comments and blank lines
 
 
@@ -289,6 +290,8 @@ def test_the_chapter_check_fails_on_a_loop_and_the_other_forbidden_code():
         nbf.v4.new_notebook(cells=[nbf.v4.new_code_cell("prefix_threshold = 0.3", metadata={"tags": ["parameters"]})])))
     assert "lines of code" in " ".join(chapter_violations(_chapter("\n".join(f"x{i} = {i}" for i in range(9)))))
     assert "remove-input" in " ".join(chapter_violations(_chapter("display(Markdown(text))")))
+    assert "a branch" in " ".join(chapter_violations(_chapter("if res.found:\n    say(text)")))
+    assert "a comparison" in " ".join(chapter_violations(_chapter("x = res.table[res.table.layers >= 2]")))
 
 
 def test_runs_train_longest_first(monkeypatch):
