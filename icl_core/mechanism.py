@@ -167,7 +167,11 @@ def rise_token(tokens, values, frac: float = 0.5) -> float:
     return float(np.exp(np.log(t[i - 1]) + f * (np.log(t[i]) - np.log(t[i - 1]))))
 
 
-def rise_timing(scores: dict, min_rise: float = 0.1, circuits: dict | None = None) -> dict:
+#: [book choice] a score that rises by less than this (first snapshot to maximum) counts as no rise.
+MIN_RISE = 0.1
+
+
+def rise_timing(scores: dict, min_rise: float = MIN_RISE, circuits: dict | None = None) -> dict:
     """When the top induction head's prefix, OV and K-composition scores (and the top previous-token
     head's previous-token score) cover half their rise, against the phase-change window. With
     ``circuits`` (:func:`circuits_over_training` of the same heads) also the token-level readouts
@@ -301,7 +305,7 @@ def timing_text(m: Mechanism) -> str:
     return ("For each model's top induction head (highest final prefix score) and its top previous-token head "
             "(highest previous-token score in an earlier layer): how far each score rose from the first snapshot to its "
             "maximum, and when it had covered half of that rise, against the window found from the ICL curve "
-            "(`icl_core.heads.phase_change_window`). *[Book choice]* a rise smaller than 0.1 counts as no rise. The times are only as "
+            f"(`icl_core.heads.phase_change_window`). *[Book choice]* a rise smaller than {MIN_RISE} counts as no rise. The times are only as "
             f"fine as the {m.n_steps} snapshots analysed.")
 
 

@@ -78,3 +78,17 @@ def test_pandas_styler_uuids_are_ignored(tmp_path):
     _executed(tmp_path / "c", "01", "x", html='<style>#T_9f8e7_row0_col0 {}</style><table id="T_9f8e7"><td>0.42</td>')
     assert diff_builds(tmp_path / "a", tmp_path / "b") == {}
     assert diff_builds(tmp_path / "a", tmp_path / "c") != {}
+
+
+def test_figure_sizes_can_be_ignored_but_not_the_number_of_axes(tmp_path):
+    for name, fig in (("a", "<Figure size 1296x261 with 4 Axes>"), ("b", "<Figure size 828x522 with 4 Axes>"),
+                      ("c", "<Figure size 828x522 with 3 Axes>")):
+        folder = tmp_path / name
+        folder.mkdir()
+        nb = nbf.v4.new_notebook()
+        nb.cells = [nbf.v4.new_code_cell("")]
+        nb.cells[0].outputs = [nbf.v4.new_output("display_data", data={"text/plain": fig, "image/png": "AAAA"})]
+        nbf.write(nb, folder / "01.ipynb")
+    assert diff_builds(tmp_path / "a", tmp_path / "b") != {}
+    assert diff_builds(tmp_path / "a", tmp_path / "b", ignore_figure_size=True) == {}
+    assert diff_builds(tmp_path / "a", tmp_path / "c", ignore_figure_size=True) != {}
