@@ -21,6 +21,7 @@ from . import loss_pca as LP
 from . import metrics as M
 from .config import ModelConfig, icl_indices
 from .cooccurrence import cooccurrence_row, cooccurrence_table
+from .curves import Window
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 from .model import Transformer
 from .prose import fmt_tokens, join, span_tokens
@@ -374,7 +375,7 @@ class FamilyPCA:
     pca: LP.LossPCA
     runs: dict[str, Run]  # the runs fitted
     left_out: list[str]  # runs with another evaluation set
-    windows: dict[str, M.Window]
+    windows: dict[str, Window]
     seconds: float
 
 

@@ -29,8 +29,9 @@ import torch
 from . import analysis as A
 from . import metrics as M
 from .config import icl_indices
-from .curves import (BUMP_TOL, PREFIX_MIN_RISE, convex_gap, initial_fall_end, inside, loss_bump,
-                     overlaps, rise_window, smooth_log_curve)
+from .curves import (BUMP_TOL, PREFIX_MIN_RISE, Window, convex_gap, initial_fall_end, inside, loss_bump, overlaps,
+                     rise_window, smooth_log_curve)
+from .curves import phase_change_window as curve_window
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 from .prose import fmt, fmt_tokens, join
 from .runs import Run
@@ -223,7 +224,7 @@ def passage_losses(run: Run, example: int = 0) -> dict:
     return res
 
 
-def passage_change(run: Run, window: M.Window, example: int = 0) -> dict:
+def passage_change(run: Run, window: Window, example: int = 0) -> dict:
     """Per-token loss change on the repeated passage from the snapshot at the window's start to the
     one at its end, and two tokens chosen by rule:
 
@@ -307,10 +308,10 @@ def showcase_run(table: pd.DataFrame) -> str:
 
 
 def window_rule() -> str:
-    """The phase-change window rule, with the defaults :func:`metrics.phase_change_window` uses."""
+    """The phase-change window rule, with the defaults :func:`curves.phase_change_window` uses."""
     import inspect
 
-    p = inspect.signature(M.phase_change_window).parameters
+    p = inspect.signature(curve_window).parameters
     return (f"The ICL score is smoothed with a Gaussian of s.d. {p['width'].default} in ln(tokens) (the late "
             f"snapshots are close together in log tokens, so unsmoothed, a snapshot-to-snapshot "
             f"fluctuation of the score would pass for its steepest fall) *[book choice]*, and its "
@@ -439,7 +440,7 @@ def prefix_summary(table: pd.DataFrame) -> str:
 class Passage:
     """The repeated passage of the chapter's showcase run (:func:`passage`)."""
     run: str
-    window: M.Window  # the window the change is taken across
+    window: Window  # the window the change is taken across
     own_window: bool  # the run's own window (else the reference window or the whole of training)
     change: dict  # passage_change(...)
 
@@ -448,7 +449,7 @@ class Passage:
         return "ICL window" if self.change["span"] == "window" else "whole of training"
 
     @property
-    def shaded_window(self) -> M.Window | None:
+    def shaded_window(self) -> Window | None:
         """The window to shade on the token curves (None when the change spans the whole of training)."""
         return self.window if self.change["span"] == "window" else None
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import metrics as M
 from .config import icl_indices
-from .prose import fmt_tokens
+from .curves import Window
+from .curves import phase_change_window as curve_window
 from .heads import INDUCTION_THRESHOLD, phase_change_window
+from .prose import fmt_tokens
 
 # [book choice] thresholds of the chapter's checks (printed in the chapter; head classes: icl_core.heads)
 ICL_GAIN = 0.3  # nats of ICL the smeared 1-layer model must gain over its vanilla twin
@@ -38,18 +39,18 @@ class Curves:
     icl: np.ndarray  # (S,) ICL score L(late) - L(early), nats
     prefix_max: np.ndarray  # (S,) top prefix-matching score over heads
     smear: np.ndarray | None  # (S, L, H) sigma(alpha_h), smeared runs only
-    window: M.Window = field(default=None)
+    window: Window = field(default=None)
 
 
 def curves_from_metrics(name: str, seed: int, n_layers: int, smeared: bool, df: pd.DataFrame,
-                        window: M.Window | None = None, **window_kw) -> Curves:
+                        window: Window | None = None, **window_kw) -> Curves:
     """:class:`Curves` from a :meth:`Run.metrics` frame. ``window`` defaults to the one detected
-    from its ICL curve (:func:`icl_core.metrics.phase_change_window`)."""
+    from its ICL curve (:func:`icl_core.curves.phase_change_window`)."""
     t = df["tokens"].to_numpy(dtype=float)
     smear = None
     if smeared and "smear" in df and df["smear"].notna().all():
         smear = np.asarray(df["smear"].tolist(), dtype=float)
-    w = window if window is not None else M.phase_change_window(t, df["icl"].to_numpy(dtype=float), **window_kw)
+    w = window if window is not None else curve_window(t, df["icl"].to_numpy(dtype=float), **window_kw)
     return Curves(name, seed, n_layers, smeared, t, df["loss"].to_numpy(dtype=float),
                   df["icl"].to_numpy(dtype=float), df["prefix_max"].to_numpy(dtype=float), smear, w)
 

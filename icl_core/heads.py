@@ -11,14 +11,15 @@ module, and the chapters' prose quotes its constants:
 * :func:`top_induction_head`, :func:`top_heads`, :func:`circuit_heads`: the heads the chapters
   follow (the highest prefix-matching score; its previous-token partner in an earlier layer).
 * :func:`phase_change_window`: a run's phase-change window, found by
-  :func:`icl_core.metrics.phase_change_window` on its banded ICL curve (:func:`icl_curve`).
+  :func:`icl_core.curves.phase_change_window` on its banded ICL curve (:func:`icl_curve`).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from . import metrics as M
+from .curves import Window
+from .curves import phase_change_window as curve_window
 
 #: [book choice] a head with prefix-matching score >= this is an induction head.
 INDUCTION_THRESHOLD = 0.3
@@ -96,16 +97,16 @@ def icl_curve(run) -> tuple[np.ndarray, np.ndarray]:
 
 
 def phase_change_window(run, require_induction_head: bool = False,
-                        prefix_threshold: float = INDUCTION_THRESHOLD, **kw) -> M.Window:
+                        prefix_threshold: float = INDUCTION_THRESHOLD, **kw) -> Window:
     """The run's phase-change window, detected from its banded ICL curve
-    (:func:`icl_core.metrics.phase_change_window`, whose keywords ``kw`` are).
+    (:func:`icl_core.curves.phase_change_window`, whose keywords ``kw`` are).
 
     With ``require_induction_head`` *[book choice of Argument 2]* an ICL window counts only if the
     run forms an induction head (its top prefix-matching score reaches ``prefix_threshold``); an ICL
     drop without one (e.g. from in-context token statistics) is reported as no window."""
     tokens, icl = icl_curve(run)
-    window = M.phase_change_window(tokens, icl, **kw)
+    window = curve_window(tokens, icl, **kw)
     if require_induction_head and window.found and float(run.metrics()["prefix_max"].max()) < prefix_threshold:
-        return M.Window(float("nan"), float("nan"), float("nan"), False,
+        return Window(float("nan"), float("nan"), float("nan"), False,
                         f"an ICL window without an induction head (top prefix score < {prefix_threshold})")
     return window

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import analysis as A
-from . import metrics as M
-from .curves import dloss_dlnindex
+from .curves import Window, dloss_dlnindex
 from .prose import fmt_tokens
 from .runs import Run
 
@@ -38,7 +37,7 @@ def late_index_slope(heat: dict, step_index: int, late_from: float = 0.25) -> fl
     return float(d[0, m].mean())
 
 
-def heatmap_summary(heat: dict, window: M.Window) -> dict:
+def heatmap_summary(heat: dict, window: Window) -> dict:
     """Late-index loss slope at the snapshots just before and just after the window."""
     t = heat["tokens"]
     if not window.found:

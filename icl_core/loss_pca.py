@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import analysis as A
 from . import metrics as M
-from .curves import turn_angle
+from .curves import Window, turn_angle
 from .runs import Run
 
 
@@ -44,13 +44,13 @@ def loss_pca_paths(runs: dict[str, Run], steps_n: int | None = None, n_examples:
     return {"coords": coords, "tokens": toks, "explained": pca.explained_variance_ratio_, "seconds": secs}
 
 
-def reference_window(rows: pd.DataFrame) -> M.Window:
+def reference_window(rows: pd.DataFrame) -> Window:
     """The median ICL window of the ≥2-layer runs that have one: the span used for runs without
     their own window (e.g. the 1-layer control) when comparing PCA turns."""
     g = rows[(rows["layers"] >= 2) & rows["window_found"]]
     if not len(g):
-        return M.Window(float("nan"), float("nan"), float("nan"), False, "no ≥2-layer run has a window")
-    return M.Window(float(np.exp(np.log(g["window_start"]).median())),
+        return Window(float("nan"), float("nan"), float("nan"), False, "no ≥2-layer run has a window")
+    return Window(float(np.exp(np.log(g["window_start"]).median())),
                     float(np.exp(np.log(g["window_end"]).median())),
                     float(np.exp(np.log(g["window_peak"]).median())), True)
 

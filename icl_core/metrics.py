@@ -1,12 +1,12 @@
 """The paper's metrics (../shared/PAPER.md), all heads at once; per-head results are (n_layers, n_heads).
 
-Behavioural: :func:`per_token_losses`, :func:`icl_score`, :func:`phase_change_window`,
+Behavioural: :func:`per_token_losses`, :func:`icl_score`,
 :func:`loss_pca`, :func:`before_after_projection`.
 Head activity: :func:`prefix_matching_scores`, :func:`previous_token_scores`, :func:`copying_scores`.
 Weights: :func:`ov_eigen_copying_scores`, :func:`k_composition_traces`, :func:`composition_scores`.
 Ablations: :func:`ablation_effects` (full and pattern-preserving).
 Head classes and a run's window (thresholds, top heads) are in :mod:`icl_core.heads`; curve maths
-over training (bump, rise windows) in :mod:`icl_core.curves`.
+over training (the phase-change window rule, smoothing in log tokens, the bump) in :mod:`icl_core.curves`.
 """
 from __future__ import annotations
 
@@ -459,73 +459,3 @@ def before_after_projection(u: np.ndarray, clean: np.ndarray, ablated: np.ndarra
     """u . (L_ablated - L_clean) for each ablation (rows of ``ablated``); negative for induction heads
     (ablating them moves the loss back against the direction training took)."""
     return (np.asarray(ablated) - np.asarray(clean)[None]) @ u
-
-
-@dataclass
-class Window:
-    start: float  # tokens
-    end: float
-    peak: float
-    found: bool
-    reason: str = ""
-
-
-#: [book choice] s.d., in ln(tokens), of the Gaussian kernel that smooths a curve before
-#: :func:`phase_change_window` differentiates it. The snapshots are log-spaced early and linear
-#: late, so late neighbours are only ~5% apart in tokens and a snapshot-to-snapshot fluctuation of
-#: the ICL score (~0.04 nats at a constant learning rate) becomes a steep "drop" there. On a
-#: synthetic sigmoid in ln(tokens) with that noise, on the laptop's snapshot grid, the window
-#: contains the true midpoint in 95-99% of draws with this kernel, 67-73% with the earlier
-#: 3-snapshot moving average (tests/test_metrics.py).
-WINDOW_SMOOTH_WIDTH = 0.1
-
-
-def smooth_in_log_tokens(tokens: np.ndarray, values: np.ndarray, width: float = WINDOW_SMOOTH_WIDTH,
-                         at: np.ndarray | None = None) -> np.ndarray:
-    """Gaussian-kernel average of ``values`` at each of ``tokens`` (> 0), or at the token counts
-    ``at``, kernel s.d. ``width`` in ln(tokens): as much smoothing where snapshots are dense as
-    where they are sparse."""
-    lt = np.log(np.asarray(tokens, dtype=np.float64))
-    g = lt if at is None else np.log(np.asarray(at, dtype=np.float64))
-    w = np.exp(-0.5 * ((g[:, None] - lt[None, :]) / width) ** 2)
-    return (w @ np.asarray(values, dtype=np.float64)) / w.sum(1)
-
-
-def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
-                        min_change: float = 0.05, width: float = WINDOW_SMOOTH_WIDTH) -> Window:
-    """Phase-change window from the ICL-score curve over training.
-
-    The curve is smoothed in ln(tokens) (:func:`smooth_in_log_tokens`, kernel s.d. ``width``; 0 =
-    none); d = dICL/dlog(tokens) by finite differences; the peak is the most negative d; the window
-    is the contiguous run of snapshots around the peak where -d >= ``frac`` x peak. No window is
-    reported if ICL never falls by ``min_change`` nats overall (a 1-layer model, for example).
-    """
-    t = np.asarray(tokens, dtype=np.float64)
-    y = np.asarray(icl, dtype=np.float64)
-    keep = t > 0
-    t, y = t[keep], y[keep]
-    # where the log-spaced and linear snapshot grids meet, two snapshots can be a few steps apart;
-    # their tiny log-token gap would turn noise into a huge derivative: keep one of each such pair
-    if len(t) > 1:
-        keep = np.concatenate([[True], t[1:] / t[:-1] >= 1.02])
-        t, y = t[keep], y[keep]
-    if len(t) < 3:
-        return Window(float("nan"), float("nan"), float("nan"), False, "fewer than 3 snapshots")
-    ys = smooth_in_log_tokens(t, y, width) if width > 0 else y
-    lt = np.log(t)
-    d = np.diff(ys) / np.diff(lt)  # between snapshots j and j+1
-    drop = y[0] - y.min()
-    if drop < min_change:
-        return Window(float("nan"), float("nan"), float("nan"), False,
-                      f"ICL never fell by {min_change} nats (drop {drop:.3f})")
-    p = int(np.argmin(d))
-    peak = -d[p]
-    if peak <= 0:
-        return Window(float("nan"), float("nan"), float("nan"), False, "ICL never decreases")
-    a = p
-    while a > 0 and -d[a - 1] >= frac * peak:
-        a -= 1
-    b = p
-    while b < len(d) - 1 and -d[b + 1] >= frac * peak:
-        b += 1
-    return Window(float(t[a]), float(t[b + 1]), float(np.sqrt(t[p] * t[p + 1])), True)

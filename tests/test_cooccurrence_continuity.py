@@ -196,7 +196,7 @@ def test_head_score_figure_wraps_after_four_models(n_models, grid, hidden):
     import matplotlib
     matplotlib.use("Agg")
     from icl_core.plots import cooccurrence as P
-    from icl_core.metrics import Window
+    from icl_core.curves import Window
     t = np.array([0.0, 1e3, 1e4, 1e5])
     data = {f"m{i}": (t, np.random.default_rng(i).random((4, 2, 3)), np.random.default_rng(i + 9).random((4, 2, 3)))
             for i in range(n_models)}

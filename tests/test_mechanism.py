@@ -8,7 +8,7 @@ import torch
 from icl_core import circuits as Ci
 from icl_core import mechanism as Me
 from icl_core.config import ModelConfig
-from icl_core.metrics import Window
+from icl_core.curves import Window
 from icl_core.model import Transformer
 
 

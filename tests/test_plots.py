@@ -4,7 +4,7 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
-from icl_core.metrics import Window  # noqa: E402
+from icl_core.curves import Window  # noqa: E402
 from icl_core.plots.common import visible_token  # noqa: E402
 from icl_core.plots.mechanism import plot_circuit_timing, plot_token_circuit  # noqa: E402
 
