@@ -312,6 +312,7 @@ def test_runs_train_longest_first(monkeypatch):
 # --- the command line: a bad name is one line and exit status 2 ---------------------------------
 
 def test_cli_bad_profile_chapter_or_field_is_one_line_and_exit_2(tmp_path, capsys):
+    assert book.main is cli.main and book.build is cli.build  # binder/prepare_chapters.py calls book.main
     assert cli.main(["build", "--profile", "nosuch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown profile 'nosuch'" in err[0]

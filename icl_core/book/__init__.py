@@ -33,8 +33,9 @@ from .chapters import (PACKAGE_DIR, PROJECT_ROOT, BookError, ChapterFailed, Path
 from .pipeline import execute, execute_chapter, missing_runs, stale_chapters, train
 from .site import assemble_source, render
 from .vendor import VENDOR, vendor_js
+from .cli import build, main  # noqa: E402  (cli reads this package's docstring)
 
-__all__ = ["alignment", "alignment_text", "profile_summary", "show_sweep_rounds", "BookError", "ChapterFailed", "PACKAGE_DIR", "PROJECT_ROOT", "Paths", "UsageError", "VENDOR",
+__all__ = ["build", "main", "alignment", "alignment_text", "profile_summary", "show_sweep_rounds", "BookError", "ChapterFailed", "PACKAGE_DIR", "PROJECT_ROOT", "Paths", "UsageError", "VENDOR",
            "assemble_source", "chapter_banner", "chapter_key", "chapter_notebooks", "chapter_parameters", "chapter_runs",
            "corpus_table", "deviations_table", "execute", "execute_chapter", "is_up_to_date", "missing_runs",
            "notebook_source_hash", "package_versions", "profile_hash", "render", "runs_named_in", "runs_table",
