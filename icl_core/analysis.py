@@ -4,14 +4,15 @@
 
 Each function returns plain tensors/arrays indexed by snapshot (``steps``), per head as
 (S, n_layers, n_heads). Results are keyed by the analysis name, its parameters and the snapshot
-list; a corrupt cache file is recomputed, never used.
+list; a corrupt cache file is recomputed, never used. :func:`cached` is the cache itself, for the
+argument modules' own analyses (ablation sets, composition, circuits, passages). Which heads are
+induction heads, and a run's phase-change window: :mod:`icl_core.heads`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,10 @@ def select_steps(run: Run, n: int | None = None) -> list[int]:
     return [steps[i] for i in sorted(set(pos.tolist()) | {0, len(steps) - 1})]
 
 
-def _cached(run: Run, name: str, params: dict, compute) -> dict[str, torch.Tensor]:
+def cached(run: Run, name: str, params: dict, compute) -> dict[str, torch.Tensor]:
+    """``compute()`` (a dict of tensors), stored once in ``run/analysis/`` under ``name`` and a key of
+    ``params``; later calls with the same ``params`` load it (a corrupt file is recomputed, never used).
+    The seconds ``compute`` took are kept as ``"seconds"``."""
     key = hashlib.sha256(json.dumps({"v": ANALYSIS_VERSION, **params}, sort_keys=True).encode()).hexdigest()[:12]
     d = run.path / "analysis"
     meta_p, data_p = d / f"{name}-{key}.json", d / f"{name}-{key}.safetensors"
@@ -85,10 +89,10 @@ def snapshot_losses(run: Run, n_examples: int | None = None, steps: list[int] | 
                 "tokens": torch.tensor(steps) * run.config.tokens_per_step, "seconds": torch.tensor(time.time() - t0)}
 
     def compute():
-        out = torch.stack([M.per_token_losses(run.load(s), ev, precision=run.eval_precision) for s in steps])
+        out = torch.stack([M.per_token_losses(run.load(s), ev, precision=run.metrics_precision) for s in steps])
         return {"losses": out.half() if out.numel() > 2e7 else out, "steps": torch.tensor(steps)}
 
-    res = _cached(run, "losses", {"n": len(ev), "steps": steps}, compute)
+    res = cached(run, "losses", {"n": len(ev), "steps": steps}, compute)
     res["losses"] = res["losses"].float()
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res
@@ -113,8 +117,8 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = M.PREV_T
                 pm, pt = torch.tensor(got["prefix"]), torch.tensor(got["prev_token"])
             else:
                 pm = M.prefix_matching_scores(m, ev.rep, run.config.data.prefix_seq_len,
-                                              precision=run.eval_precision)
-                pt = M.previous_token_scores(m, ev.tokens[:n_text], precision=run.eval_precision)
+                                              precision=run.metrics_precision)
+                pt = M.previous_token_scores(m, ev.tokens[:n_text], precision=run.metrics_precision)
             acc["prefix"].append(pm)
             acc["prev_token"].append(pt)
             acc["copying"].append(M.copying_scores(m, ev.rep))
@@ -124,7 +128,7 @@ def head_scores(run: Run, steps: list[int] | None = None, n_text: int = M.PREV_T
         out["steps"] = torch.tensor(steps)
         return out
 
-    res = _cached(run, "heads", {"steps": steps, "n_text": n_text}, compute)
+    res = cached(run, "heads", {"steps": steps, "n_text": n_text}, compute)
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res
 
@@ -134,23 +138,23 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
     """Single-head ablations at each snapshot on the first ``n_examples`` eval windows.
 
     Returns delta_icl and delta_loss (S, L, H), clean_icl (S,), and the per-token loss vectors used
-    for the before-and-after projection: clean_vec (S, N) and ablated_vec (S, L*H, N), one random
+    for the before-and-after projection: clean_vec (S, N) and ablated_vec (S, n_layers * n_heads, N), one random
     (example, position) per example (:func:`icl_core.metrics.sample_token_positions`, ``pca_seed``).
     """
     steps = steps or run.steps
     ev = run.eval_data.tokens[:n_examples]
-    L, H = run.config.model.n_layers, run.config.model.n_heads
+    n_layers, n_heads = run.config.model.n_layers, run.config.model.n_heads
     pos = M.sample_token_positions(len(ev), ev.shape[1] - 1, pca_seed)
 
     def compute():
         d_icl, d_loss, c_icl, cvec, avec = [], [], [], [], []
         for s in steps:
             m = run.load(s)
-            # all L*H ablations (and the clean run) of a batch run in one pass of about
+            # all n_layers * n_heads ablations (and the clean run) of a batch run in one pass of about
             # M.ABLATION_SEQS_PER_PASS sequences
             r = M.ablation_effects(m, ev, pattern_preserving=pattern_preserving,
-                                   batch_size=max(1, M.ABLATION_SEQS_PER_PASS // (L * H + 1)),
-                                   precision=run.eval_precision)
+                                   batch_size=max(1, M.ABLATION_SEQS_PER_PASS // (n_layers * n_heads + 1)),
+                                   precision=run.metrics_precision)
             clean = r.clean
             d_icl.append(r.delta_icl)
             d_loss.append(r.delta_loss)
@@ -161,53 +165,7 @@ def ablations(run: Run, steps: list[int] | None = None, n_examples: int = 64,
                 "clean_icl": torch.tensor(c_icl), "clean_vec": torch.stack(cvec),
                 "ablated_vec": torch.stack(avec), "steps": torch.tensor(steps)}
 
-    res = _cached(run, "ablations", {"steps": steps, "n": len(ev), "pp": pattern_preserving,
-                                     "seed": pca_seed, "L": L, "H": H, "precision": run.eval_precision}, compute)
+    res = cached(run, "ablations", {"steps": steps, "n": len(ev), "pp": pattern_preserving,
+                                     "seed": pca_seed, "L": n_layers, "H": n_heads, "precision": run.metrics_precision}, compute)
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res
-
-
-def icl_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, ICL score) per snapshot from the cheap metrics logged in training (the book's
-    banded estimate, see :meth:`Run.metrics`)."""
-    df = run.metrics()
-    return df["tokens"].to_numpy(), df["icl"].to_numpy()
-
-
-def window(run: Run, **kw) -> M.Window:
-    """The run's phase-change window, detected from its (banded) ICL curve
-    (:func:`metrics.phase_change_window`)."""
-    t, icl = icl_curve(run)
-    return M.phase_change_window(t, icl, **kw)
-
-
-def classify_heads(prefix: torch.Tensor, prev: torch.Tensor, prefix_threshold: float = 0.3,
-                   prev_threshold: float = 0.3) -> np.ndarray:
-    """Label each head (L, H) 'induction' (prefix >= threshold), 'previous-token' (prev >= threshold)
-    or 'other'. [book choice] thresholds 0.3, stated in the chapters."""
-    lab = np.full(tuple(prefix.shape), "other", dtype=object)
-    lab[prev.numpy() >= prev_threshold] = "previous-token"
-    lab[prefix.numpy() >= prefix_threshold] = "induction"
-    return lab
-
-
-def summary_row(run: Run) -> dict:
-    """Numbers the chapters' tables report for one run (window, ICL and prefix before/after)."""
-    df = run.metrics()
-    t, icl, pm = df["tokens"].to_numpy(), df["icl"].to_numpy(), df["prefix_max"].to_numpy()
-    w = window(run)
-    row = {"run": run.name, "layers": run.config.model.n_layers, "seed": run.config.train.seed,
-           "tokens": int(t[-1]), "final_icl": float(icl[-1]), "final_prefix_max": float(pm[-1]),
-           "window_found": w.found}
-    if w.found:
-        before = t <= w.start
-        after = t >= w.end
-        i0 = np.nonzero(before)[0][-1]
-        i1 = np.nonzero(after)[0][0]
-        gained = icl[i1] - icl[i0]
-        total = icl[-1] - icl[0]
-        row.update({"window_start": w.start, "window_end": w.end,
-                    "icl_before": float(icl[i0]), "icl_after": float(icl[i1]),
-                    "frac_icl_in_window": float(gained / total) if total else np.nan,
-                    "prefix_before": float(pm[i0]), "prefix_after": float(pm[i1])})
-    return row

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import analysis as A
-from . import metrics as M
+from .config import icl_indices
+from .curves import Window
+from .curves import phase_change_window as curve_window
+from .heads import INDUCTION_THRESHOLD, phase_change_window
+from .prose import fmt_tokens
 
-# [book choice] thresholds of the chapter's checks (printed in the chapter)
-PREFIX_THRESHOLD = 0.3  # a head with prefix-matching score >= this is an induction head
+# [book choice] thresholds of the chapter's checks (printed in the chapter; head classes: icl_core.heads)
 ICL_GAIN = 0.3  # nats of ICL the smeared 1-layer model must gain over its vanilla twin
 
 
@@ -37,34 +39,31 @@ class Curves:
     icl: np.ndarray  # (S,) ICL score L(late) - L(early), nats
     prefix_max: np.ndarray  # (S,) top prefix-matching score over heads
     smear: np.ndarray | None  # (S, L, H) sigma(alpha_h), smeared runs only
-    window: M.Window = field(default=None)
+    window: Window = field(default=None)
 
 
 def curves_from_metrics(name: str, seed: int, n_layers: int, smeared: bool, df: pd.DataFrame,
-                        window: M.Window | None = None, **window_kw) -> Curves:
+                        window: Window | None = None, **window_kw) -> Curves:
     """:class:`Curves` from a :meth:`Run.metrics` frame. ``window`` defaults to the one detected
-    from its ICL curve (:func:`icl_core.metrics.phase_change_window`)."""
+    from its ICL curve (:func:`icl_core.curves.phase_change_window`)."""
     t = df["tokens"].to_numpy(dtype=float)
     smear = None
     if smeared and "smear" in df and df["smear"].notna().all():
         smear = np.asarray(df["smear"].tolist(), dtype=float)
-    w = window if window is not None else M.phase_change_window(t, df["icl"].to_numpy(dtype=float), **window_kw)
+    w = window if window is not None else curve_window(t, df["icl"].to_numpy(dtype=float), **window_kw)
     return Curves(name, seed, n_layers, smeared, t, df["loss"].to_numpy(dtype=float),
                   df["icl"].to_numpy(dtype=float), df["prefix_max"].to_numpy(dtype=float), smear, w)
 
 
 def load_curves(run, **window_kw) -> Curves:
-    """A run's curves, with the book's phase-change window (:func:`icl_core.analysis.window`).
+    """A run's curves, with its phase-change window (:func:`icl_core.heads.phase_change_window`).
 
     [book choice] An ICL window counts as a phase change only if the run forms an induction head
-    (top prefix-matching score reaching PREFIX_THRESHOLD); an ICL drop without one (e.g. from
-    in-context token statistics) is reported as no phase change."""
+    (top prefix-matching score reaching :data:`icl_core.heads.INDUCTION_THRESHOLD`); an ICL drop
+    without one (e.g. from in-context token statistics) is reported as no phase change."""
     m = run.config.model
     df = run.metrics()
-    w = A.window(run, **window_kw)
-    if w.found and float(df["prefix_max"].max()) < PREFIX_THRESHOLD:
-        w = M.Window(float("nan"), float("nan"), float("nan"), False,
-                     f"an ICL window without an induction head (top prefix score < {PREFIX_THRESHOLD})")
+    w = phase_change_window(run, require_induction_head=True, **window_kw)
     return curves_from_metrics(run.name, run.config.train.seed, m.n_layers, m.smeared_keys, df, window=w)
 
 
@@ -87,7 +86,7 @@ def load_pairs(prof, pairs: dict[str, list], **window_kw) -> dict[str, list[tupl
 
 
 def pair_table(pairs: dict[str, list[tuple[Curves, Curves]]],
-               prefix_threshold: float = PREFIX_THRESHOLD) -> pd.DataFrame:
+               prefix_threshold: float = INDUCTION_THRESHOLD) -> pd.DataFrame:
     """One row per pair: window start/end (tokens), final ICL and final top prefix score of each twin.
 
     "Final" is at the twins' common budget (``compared at``: the shorter run's last snapshot; the
@@ -114,7 +113,7 @@ def pair_table(pairs: dict[str, list[tuple[Curves, Curves]]],
     return pd.DataFrame(rows)
 
 
-def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = PREFIX_THRESHOLD,
+def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD,
                       icl_gain: float = ICL_GAIN) -> tuple[bool | None, str]:
     """(passed, sentence) for the 1-layer claim: for every seed the smeared model has top prefix
     score > ``prefix_threshold`` and ICL better by >= ``icl_gain`` nats than its vanilla twin.
@@ -141,17 +140,8 @@ def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = PREFIX_THRE
                    f"({per_seed}).")
 
 
-def _fmt_tokens(x: float) -> str:
-    if not np.isfinite(x):
-        return "—"
-    for div, suf in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suf}"
-    return f"{x:.0f}"
-
-
 def window_interval(start: float, end: float) -> str:
-    return f"[{_fmt_tokens(start)}, {_fmt_tokens(end)}] tokens" if np.isfinite(start) else "no window"
+    return f"[{fmt_tokens(start)}, {fmt_tokens(end)}] tokens" if np.isfinite(start) else "no window"
 
 
 def two_layer_comparison(table: pd.DataFrame) -> tuple[str, str]:
@@ -203,7 +193,7 @@ def _window_verdict(t: pd.DataFrame) -> tuple[str, str]:
         verb = "have" if len(missing) > 1 else "has"
         return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no phase "
                                 f"change (no ICL window in which an induction head forms, top prefix-matching "
-                                f"score ≥ {PREFIX_THRESHOLD}), so there is nothing to compare ({detail}).")
+                                f"score ≥ {INDUCTION_THRESHOLD}), so there is nothing to compare ({detail}).")
     if all(x == "disjoint" for x in rel):
         return "earlier", (f"**Earlier.** For every seed the smeared {depth} window ends before its vanilla "
                            f"twin's begins ({detail}).")
@@ -244,7 +234,7 @@ def table_for_display(table: pd.DataFrame) -> pd.DataFrame:
     for tag in ("vanilla", "smeared"):
         out[f"{tag} window"] = [window_interval(s, e) for s, e in
                                 zip(out.pop(f"{tag} window start"), out.pop(f"{tag} window end"))]
-    out["compared at"] = [_fmt_tokens(x) for x in out["compared at"]]
+    out["compared at"] = [fmt_tokens(x) for x in out["compared at"]]
     cols = ["model", "seed", "vanilla", "smeared", "vanilla window", "smeared window", "compared at", "vanilla final ICL",
             "smeared final ICL", "ICL gain (smeared)", "vanilla top prefix", "smeared top prefix"]
     return out[cols].round(3).set_index(["model", "seed"])
@@ -291,3 +281,77 @@ def summary_sentence(one_layer_ok: bool | None, two_layer: str) -> str:
         tail = ("At this scale the chapter does not reproduce the paper's co-perturbation evidence; the "
                 "figures above show how far the runs got.")
     return f"{one[0].upper() + one[1:]}; {two}. {tail}"
+
+
+# --- the chapter: load -> plot -> say ---------------------------------------------------------------
+
+@dataclass
+class Coperturbation:
+    """The chapter's vanilla/smeared pairs, their table and verdicts (:func:`compute`)."""
+    profile: object
+    pairs: dict[str, list]  # {depth label: [[vanilla run name, smeared run name], ...]}
+    data: dict[str, list[tuple[Curves, Curves]]]  # load_pairs(...)
+    table: pd.DataFrame  # pair_table(data)
+    one_layer: tuple[bool | None, str]  # one_layer_verdict(table)
+    two_layer: tuple[str, str]  # two_layer_comparison(table)
+
+
+def compute(prof, pairs: dict[str, list]) -> Coperturbation:
+    """Load the pairs' curves (:func:`load_pairs`), tabulate them and decide both verdicts."""
+    data = load_pairs(prof, pairs)
+    table = pair_table(data)
+    return Coperturbation(prof, pairs, data, table, one_layer_verdict(table), two_layer_comparison(table))
+
+
+def runs_summary(res: Coperturbation) -> str:
+    """The runs, the ICL score and the book's choices (including the initial smear, read from the
+    first smeared model at its first snapshot)."""
+    prof, pairs = res.profile, res.pairs
+    first = prof.run(pairs[next(iter(pairs))][0][1])
+    cfg = first.config
+    late, early = icl_indices(cfg.model.n_ctx)
+    n_seeds = {label: len(p) for label, p in res.data.items()}
+    alpha0 = float(first.load(first.steps[0]).blocks[0].attn.alpha.detach().mean())
+    sigma0 = 1 / (1 + np.exp(-alpha0))
+    return (
+        f"The **{prof.name}** profile trains {sum(n_seeds.values())} vanilla/smeared pairs: "
+        + ", ".join(f"{n} seed{'s' if n > 1 else ''} of the {label} pair" for label, n in n_seeds.items())
+        + f". Every model has d_model = {cfg.model.d_model}, {cfg.model.n_heads} heads per layer, "
+        f"{'no MLPs' if cfg.model.attn_only else 'MLPs'}, "
+        f"a context of {cfg.model.n_ctx} tokens and {len(first.steps)} snapshots; "
+        + "; ".join(f"the {tag} twins see {', '.join(sorted({f'{prof.run_config(p[i]).train.total_tokens:,}' for ps in pairs.values() for p in ps}))} training tokens"
+                    for i, tag in ((0, "vanilla"), (1, "smeared")))
+        + f". ICL is L({late}) − L({early}) in nats on the fixed evaluation "
+        f"set (negative = in-context learning), estimated as everywhere in the book by the mean loss in a band "
+        f"of indices around each (see the introduction).\n\n"
+        f"*Book choices.* The paper's smeared-key models are 1 and 2 layers of its small-model family "
+        f"(d_model 768, 12 heads, context 8192); ours are much smaller, trained on far fewer tokens, with "
+        f"{', '.join(f'{n} seed' + ('s' if n > 1 else '') + f' at {label}' for label, n in n_seeds.items())}. The ICL indices are the paper's 500 and 50 rescaled to "
+        f"the context ({late} and {early} here). The paper does not say how α is initialised; we start "
+        f"α = {alpha0:g}, so σ(α) = {sigma0:.2f}: at initialisation each key is {sigma0:.0%} its own token's "
+        f"and {1 - sigma0:.0%} the previous token's. "
+        f"A head counts as an induction head when its prefix-matching score is at least "
+        f"{INDUCTION_THRESHOLD:g}."
+    )
+
+
+def one_layer_summary(res: Coperturbation) -> str:
+    """The one-layer test and its verdict (:func:`one_layer_verdict`)."""
+    return (f"**One layer.** The test: for every seed the smeared one-layer model has a top prefix-matching "
+            f"score above {INDUCTION_THRESHOLD:g} and an ICL score at least {ICL_GAIN:g} nats more negative than "
+            f"its vanilla twin's after the same training (the shorter twin's last snapshot). " + res.one_layer[1])
+
+
+def two_layer_summary(res: Coperturbation) -> str:
+    """The multi-layer test and its verdict (:func:`two_layer_comparison`)."""
+    return ("**Two or more layers.** The paper's prediction is that the smeared two-layer window comes earlier than its "
+            "vanilla twin's; we test it at every depth the profile pairs (only a vanilla model with a phase change gives a window to compare with). We call it *earlier* when, for every seed, the smeared window ends before the "
+            "vanilla one starts, and *earlier, but overlapping* when it only starts first; windows are "
+            "located on the snapshot grid, so the intervals below are the resolution of the comparison. "
+            + res.two_layer[1])
+
+
+def chapter_summary(res: Coperturbation) -> str:
+    """The closing summary with its thresholds (:func:`summary_sentence`)."""
+    return (f"**Summary** (thresholds: top prefix score > {INDUCTION_THRESHOLD:g}, ICL gain ≥ {ICL_GAIN:g} nats). "
+            + summary_sentence(res.one_layer[0], res.two_layer[0]))

@@ -11,6 +11,7 @@ Bible chapter always fall on the same side), and evaluation windows never cross 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -72,6 +73,12 @@ def bible_verses(version: str) -> dict[int, str]:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def bible_verses_cached(version: str) -> dict[int, str]:
+    """:func:`bible_verses`, parsed once per process (do not modify the returned dict)."""
+    return bible_verses(version)
+
+
 def bible_documents(versions, max_chars: int = 0) -> list[Document]:
     docs = []
     for version in versions:
@@ -79,33 +86,39 @@ def bible_documents(versions, max_chars: int = 0) -> list[Document]:
         chapters: dict[int, list[str]] = {}
         for vid in sorted(verses):
             chapters.setdefault(vid // 1000, []).append(verses[vid])
-        n = 0
-        for ch, vs in chapters.items():
-            text = " ".join(vs)
-            docs.append(Document(f"bible/{version}/{ch:05d}", f"bible/{ch:05d}", text))
-            n += len(text)
-            if max_chars and n >= max_chars:
-                break
+        docs += up_to_chars((Document(f"bible/{version}/{ch:05d}", f"bible/{ch:05d}", " ".join(vs))
+                             for ch, vs in chapters.items()), max_chars)
     return docs
+
+
+def up_to_chars(docs, max_chars: int = 0) -> list[Document]:
+    """The documents, in order, until their texts hold ``max_chars`` characters (0: all of them);
+    the document that reaches the limit is the last one kept. ``docs`` is read lazily."""
+    out, n = [], 0
+    for doc in docs:
+        out.append(doc)
+        n += len(doc.text)
+        if max_chars and n >= max_chars:
+            break
+    return out
+
+
+def _package_files(root: Path):
+    """Documents of the non-blank ``.py`` files under ``root``, in path order."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"corpus file {str(path)!r} is not UTF-8: {e}") from None
+        if text.strip():
+            yield Document(f"code/{rel}", f"code/{rel}", text)
 
 
 def code_documents(packages, max_chars: int = 0) -> list[Document]:
     docs = []
     for package in packages:
-        root = _package_dir(package)
-        n = 0
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root.parent).as_posix()
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"corpus file {str(path)!r} is not UTF-8: {e}") from None
-            if not text.strip():
-                continue
-            docs.append(Document(f"code/{rel}", f"code/{rel}", text))
-            n += len(text)
-            if max_chars and n >= max_chars:
-                break
+        docs += up_to_chars(_package_files(_package_dir(package)), max_chars)
     return docs
 
 
@@ -113,20 +126,19 @@ def folder_documents(folder: str, max_chars: int = 0) -> list[Document]:
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"data.sources folder {folder!r} does not exist or is not a directory")
-    docs, n = [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"data.sources folder {folder!r}: corpus file {str(path)!r} is not valid "
-                              f"UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-        if not text.strip():
-            continue
-        rel = path.relative_to(root).as_posix()
-        docs.append(Document(f"folder/{rel}", f"folder/{rel}", text))
-        n += len(text)
-        if max_chars and n >= max_chars:
-            break
+
+    def files():
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"data.sources folder {folder!r}: corpus file {str(path)!r} is not valid "
+                                  f"UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            if text.strip():
+                rel = path.relative_to(root).as_posix()
+                yield Document(f"folder/{rel}", f"folder/{rel}", text)
+
+    docs = up_to_chars(files(), max_chars)
     if not docs:
         raise ConfigError(f"data.sources folder {folder!r} has no non-empty text files")
     return docs
@@ -156,15 +168,8 @@ def hf_documents(spec: str, max_chars: int = 0, loader=None) -> list[Document]:
     ds = loader(name, split)
     if column not in ds.column_names:
         raise ConfigError(f"dataset {name!r} has no column {column!r} (has {ds.column_names})")
-    docs, n = [], 0
-    for i, text in enumerate(ds[column]):
-        if not text or not text.strip():
-            continue
-        docs.append(Document(f"hf/{name}/{i}", f"hf/{name}/{i}", text))
-        n += len(text)
-        if max_chars and n >= max_chars:
-            break
-    return docs
+    return up_to_chars((Document(f"hf/{name}/{i}", f"hf/{name}/{i}", text) for i, text in enumerate(ds[column])
+                        if text and text.strip()), max_chars)
 
 
 def load_documents(cfg: DataConfig) -> list[Document]:
@@ -436,25 +441,44 @@ def repeated_random_tokens(pool: np.ndarray, n_seqs: int, seq_len: int, repeats:
     return torch.stack(rows)
 
 
-def version_alignment(versions, reference: str = "kjv", n: int = 400, seed: int = 0):
-    """How well each translation's verse index lines up with the reference translation's: the
-    median word-sequence similarity (difflib ratio, case-insensitive) of the same verse id over
-    ``n`` random shared verses, and the share of verses starting mid-word (lower-case first letter).
-    A misaligned index (a wheel whose verse offsets drift) shows as a similarity near that of
-    unrelated verses."""
+def verse_similarities(version_a: str, version_b: str, n: int = 300, seed: int = 0, sampler: str = "numpy",
+                       autojunk: bool = False) -> tuple[list[int], list[float]]:
+    """(verse ids, similarities): ``n`` random verse ids shared by two translations and, for each,
+    the word-level similarity of the two texts (``difflib`` ratio of lower-cased words, A against
+    B): close to 1 for near-identical versions, near 0 when the verse ids of the two versions do
+    not refer to the same text (a broken verse index).
+
+    ``sampler`` draws the ids with ``numpy`` (``np.random.default_rng(seed).choice``, used by
+    Argument 4) or ``python`` (``random.Random(seed).sample``, used by the methods appendix), and
+    ``autojunk`` is difflib's heuristic (off for Argument 4, on for the appendix): the two callers'
+    historical settings, kept so that their published numbers do not change."""
     import difflib
     import random
 
+    va = bible_verses_cached(version_a)
+    vb = va if version_b == version_a else bible_verses_cached(version_b)
+    ids = sorted(set(va) & set(vb))
+    if sampler == "numpy":
+        pick = [ids[i] for i in np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)]
+    elif sampler == "python":
+        pick = random.Random(seed).sample(ids, min(n, len(ids)))
+    else:
+        raise ValueError(f"sampler={sampler!r} is not numpy or python")
+    return pick, [difflib.SequenceMatcher(None, va[i].lower().split(), vb[i].lower().split(),
+                                          autojunk=autojunk).ratio() for i in pick]
+
+
+def version_alignment(versions, reference: str = "kjv", n: int = 400, seed: int = 0):
+    """How well each translation's verse index lines up with the reference translation's: the
+    median :func:`verse_similarities` of ``n`` random shared verses, and the share of those verses
+    starting mid-word (lower-case first letter). A misaligned index (a wheel whose verse offsets
+    drift) shows as a similarity near that of unrelated verses."""
     import pandas as pd
 
-    ref = bible_verses(reference)
     rows = []
     for v in versions:
-        vv = ref if v == reference else bible_verses(v)
-        ids = sorted(set(vv) & set(ref))
-        sample = random.Random(seed).sample(ids, min(n, len(ids)))
-        sims = [difflib.SequenceMatcher(None, vv[i].lower().split(), ref[i].lower().split()).ratio()
-                for i in sample]
+        vv = bible_verses_cached(v)
+        sample, sims = verse_similarities(v, reference, n, seed, sampler="python", autojunk=True)
         rows.append({"version": v, "verses": len(vv), "median similarity to " + reference: float(np.median(sims)),
                      "starts mid-word": float(np.mean([vv[i][:1].islower() for i in sample]))})
     return pd.DataFrame(rows).set_index("version")

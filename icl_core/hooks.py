@@ -71,11 +71,11 @@ def zero_heads(model: Transformer, mask: torch.Tensor) -> Iterator[None]:
     mask: bool (n_layers, n_heads), the same for the whole batch, or (B, n_layers, n_heads), one
     ablation per batch element (this batches many single-head ablations into one forward pass).
     """
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    if mask.shape[-2:] != (L, H):
-        raise ValueError(f"head mask has shape {tuple(mask.shape)}, expected (..., {L}, {H})")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if mask.shape[-2:] != (n_layers, n_heads):
+        raise ValueError(f"head mask has shape {tuple(mask.shape)}, expected (..., {n_layers}, {n_heads})")
     fns = {}
-    for l in range(L):
+    for l in range(n_layers):
         m = mask[..., l, :]
         if not bool(m.any()):
             continue

@@ -8,28 +8,33 @@ QK circuit matches a = b), and its OV circuit copies the attended token. This mo
   K-composition trace per head over training (via :func:`icl_core.analysis.head_scores`).
 * :func:`composition_over_training`: Q/K/V composition scores between heads of different layers,
   with the random-matrix baseline (:func:`icl_core.metrics.composition_baseline`).
-* :func:`kcomp_circuit`: the same-token circuit W_E W_Q (W_E W_OV^prev W_K)^T on frequent tokens.
-* :func:`circuits_over_training`: token-level readouts of the two circuits at every snapshot (how
-  many frequent tokens' rows of the K-composition circuit peak on the diagonal; how many tokens
-  the OV circuit copies), to time them against the window at full snapshot resolution.
+* :func:`same_token_circuit` / :func:`circuit_timing`: the same-token circuit and token-level
+  readouts of the circuits over training (:mod:`icl_core.circuits`), timed against the window.
 * :func:`positional_attention`: the previous-token head's attention by relative offset, from its
   positional QK weights and measured on text.
-* :func:`smear_over_training` / :func:`token_qk_circuit`: how one smeared-key head does both jobs.
+* :func:`smear_over_training` / :func:`smeared_head`: how one smeared-key head does both jobs.
 * :func:`agreement` and :func:`rise_timing`: the computed checks (rank correlation of the scores
   across heads; when each score rises relative to the phase-change window).
-* :func:`head_explorer_images`: precomputed images for the chapter's static widget.
+
+Its parts live next to it: :mod:`icl_core.circuits` (token-level circuits) and
+:mod:`icl_core.head_explorer` (the chapter's static widget). The chapter loads with
+:func:`compute`, :func:`composition` and :func:`circuit_timing`, draws with
+:mod:`icl_core.plots.mechanism` and says what it shows with the ``*_text`` functions.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import analysis as A
+from . import circuits as Ci
 from . import metrics as M
+from .heads import INDUCTION_THRESHOLD, circuit_heads, classify_heads, phase_change_window, top_heads
 from .model import Transformer
 from .runs import Run
 
@@ -42,8 +47,8 @@ def scores_over_training(run: Run, n_steps: int | None = None) -> dict:
     run's phase-change window and the heads' classes at the last snapshot."""
     steps = A.select_steps(run, n_steps)
     s = dict(A.head_scores(run, steps))
-    s["window"] = A.window(run)
-    s["kind"] = A.classify_heads(s["prefix"][-1], s["prev_token"][-1])
+    s["window"] = phase_change_window(run)
+    s["kind"] = classify_heads(s["prefix"][-1], s["prev_token"][-1])
     return s
 
 
@@ -58,141 +63,11 @@ def composition_over_training(run: Run, steps: list[int]) -> dict:
                 acc[k].append(c[k])
         return {**{k: torch.stack(v) for k, v in acc.items()}, "steps": torch.tensor(steps)}
 
-    res = dict(A._cached(run, "composition", {"steps": steps}, compute))
+    res = dict(A.cached(run, "composition", {"steps": steps}, compute))
     mc = run.config.model
     res["baseline"] = M.composition_baseline(mc.d_model, mc.d_head)
     res["tokens"] = res["steps"] * run.config.tokens_per_step
     return res
-
-
-def top_heads(prefix: torch.Tensor, prev: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(induction head, previous-token head): the highest prefix score, and the highest
-    previous-token score among heads of earlier layers (None for an induction head in layer 0)."""
-    pm = np.asarray(prefix, dtype=float)
-    pt = np.asarray(prev, dtype=float)
-    l, h = np.unravel_index(int(pm.argmax()), pm.shape)
-    if l == 0:
-        return (int(l), int(h)), None
-    lp, hp = np.unravel_index(int(pt[:l].argmax()), pt[:l].shape)
-    return (int(l), int(h)), (int(lp), int(hp))
-
-
-def circuit_heads(prefix: torch.Tensor, prev: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The two-head circuit's candidates in a model with >= 2 layers: the head of layers >= 1 with
-    the highest prefix score, and the head of an earlier layer with the highest previous-token
-    score (None for a one-layer model)."""
-    pm = np.asarray(prefix, dtype=float).copy()
-    if pm.shape[0] < 2:
-        return None
-    pm[0] = -np.inf
-    return top_heads(pm, prev)  # type: ignore[return-value]
-
-
-# --- circuits -------------------------------------------------------------------------------------
-
-
-def frequent_tokens(counts: np.ndarray, n: int, skip: tuple[int, ...] = (0,)) -> np.ndarray:
-    """The ``n`` most frequent token ids in training (EOS skipped)."""
-    order = np.argsort(-np.asarray(counts), kind="stable")
-    order = order[~np.isin(order, skip)]
-    return order[:n]
-
-
-@torch.no_grad()
-def kcomp_circuit(model: Transformer, layer: int, head: int, prev: tuple[int, int], tokens) -> torch.Tensor:
-    """(N, N) same-token K-composition circuit W_E W_Q^h (W_E W_OV^prev W_K^h)^T on ``tokens``
-    (LayerNorms ignored, as in the paper): entry (a, b) is the score a query on token a gives a key
-    whose previous token is b, through the previous-token head. Induction: a diagonal."""
-    t = torch.as_tensor(tokens, dtype=torch.long)
-    WE = model.W_E.double()[t]  # (N, D)
-    a = model.blocks[layer].attn
-    p = model.blocks[prev[0]].attn
-    q = WE @ a.W_Q[head].double()  # (N, dh)
-    k = WE @ p.W_V[prev[1]].double() @ p.W_O[prev[1]].double() @ a.W_K[head].double()  # (N, dh)
-    return (q @ k.T) / math.sqrt(model.cfg.d_head)
-
-
-@torch.no_grad()
-def ov_circuit(model: Transformer, layer: int, head: int, tokens) -> torch.Tensor:
-    """(N, V) OV circuit W_E W_V^h W_O^h W_U on the rows of ``tokens`` (LayerNorms ignored, as in the
-    paper): row a is the change in every logit when the head attends to token a. Copying: row a is
-    largest at column a."""
-    return M.ov_circuits(model, layer, tokens)[head]
-
-
-def circuit_readouts(model: Transformer, induction: tuple[int, int], prev: tuple[int, int] | None,
-                     tokens) -> dict:
-    """Token-level readouts of the induction circuit on ``tokens`` (chance: 1/N and 1/V):
-
-    * ``k_diag``: the fraction of rows of :func:`kcomp_circuit` (induction head keyed through the
-      previous-token head) whose largest entry is on the diagonal (NaN without a previous-token head);
-    * ``ov_copy``: the fraction of tokens whose :func:`ov_circuit` row, over the whole vocabulary,
-      is largest at the token itself.
-
-    *[book choice]* The paper's eigenvalue scores (Σλ/Σ|λ|) are spectrum-wide and scale-free: they
-    turn positive once the matrix's largest directions copy, which can be long before the circuit
-    does the job for most tokens. These readouts count the tokens for which it does."""
-    t = torch.as_tensor(tokens, dtype=torch.long)
-    ov = ov_circuit(model, induction[0], induction[1], t)
-    out = {"ov_copy": float((ov.argmax(1) == t).double().mean()), "k_diag": float("nan")}
-    if prev is not None:
-        out["k_diag"] = diagonal_stats(kcomp_circuit(model, induction[0], induction[1], prev, t))["row_argmax_on_diagonal"]
-    return out
-
-
-def circuits_over_training(run: Run, induction: tuple[int, int], prev: tuple[int, int] | None,
-                           n_tokens: int = 200, steps: list[int] | None = None) -> dict:
-    """:func:`circuit_readouts` of one head pair on the ``n_tokens`` most frequent training tokens at
-    every snapshot (or ``steps``), cached in the run folder: ``k_diag``, ``ov_copy`` (S,), ``steps``,
-    ``tokens``, ``chance_k`` (1/N) and ``chance_ov`` (1/V)."""
-    steps = steps or run.steps
-    toks = frequent_tokens(run.corpus.counts, n_tokens)
-
-    def compute():
-        rows = [circuit_readouts(run.load(st), induction, prev, toks) for st in steps]
-        return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in ("k_diag", "ov_copy")} | {
-            "steps": torch.tensor(steps)}
-
-    key = {"steps": steps, "induction": list(induction), "prev": list(prev) if prev else None, "n": int(n_tokens)}
-    res = dict(A._cached(run, "circuits", key, compute))
-    res["tokens"] = res["steps"] * run.config.tokens_per_step
-    res["chance_k"], res["chance_ov"] = 1.0 / len(toks), 1.0 / run.config.model.d_vocab
-    res["induction_head"], res["prev_head"] = induction, prev
-    return res
-
-
-def circuits_for_models(models: dict[str, Run], scores: dict[str, dict], n_tokens: int = 200) -> dict[str, dict]:
-    """:func:`circuits_over_training` of the top induction head (and its top previous-token head)
-    of every model that has an induction head at the last snapshot (``scores[m]["kind"]``)."""
-    out = {}
-    for m, s in scores.items():
-        if (np.asarray(s["kind"]) == "induction").any():
-            ind, prev = top_heads(s["prefix"][-1], s["prev_token"][-1])
-            out[m] = circuits_over_training(models[m], ind, prev, n_tokens)
-    return out
-
-
-@torch.no_grad()
-def token_qk_circuit(model: Transformer, layer: int, head: int, tokens) -> torch.Tensor:
-    """(N, N) direct token QK circuit W_E W_Q^h (W_E W_K^h)^T / sqrt(d_head): the score a query on
-    token a gives a key on token b. In a smeared-key head the key at j is s k_j + (1 - s) k_{j-1},
-    so a diagonal here makes it attend to the token *after* an earlier copy, weighted by 1 - s."""
-    t = torch.as_tensor(tokens, dtype=torch.long)
-    WE = model.W_E.double()[t]
-    a = model.blocks[layer].attn
-    return (WE @ a.W_Q[head].double()) @ (WE @ a.W_K[head].double()).T / math.sqrt(model.cfg.d_head)
-
-
-def diagonal_stats(m: torch.Tensor) -> dict:
-    """How diagonal a square matrix is: the fraction of rows whose largest entry is on the diagonal
-    (chance 1/N), and the diagonal's mean minus the off-diagonal mean in off-diagonal standard
-    deviations."""
-    m = torch.as_tensor(m, dtype=torch.float64)
-    n = m.shape[0]
-    eye = torch.eye(n, dtype=torch.bool)
-    off = m[~eye]
-    return {"row_argmax_on_diagonal": float((m.argmax(1) == torch.arange(n)).double().mean()),
-            "chance": 1.0 / n, "diag_z": float((m.diagonal().mean() - off.mean()) / (off.std() + 1e-12))}
 
 
 @torch.no_grad()
@@ -237,7 +112,7 @@ def smear_over_training(run: Run) -> dict:
 # --- computed checks ---------------------------------------------------------------------------------
 
 
-def agreement(scores: dict[str, dict], prefix_threshold: float = 0.3) -> pd.DataFrame:
+def agreement(scores: dict[str, dict], prefix_threshold: float = INDUCTION_THRESHOLD) -> pd.DataFrame:
     """Per model (and pooled over models): Spearman rank correlation across heads, at the last
     snapshot, between the prefix-matching score and (a) the OV-eigenvalue copying score (all heads),
     (b) the K-composition trace (heads in layers >= 1); and how many heads named by the prefix
@@ -292,7 +167,11 @@ def rise_token(tokens, values, frac: float = 0.5) -> float:
     return float(np.exp(np.log(t[i - 1]) + f * (np.log(t[i]) - np.log(t[i - 1]))))
 
 
-def rise_timing(scores: dict, min_rise: float = 0.1, circuits: dict | None = None) -> dict:
+#: [book choice] a score that rises by less than this (first snapshot to maximum) counts as no rise.
+MIN_RISE = 0.1
+
+
+def rise_timing(scores: dict, min_rise: float = MIN_RISE, circuits: dict | None = None) -> dict:
     """When the top induction head's prefix, OV and K-composition scores (and the top previous-token
     head's previous-token score) cover half their rise, against the phase-change window. With
     ``circuits`` (:func:`circuits_over_training` of the same heads) also the token-level readouts
@@ -352,11 +231,11 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
     pooled = agr.iloc[-1]
     parts = []
     if pooled["induction heads"] == 0:
-        parts.append("No head reaches a prefix-matching score of 0.3 in these models, so there are no induction "
+        parts.append(f"No head reaches a prefix-matching score of {INDUCTION_THRESHOLD} in these models, so there are no induction "
                      "heads whose weights could be checked; the correlations below are over non-induction heads only.")
     else:
         parts.append(f"Of the {int(pooled['induction heads'])} heads named by the prefix-matching score "
-                     f"(≥ 0.3), {int(pooled['with OV > 0'])} have a positive OV-eigenvalue copying score, and "
+                     f"(≥ {INDUCTION_THRESHOLD}), {int(pooled['with OV > 0'])} have a positive OV-eigenvalue copying score, and "
                      f"{int(pooled['with K-comp > 0'])} of the {int(pooled['in layers >= 1'])} in layers ≥ 1 have a "
                      f"positive K-composition trace.")
     # the acceptance test is about models that have induction heads: report those one by one
@@ -388,57 +267,244 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
-# --- the widget -------------------------------------------------------------------------------------
+# --- the chapter: load -> plot -> say ---------------------------------------------------------------
+
+#: [book choice] one smeared-key head does both jobs when its keys borrow more than this share from
+#: the previous token (1 - σ(α)), its token QK circuit's diagonal stands more than this many
+#: off-diagonal standard deviations above the rest, and its OV copying score is positive.
+ONE_HEAD_MIN_BORROWED = 0.2
+ONE_HEAD_MIN_DIAG_Z = 1
+
+@dataclass
+class Mechanism:
+    """The chapter's models and their per-head scores over training (:func:`compute`)."""
+    models: dict  # {name: Run}
+    scores: dict[str, dict]  # {name: scores_over_training(...)}
+    n_steps: int | None
+    seconds: float
+
+    def timing(self) -> pd.DataFrame:
+        """:func:`timing_table` of the scores (when each one rises, against the window)."""
+        return timing_table({m: rise_timing(s) for m, s in self.scores.items()})
 
 
-@torch.no_grad()
-def head_explorer_data(run: Run, n_snapshots: int = 4, seq_index: int = 0) -> dict:
-    """For ``n_snapshots`` snapshots: attention patterns on one repeated random sequence
-    (L, H, T, T) and per-head prefix, previous-token (logged in training), OV-eigenvalue and
-    K-composition scores. Computed from weights and one forward pass per snapshot."""
-    steps = A.select_steps(run, n_snapshots)
-    df = run.metrics().set_index("step")
-    rep = run.eval_data.rep[seq_index:seq_index + 1]
-    out = {}
-    for s in steps:
-        m = run.load(s)
-        pat = next(M.attention_patterns(m, rep))[1][0].numpy()
-        prev = torch.tensor(df.loc[s, "prev_token"], dtype=torch.float32)
-        out[s] = {"pattern": pat, "prefix": np.asarray(df.loc[s, "prefix"]), "prev_token": prev.numpy(),
-                  "ov_eigen": M.ov_eigen_copying_scores(m).numpy(), "k_comp": M.k_composition_traces(m, prev).numpy(),
-                  "tokens": run.tokens(s)}
-    return {"steps": steps, "snapshots": out, "seq_len": run.config.data.prefix_seq_len}
-
-
-def head_explorer_images(runs: dict[str, Run], n_snapshots: int = 4, size: float = 3.0,
-                         dpi: int = 64) -> tuple[dict, dict]:
-    """Images {(model, snapshot number, layer, head): Figure} for
-    :func:`icl_core.widgets.image_grid_selector`, and the labels of the snapshot numbers."""
-    from .plots.intro import plot_attention_pattern
-
-    images = {}
-    for name, run in runs.items():
-        d = head_explorer_data(run, n_snapshots)
-        for i, s in enumerate(d["steps"]):
-            e = d["snapshots"][s]
-            L, H = e["pattern"].shape[:2]
-            for l in range(L):
-                for h in range(H):
-                    kc = e["k_comp"][l, h]
-                    title = (f"{name} L{l}H{h}, step {s} ({e['tokens']:,} tok)\n"
-                             f"prefix {e['prefix'][l, h]:.2f} · prev {e['prev_token'][l, h]:.2f} · "
-                             f"OV {e['ov_eigen'][l, h]:+.2f} · K-comp " + ("—" if not np.isfinite(kc) else f"{kc:+.2f}"))
-                    fig = plot_attention_pattern(e["pattern"][l, h], d["seq_len"], title=title, size=size)
-                    fig.axes[0].title.set_fontsize(7.5)
-                    fig.set_dpi(dpi)  # small PNGs: the page embeds every image
-                    images[(name, i, l, h)] = fig
-    n = max(i for (_, i, _, _) in images) + 1
-    labels = {i: f"#{i + 1} of {n}" + (" (first)" if i == 0 else " (last)" if i == n - 1 else "") for i in range(n)}
-    return images, labels
-
-
-def timed(fn, *a, **kw):
-    """(result, seconds)."""
+def compute(prof, runs: list[str], n_steps: int | None = 12) -> Mechanism:
+    """Load the runs and their per-head scores at ``n_steps`` snapshots (cached in the run folders)."""
+    models = {name: prof.run(name) for name in runs}
     t0 = time.time()
-    r = fn(*a, **kw)
-    return r, time.time() - t0
+    scores = {m: scores_over_training(run, n_steps) for m, run in models.items()}
+    return Mechanism(models, scores, n_steps, time.time() - t0)
+
+
+def timing_display(tab: pd.DataFrame):
+    """A timing table as the chapter shows it."""
+    return tab.style.format({"rise": "{:+.2f}", "half-rise (tokens)": "{:,.0f}"}, na_rep="—").hide(axis="index")
+
+
+def timing_text(m: Mechanism) -> str:
+    return ("For each model's top induction head (highest final prefix score) and its top previous-token head "
+            "(highest previous-token score in an earlier layer): how far each score rose from the first snapshot to its "
+            "maximum, and when it had covered half of that rise, against the window found from the ICL curve "
+            f"(`icl_core.heads.phase_change_window`). *[Book choice]* a rise smaller than {MIN_RISE} counts as no rise. The times are only as "
+            f"fine as the {m.n_steps} snapshots analysed.")
+
+
+@dataclass
+class Composition:
+    """Composition scores of the multi-layer models and the pair the chapter follows (:func:`composition`)."""
+    comp: dict[str, dict]  # {model: composition_over_training(...)}
+    pairs: dict[str, tuple]  # {model: circuit_heads(...) at the last snapshot}
+    focus: str | None  # the multi-layer model whose best layer->=1 head has the highest prefix score
+    seconds: float
+
+    @property
+    def induction(self) -> tuple[int, int]:
+        return self.pairs[self.focus][0]
+
+    @property
+    def prev(self) -> tuple[int, int] | None:
+        return self.pairs[self.focus][1] if self.focus is not None else None
+
+
+def composition(m: Mechanism) -> Composition:
+    """Q/K/V composition over training for every model with more than one layer."""
+    multi = {name: s for name, s in m.scores.items() if m.models[name].config.model.n_layers > 1}
+    t0 = time.time()
+    comp = {name: composition_over_training(m.models[name], [int(x) for x in s["steps"]]) for name, s in multi.items()}
+    pairs = {name: circuit_heads(s["prefix"][-1], s["prev_token"][-1]) for name, s in multi.items()}
+    focus = max(multi, key=lambda name: float(multi[name]["prefix"][-1][1:].max())) if multi else None
+    return Composition(comp, pairs, focus, time.time() - t0)
+
+
+def focus_text(m: Mechanism, c: Composition) -> str:
+    """The pair the chapter follows, and models whose top induction head is in layer 0."""
+    if c.focus is None:
+        return "No model of this profile has more than one layer, so no composition can be measured."
+    (li, hi_), prev = c.pairs[c.focus]
+    s = m.scores[c.focus]
+    return (f"We follow `{c.focus}`: its layer-≥1 head with the highest prefix-matching score is L{li}H{hi_} "
+            f"({float(s['prefix'][-1, li, hi_]):.2f}), and the earlier head with the highest previous-token "
+            f"score is L{prev[0]}H{prev[1]} ({float(s['prev_token'][-1, prev[0], prev[1]]):.2f})."
+            + "".join(f" In `{name}` the top induction head is in layer 0 (prefix score {float(sc['prefix'][-1].max()):.2f}): "
+                      "with smeared keys a single head can do the job (see below)."
+                      for name, sc in m.scores.items() if name in c.pairs
+                      and top_heads(sc['prefix'][-1], sc['prev_token'][-1])[1] is None
+                      and float(sc['prefix'][-1].max()) >= INDUCTION_THRESHOLD))
+
+
+def composition_table(c: Composition) -> pd.DataFrame | None:
+    """Per model: Q, K and V composition of its pair at the last snapshot, and the baseline."""
+    if c.focus is None or c.prev is None:
+        return None
+    rows = []
+    for name, ((l2, h2), p) in c.pairs.items():
+        r = {"model": name, "pair": f"L{p[0]}H{p[1]} → L{l2}H{h2}", "baseline": c.comp[name]["baseline"]}
+        for k in "QKV":
+            r[k] = float(c.comp[name][k][-1, p[0], p[1], l2, h2])
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def composition_display(ct: pd.DataFrame | None):
+    return None if ct is None else ct.style.format({k: "{:.3f}" for k in ["baseline", "Q", "K", "V"]}).hide(axis="index")
+
+
+def composition_text(ct: pd.DataFrame | None) -> str | None:
+    """In how many models K-composition is the largest and above the baseline."""
+    if ct is None:
+        return None
+    k_top = [r.model for r in ct.itertuples() if r.K > r.baseline and r.K >= max(r.Q, r.V)]
+    return (f"At the last snapshot, for each model's pair (top previous-token head → top layer-≥1 prefix-matching head): K-composition is above "
+            f"the random baseline and the largest of the three in {len(k_top)} of {len(ct)} models"
+            + (f" ({', '.join(f'`{name}`' for name in k_top)})" if k_top else "")
+            + ". The paper's circuit predicts exactly this: the induction head reads the previous-token head through its keys.")
+
+
+def same_token_circuit(m: Mechanism, c: Composition, n_tokens: int = 30) -> dict | None:
+    """The K-composition circuit of the followed pair on frequent tokens, at the end and at the
+    first snapshot, with :func:`icl_core.circuits.diagonal_stats` of both."""
+    if c.focus is None or c.prev is None:
+        return None
+    run, (li, hi_), prev = m.models[c.focus], c.induction, c.prev
+    toks = Ci.frequent_tokens(run.corpus.counts, n_tokens)
+    circ = Ci.kcomp_circuit(run.load(), li, hi_, prev, toks)
+    first = Ci.kcomp_circuit(run.load(run.steps[0]), li, hi_, prev, toks)
+    return {"circuit": circ, "tokens": toks, "labels": [run.corpus.token_str(int(t)) for t in toks],
+            "stats": Ci.diagonal_stats(circ), "stats_first": Ci.diagonal_stats(first),
+            "title": f"`{c.focus}`: W_E W_Q (W_E W_OV W_K)^T through L{prev[0]}H{prev[1]} into L{li}H{hi_}"}
+
+
+def same_token_text(d: dict | None) -> str | None:
+    if d is None:
+        return None
+    st, st0 = d["stats"], d["stats_first"]
+    return (f"In {st['row_argmax_on_diagonal']:.0%} of the {len(d['tokens'])} rows the largest entry is on the diagonal "
+            f"(chance {st['chance']:.0%}; at initialisation {st0['row_argmax_on_diagonal']:.0%}); the diagonal stands "
+            f"{st['diag_z']:+.1f} off-diagonal standard deviations above the rest (at initialisation {st0['diag_z']:+.1f}).")
+
+
+@dataclass
+class CircuitTiming:
+    """Token-level circuit readouts over training (:func:`circuit_timing`)."""
+    circuits: dict[str, dict]  # {model: circuits_over_training(...)} for models with an induction head
+    table: pd.DataFrame | None  # timing_table with the readouts (models with circuits)
+    n_tokens: int
+    seconds: float
+
+
+def circuit_timing(m: Mechanism, n_tokens: int = 200) -> CircuitTiming:
+    """:func:`icl_core.circuits.circuits_for_models` and the timing table that includes them."""
+    t0 = time.time()
+    circuits = Ci.circuits_for_models(m.models, m.scores, n_tokens)
+    seconds = time.time() - t0
+    tab = timing_table({name: rise_timing(s, circuits=circuits.get(name)) for name, s in m.scores.items()}) if circuits else None
+    return CircuitTiming(circuits, tab, n_tokens, seconds)
+
+
+def circuit_timing_display(ct: CircuitTiming):
+    return None if ct.table is None else timing_display(ct.table[ct.table.model.isin(list(ct.circuits))])
+
+
+def circuit_timing_text(m: Mechanism, ct: CircuitTiming) -> str:
+    if not ct.circuits:
+        return f"No model here has an induction head (prefix score ≥ {INDUCTION_THRESHOLD}), so there is no circuit to time."
+    n_snap = {name: len(c["steps"]) for name, c in ct.circuits.items()}
+    c0 = next(iter(ct.circuits.values()))
+    return (f"The token-level readouts (`ov_circuit`, `k_circuit`) are timed at every kept snapshot "
+            f"({', '.join(f'{v} for `{name}`' for name, v in n_snap.items())}), the other scores at the {m.n_steps} analysed above; "
+            f"on the {ct.n_tokens} most frequent tokens (chance: {c0['chance_k']:.1%} for `k_circuit`, "
+            f"{c0['chance_ov']:.2%} for `ov_circuit`).")
+
+
+def positional(m: Mechanism, c: Composition) -> dict | None:
+    """:func:`positional_attention` of the followed pair's two heads on 16 evaluation windows."""
+    if c.focus is None or c.prev is None:
+        return None
+    run, (li, hi_), prev = m.models[c.focus], c.induction, c.prev
+    model, text = run.load(), run.eval_data.tokens[:16]
+    curves = {f"L{prev[0]}H{prev[1]} (previous-token head)": positional_attention(model, prev[0], prev[1], text),
+              f"L{li}H{hi_} (induction head)": positional_attention(model, li, hi_, text)}
+    return {"curves": curves, "prev": prev, "positional": run.config.model.positional,
+            "title": f"`{c.focus}` ({run.config.model.positional} positions): attention by offset"}
+
+
+def positional_text(d: dict | None) -> str | None:
+    if d is None:
+        return None
+    prev = d["prev"]
+    c0 = d["curves"][f"L{prev[0]}H{prev[1]} (previous-token head)"]
+    src = c0["weights"] if c0["weights"] is not None else c0["empirical"]
+    what = "positional QK weights alone" if c0["weights"] is not None else "measured attention (rotary positions: no positional matrix)"
+    return (f"Positions are `{d['positional']}`. From its {what}, head L{prev[0]}H{prev[1]} puts the most attention at "
+            f"offset {int(np.argmax(src))} ({src.max():.2f}); on text its attention at offset 1 is {c0['empirical'][1]:.2f}.")
+
+
+def smeared_head(m: Mechanism, n_tokens: int = 30) -> dict | None:
+    """The first one-layer smeared-key model: σ(α) over training, and its top head's token QK circuit."""
+    names = [name for name, run in m.models.items() if run.config.model.smeared_keys and run.config.model.n_layers == 1]
+    if not names:
+        return None
+    name = names[0]
+    run, s1 = m.models[name], m.scores[name]
+    (l1, h1), _ = top_heads(s1["prefix"][-1], s1["prev_token"][-1])
+    toks = Ci.frequent_tokens(run.corpus.counts, n_tokens)
+    qk = Ci.token_qk_circuit(run.load(), l1, h1, toks)
+    return {"name": name, "scores": s1, "smear": smear_over_training(run), "head": (l1, h1), "circuit": qk,
+            "labels": [run.corpus.token_str(int(t)) for t in toks], "stats": Ci.diagonal_stats(qk)}
+
+
+def smeared_text(d: dict | None) -> str:
+    if d is None:
+        return "This profile has no one-layer smeared-key model."
+    (l1, h1), s1, stq = d["head"], d["scores"], d["stats"]
+    sig = d["smear"]["sigma"][-1, l1, h1]
+    return (f"The top head of `{d['name']}` (L{l1}H{h1}) ends training with prefix score {float(s1['prefix'][-1, l1, h1]):.2f}, "
+            f"σ(α) = {sig:.2f} (so {1 - sig:.0%} of each key comes from the previous token), an OV copying score of "
+            f"{float(s1['ov_eigen'][-1, l1, h1]):+.2f}, and a token QK circuit whose largest entry is on the diagonal in "
+            f"{stq['row_argmax_on_diagonal']:.0%} of rows (chance {stq['chance']:.0%}; diagonal "
+            f"{stq['diag_z']:+.1f} standard deviations above the rest). "
+            + ("Together: a key mixes in the previous token, the QK circuit matches it to the current token, and the OV "
+               "circuit copies — one head doing the work of two." if (1 - sig) > ONE_HEAD_MIN_BORROWED
+               and stq['diag_z'] > ONE_HEAD_MIN_DIAG_Z
+               and s1['ov_eigen'][-1, l1, h1] > 0 else
+               "Not every part of the one-head mechanism is in place in this model."))
+
+
+def agreement_display(agr: pd.DataFrame):
+    return agr.style.format({c: "{:+.2f}" for c in ["rho_prefix_ov", "rho_prefix_k"]} | {c: "{:.2g}" for c in ["p_ov", "p_k"]},
+                            na_rep="—").hide(axis="index")
+
+
+def agreement_text(m: Mechanism, agr: pd.DataFrame, ct: CircuitTiming) -> str:
+    """:func:`agreement_sentence` with the fullest timing table (with circuit readouts when there are)."""
+    return agreement_sentence(agr, ct.table if ct.table is not None else m.timing())
+
+
+def compute_text(m: Mechanism, c: Composition, ct: CircuitTiming, e) -> str:
+    """What the page's analyses cost (``e``: the :class:`icl_core.head_explorer.Explorer`)."""
+    return (f"The widget holds {e.n_images} images ({e.n_snapshots} snapshots per model, spread in log(step), for "
+            f"{', '.join(f'`{name}`' for name in e.models)}). "
+            f"Compute for this page: per-head scores {sum(float(s['seconds']) for s in m.scores.values()):.0f} s when first "
+            f"computed (cached in the run folders; {m.seconds:.0f} s on this build), composition scores "
+            f"{sum(float(x['seconds']) for x in c.comp.values()):.0f} s when first computed, circuit readouts "
+            f"{sum(float(x['seconds']) for x in ct.circuits.values()):.0f} s when first computed, widget images {e.seconds:.0f} s.")

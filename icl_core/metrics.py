@@ -1,15 +1,16 @@
 """The paper's metrics (../shared/PAPER.md), all heads at once; per-head results are (n_layers, n_heads).
 
-Behavioural: :func:`per_token_losses`, :func:`icl_score`, :func:`phase_change_window`,
+Behavioural: :func:`per_token_losses`, :func:`icl_score`,
 :func:`loss_pca`, :func:`before_after_projection`.
 Head activity: :func:`prefix_matching_scores`, :func:`previous_token_scores`, :func:`copying_scores`.
 Weights: :func:`ov_eigen_copying_scores`, :func:`k_composition_traces`, :func:`composition_scores`.
 Ablations: :func:`ablation_effects` (full and pattern-preserving).
+Head classes and a run's window (thresholds, top heads) are in :mod:`icl_core.heads`; curve maths
+over training (the phase-change window rule, smoothing in log tokens, the bump) in :mod:`icl_core.curves`.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,13 @@ def icl_score_from_losses(losses: torch.Tensor, n_ctx: int | None = None,
     return float((losses[:, late - 1] - losses[:, early - 1]).mean())
 
 
+def icl_band_widths(n_ctx: int) -> tuple[int, int]:
+    """Half-widths of the bands :func:`icl_band_score` averages over: late +- 2% of n_ctx, early +-
+    10% of the early index (each >= 1)."""
+    _, early = icl_indices(n_ctx)
+    return max(1, round(0.02 * n_ctx)), max(1, round(0.1 * early))
+
+
 def icl_band_score(losses: torch.Tensor, n_ctx: int | None = None) -> float:
     """A lower-variance ICL estimate: mean loss over a band of indices around the late index minus
     the mean over a band around the early one. [book choice] (with a few hundred evaluation
@@ -123,8 +131,7 @@ def icl_band_score(losses: torch.Tensor, n_ctx: int | None = None) -> float:
     """
     n_ctx = n_ctx if n_ctx is not None else losses.shape[1] + 1
     late, early = icl_indices(n_ctx)
-    wl = max(1, round(0.02 * n_ctx))
-    we = max(1, round(0.1 * early))
+    wl, we = icl_band_widths(n_ctx)
     lo_l, hi_l = max(early + we + 1, late - wl), min(losses.shape[1], late + wl)
     lo_e, hi_e = max(1, early - we), early + we
     return float(losses[:, lo_l - 1:hi_l].mean() - losses[:, lo_e - 1:hi_e].mean())
@@ -205,8 +212,8 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
     (a - b) / (a + b) in [-1, 1]: 1 when the head raises only the tokens it attends to.
     """
     model.eval()
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    tot = torch.zeros(L, Hn)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    tot = torch.zeros(n_layers, n_heads)
     n = 0
     W_U = model.W_U.float()
     for i in range(0, len(rep_tokens), batch_size):
@@ -214,7 +221,7 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
         names = H.pattern_names(model) + H.result_names(model)
         with H.cache(model, names) as c:
             model(x)
-        for l in range(L):
+        for l in range(n_layers):
             pat = c[f"blocks.{l}.attn.hook_pattern"].float()  # (B, H, T, T)
             res = c[f"blocks.{l}.attn.hook_result"].float()  # (B, T, H, D)
             if model.cfg.layer_norm:
@@ -222,7 +229,7 @@ def copying_scores(model: Transformer, rep_tokens: torch.Tensor, batch_size: int
             logits = torch.einsum("bthd,dv->bthv", res, W_U)
             logits = torch.relu(logits - logits.mean(-1, keepdim=True))  # (B, T, H, V)
             idx = x[:, None, :].expand(-1, x.shape[1], -1)  # (B, Tq, Tk) token ids of keys
-            g = torch.gather(logits, 3, idx[:, :, None, :].expand(-1, -1, Hn, -1))  # (B, Tq, H, Tk)
+            g = torch.gather(logits, 3, idx[:, :, None, :].expand(-1, -1, n_heads, -1))  # (B, Tq, H, Tk)
             a = (g * pat.permute(0, 2, 1, 3)).sum(-1)  # attention-weighted boost of attended tokens
             causal = torch.ones(x.shape[1], x.shape[1]).tril()
             b = (g * causal[None, :, None, :]).sum(-1) / causal.sum(-1)[None, :, None]
@@ -253,12 +260,12 @@ def ov_eigen_copying_scores(model: Transformer) -> torch.Tensor:
     The nonzero eigenvalues of W_E (W_V W_O W_U) equal those of the small d_model x d_model matrix
     (W_V W_O W_U) W_E, so we never form the vocab x vocab matrix.
     """
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    out = torch.zeros(L, Hn)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.zeros(n_layers, n_heads)
     WE, WU = model.W_E.double(), model.W_U.double()
-    for l in range(L):
+    for l in range(n_layers):
         a = model.blocks[l].attn
-        for h in range(Hn):
+        for h in range(n_heads):
             M = a.W_V[h].double() @ a.W_O[h].double() @ WU @ WE  # (D, D), same nonzero spectrum
             ev = torch.linalg.eigvals(M)
             out[l, h] = float(ev.real.sum() / ev.abs().sum())
@@ -282,18 +289,18 @@ def k_composition_traces(model: Transformer, prev_scores: torch.Tensor, normalis
     W (the eigenvalue-ratio form, in [-1, 1]) so heads and snapshots compare.
     Computed on the d_model-sized equivalent so that no vocab x vocab matrix is formed.
     """
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    out = torch.full((L, Hn), float("nan"))
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = torch.full((n_layers, n_heads), float("nan"))
     WE = model.W_E.double()
     G = WE.T @ WE  # (D, D): W_E^T W_E
-    for l in range(1, L):
+    for l in range(1, n_layers):
         a = model.blocks[l].attn
-        for h in range(Hn):
+        for h in range(n_heads):
             # tr(W_E W_Q (W_E W_OV W_K)^T) = tr(W_Q K^T W_OV^T W_E^T W_E) with the D x D Gram matrix
             M = torch.zeros(WE.shape[1], WE.shape[1], dtype=torch.float64)
             for le in range(l):
                 ae = model.blocks[le].attn
-                for e in range(Hn):
+                for e in range(n_heads):
                     ov = ae.W_V[e].double() @ ae.W_O[e].double()  # (D, D)
                     M += float(prev_scores[le, e]) * (ov @ a.W_K[h].double() @ a.W_Q[h].double().T)
             # W = W_E W_Q (W_E OV W_K)^T = W_E [W_Q W_K^T OV^T] W_E^T ; nonzero spectrum of
@@ -313,15 +320,15 @@ def composition_scores(model: Transformer) -> dict[str, torch.Tensor]:
     Row-vector convention (x @ W): W_A = W_OV = W_V W_O of the earlier head; the later head reads
     x W_OV through its query side for Q-composition (W_B = W_QK = W_Q W_K^T), its key side for
     K-composition (W_B = W_QK^T) and its value side for V-composition (W_B = W_OV)."""
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
-    out = {k: torch.full((L, Hn, L, Hn), float("nan")) for k in "QKV"}
-    OV = [[(b.attn.W_V[h] @ b.attn.W_O[h]).double() for h in range(Hn)] for b in model.blocks]
-    QK = [[(b.attn.W_Q[h] @ b.attn.W_K[h].T).double() for h in range(Hn)] for b in model.blocks]
-    for l1 in range(L):
-        for h1 in range(Hn):
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out = {k: torch.full((n_layers, n_heads, n_layers, n_heads), float("nan")) for k in "QKV"}
+    OV = [[(b.attn.W_V[h] @ b.attn.W_O[h]).double() for h in range(n_heads)] for b in model.blocks]
+    QK = [[(b.attn.W_Q[h] @ b.attn.W_K[h].T).double() for h in range(n_heads)] for b in model.blocks]
+    for l1 in range(n_layers):
+        for h1 in range(n_heads):
             A = OV[l1][h1]
-            for l2 in range(l1 + 1, L):
-                for h2 in range(Hn):
+            for l2 in range(l1 + 1, n_layers):
+                for h2 in range(n_heads):
                     for k, B in (("Q", QK[l2][h2]), ("K", QK[l2][h2].T), ("V", OV[l2][h2])):
                         out[k][l1, h1, l2, h2] = float((A @ B).norm() / (A.norm() * B.norm()))
     return out
@@ -340,10 +347,10 @@ def composition_baseline(d_model: int, d_head: int, n: int = 200, seed: int = 0)
 
 # --- ablations -----------------------------------------------------------------------------------
 
-def single_head_masks(L: int, Hn: int, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+def single_head_masks(n_layers: int, n_heads: int, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """(len(heads), L, H) bool masks, one head per mask (default: every head, in (layer, head) order)."""
-    heads = heads if heads is not None else [(l, h) for l in range(L) for h in range(Hn)]
-    masks = torch.zeros(len(heads), L, Hn, dtype=torch.bool)
+    heads = heads if heads is not None else [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    masks = torch.zeros(len(heads), n_layers, n_heads, dtype=torch.bool)
     for i, (l, h) in enumerate(heads):
         masks[i, l, h] = True
     return masks
@@ -363,9 +370,9 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
     ``precision`` bf16 runs the clean and ablated passes under bf16 autocast (losses in fp32).
     """
     model.eval()
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if masks is None:
-        masks = single_head_masks(L, Hn, heads)
+        masks = single_head_masks(n_layers, n_heads, heads)
     A = len(masks)
     out = torch.empty(A, len(tokens), tokens.shape[1] - 1)
     step = max(1, batch_size)
@@ -402,16 +409,16 @@ class AblationResult:
 def ablation_effects(model: Transformer, tokens: torch.Tensor, pattern_preserving: bool = True,
                      batch_size: int = 16, precision: str = "fp32") -> AblationResult:
     """Per-head change in ICL score and loss when that head alone is ablated."""
-    L, Hn = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     # the clean losses come from the same batched pass, as the ablation of no head: under bf16 the
     # hooked path rounds differently from a plain forward, and the deltas must not carry that offset
-    masks = torch.cat([torch.zeros(1, L, Hn, dtype=torch.bool), single_head_masks(L, Hn)])
+    masks = torch.cat([torch.zeros(1, n_layers, n_heads, dtype=torch.bool), single_head_masks(n_layers, n_heads)])
     both = ablation_losses(model, tokens, masks=masks, pattern_preserving=pattern_preserving,
                            batch_size=batch_size, precision=precision)
     clean, abl = both[0], both[1:]
     c_icl = icl_score_from_losses(clean, model.cfg.n_ctx, band=True)
-    d_icl = torch.tensor([icl_score_from_losses(a, model.cfg.n_ctx, band=True) - c_icl for a in abl]).view(L, Hn)
-    d_loss = (abl.mean(dim=(1, 2)) - clean.mean()).view(L, Hn)
+    d_icl = torch.tensor([icl_score_from_losses(a, model.cfg.n_ctx, band=True) - c_icl for a in abl]).view(n_layers, n_heads)
+    d_loss = (abl.mean(dim=(1, 2)) - clean.mean()).view(n_layers, n_heads)
     return AblationResult(clean, c_icl, d_icl, d_loss, abl)
 
 
@@ -452,73 +459,3 @@ def before_after_projection(u: np.ndarray, clean: np.ndarray, ablated: np.ndarra
     """u . (L_ablated - L_clean) for each ablation (rows of ``ablated``); negative for induction heads
     (ablating them moves the loss back against the direction training took)."""
     return (np.asarray(ablated) - np.asarray(clean)[None]) @ u
-
-
-@dataclass
-class Window:
-    start: float  # tokens
-    end: float
-    peak: float
-    found: bool
-    reason: str = ""
-
-
-#: [book choice] s.d., in ln(tokens), of the Gaussian kernel that smooths a curve before
-#: :func:`phase_change_window` differentiates it. The snapshots are log-spaced early and linear
-#: late, so late neighbours are only ~5% apart in tokens and a snapshot-to-snapshot fluctuation of
-#: the ICL score (~0.04 nats at a constant learning rate) becomes a steep "drop" there. On a
-#: synthetic sigmoid in ln(tokens) with that noise, on the laptop's snapshot grid, the window
-#: contains the true midpoint in 95-99% of draws with this kernel, 67-73% with the earlier
-#: 3-snapshot moving average (tests/test_metrics.py).
-WINDOW_SMOOTH_WIDTH = 0.1
-
-
-def smooth_in_log_tokens(tokens: np.ndarray, values: np.ndarray, width: float = WINDOW_SMOOTH_WIDTH,
-                         at: np.ndarray | None = None) -> np.ndarray:
-    """Gaussian-kernel average of ``values`` at each of ``tokens`` (> 0), or at the token counts
-    ``at``, kernel s.d. ``width`` in ln(tokens): as much smoothing where snapshots are dense as
-    where they are sparse."""
-    lt = np.log(np.asarray(tokens, dtype=np.float64))
-    g = lt if at is None else np.log(np.asarray(at, dtype=np.float64))
-    w = np.exp(-0.5 * ((g[:, None] - lt[None, :]) / width) ** 2)
-    return (w @ np.asarray(values, dtype=np.float64)) / w.sum(1)
-
-
-def phase_change_window(tokens: np.ndarray, icl: np.ndarray, frac: float = 0.3,
-                        min_change: float = 0.05, width: float = WINDOW_SMOOTH_WIDTH) -> Window:
-    """Phase-change window from the ICL-score curve over training.
-
-    The curve is smoothed in ln(tokens) (:func:`smooth_in_log_tokens`, kernel s.d. ``width``; 0 =
-    none); d = dICL/dlog(tokens) by finite differences; the peak is the most negative d; the window
-    is the contiguous run of snapshots around the peak where -d >= ``frac`` x peak. No window is
-    reported if ICL never falls by ``min_change`` nats overall (a 1-layer model, for example).
-    """
-    t = np.asarray(tokens, dtype=np.float64)
-    y = np.asarray(icl, dtype=np.float64)
-    keep = t > 0
-    t, y = t[keep], y[keep]
-    # where the log-spaced and linear snapshot grids meet, two snapshots can be a few steps apart;
-    # their tiny log-token gap would turn noise into a huge derivative: keep one of each such pair
-    if len(t) > 1:
-        keep = np.concatenate([[True], t[1:] / t[:-1] >= 1.02])
-        t, y = t[keep], y[keep]
-    if len(t) < 3:
-        return Window(float("nan"), float("nan"), float("nan"), False, "fewer than 3 snapshots")
-    ys = smooth_in_log_tokens(t, y, width) if width > 0 else y
-    lt = np.log(t)
-    d = np.diff(ys) / np.diff(lt)  # between snapshots j and j+1
-    drop = y[0] - y.min()
-    if drop < min_change:
-        return Window(float("nan"), float("nan"), float("nan"), False,
-                      f"ICL never fell by {min_change} nats (drop {drop:.3f})")
-    p = int(np.argmin(d))
-    peak = -d[p]
-    if peak <= 0:
-        return Window(float("nan"), float("nan"), float("nan"), False, "ICL never decreases")
-    a = p
-    while a > 0 and -d[a - 1] >= frac * peak:
-        a -= 1
-    b = p
-    while b < len(d) - 1 and -d[b + 1] >= frac * peak:
-        b += 1
-    return Window(float(t[a]), float(t[b + 1]), float(np.sqrt(t[p] * t[p + 1])), True)

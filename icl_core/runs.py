@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import data as D
-from .config import RunConfig, ConfigError
+from .config import RunConfig
 from .io import CorruptFileError, FileLock, load_tensors, read_json_checked
 from .model import Transformer
 from .train import EvalData, Trainer
@@ -70,10 +70,17 @@ class Run:
         return step * self.config.tokens_per_step
 
     @property
-    def eval_precision(self) -> str:
-        """Precision of the metrics logged at its snapshots (``train.eval_precision``; fp32 if unset):
-        analyses that recompute a logged number use it too."""
+    def metrics_precision(self) -> str:
+        """Precision of the metrics logged at its snapshots (:attr:`TrainConfig.metrics_precision`: the
+        config field ``train.eval_precision``, fp32 if unset): analyses that recompute a logged number
+        use it too."""
         return self.config.train.metrics_precision
+
+    @property
+    def eval_precision(self) -> str:
+        """Old name of :attr:`metrics_precision`, still read by benchmarks/bench.py and
+        tests/test_train.py; use :attr:`metrics_precision`."""
+        return self.metrics_precision
 
     def load(self, step: int | None = None, device: str = "cpu") -> Transformer:
         """The model at snapshot ``step`` (default: the last). Checksum-verified, no pickle."""

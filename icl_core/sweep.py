@@ -17,16 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, load_yaml, merge
-from .metrics import phase_change_window
+from .config import ConfigError, RunConfig, load_yaml, merge
+from .heads import INDUCTION_THRESHOLD, phase_change_window
 
 
 def summarise(run) -> dict:
+    """One row of a sweep's summary table: the run's speed, losses, ICL and head scores, and its
+    phase-change window (:func:`icl_core.heads.phase_change_window`)."""
     m = run.metrics()
     t = m["tokens"].to_numpy()
     icl = m["icl"].to_numpy()  # the banded estimate where it was logged (Run.metrics)
     pm = m["prefix_max"].to_numpy()
-    w = phase_change_window(t, icl)
+    w = phase_change_window(run)
     cfg = run.config
     row = {
         "variant": cfg.name, "hash": cfg.hash(),
@@ -39,7 +41,8 @@ def summarise(run) -> dict:
         # where the previous-token heads sit: the best previous-token score in each layer (final
         # snapshot); an induction circuit needs one in an earlier layer than the induction head
         "prev_by_layer": "/".join(f"{max(v):.2f}" for v in m["prev_token"].iloc[-1]),
-        "tokens_prefix_0.3_M": (t[np.argmax(pm > 0.3)] / 1e6) if (pm > 0.3).any() else np.nan,
+        # (the column's name is kept: committed summaries use it)
+        "tokens_prefix_0.3_M": (t[np.argmax(pm > INDUCTION_THRESHOLD)] / 1e6) if (pm > INDUCTION_THRESHOLD).any() else np.nan,
         "window_M": f"{w.start / 1e6:.2f}-{w.end / 1e6:.2f}" if w.found else "none",
     }
     if w.found:
@@ -80,8 +83,11 @@ def main(argv=None):
     ap.add_argument("--summary-only", action="store_true",
                     help="train nothing; summarise the variants that have a run folder (finished or stopped)")
     a = ap.parse_args(argv)
-    spec = load_yaml(a.spec)
-    cfgs = variant_configs(spec)
+    try:
+        cfgs = variant_configs(load_yaml(a.spec))
+    except ConfigError as e:  # a bad field or value, or no such file: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.only:
         cfgs = {k: v for k, v in cfgs.items() if k in a.only}
     if a.summary_only:
@@ -110,10 +116,6 @@ def main(argv=None):
             df.to_csv(f"{out}.summary.csv", index=False)
             Path(f"{out}.summary.md").write_text(df.to_markdown(index=False, floatfmt=".3g"))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
@@ -154,3 +156,7 @@ def _describe(over: dict, prefix: str = "") -> str:
         else:
             parts.append(f"{prefix}{k}={v}")
     return ", ".join(p for p in parts if p) or "(base)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@ Execution tests run tiny notebooks (no models) in a temporary project with the r
 """
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import nbformat as nbf
 import pytest
 
 from icl_core import book
+from icl_core.book import cli, pipeline
 from icl_core.profiles import Profile, available_profiles, load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,9 +147,9 @@ def test_failure_names_chapter_and_cell_and_keeps_other_outputs(project):
 def test_cli_reports_failure(project, capsys, monkeypatch):
     paths, prof = project
     _notebook(paths.root / "chapters" / "00_first.ipynb", "1/0")
-    monkeypatch.setattr(book, "PROJECT_ROOT", paths.root)
-    monkeypatch.setattr(book, "load_profile", lambda name, d=None: prof)
-    assert book.main(["execute", "--profile", "tiny", "--chapter", "00"]) == 1
+    monkeypatch.setattr(cli, "PROJECT_ROOT", paths.root)
+    monkeypatch.setattr(cli, "load_profile", lambda name, d=None: prof)
+    assert cli.main(["execute", "--profile", "tiny", "--chapter", "00"]) == 1
     err = capsys.readouterr().err
     assert "chapter 00_first" in err and "cell 3" in err and "ZeroDivisionError" in err
 
@@ -195,6 +197,60 @@ def test_every_profile_chapter_has_a_notebook_in_the_toc():
         assert (ROOT / f"{f}.md").exists() or (ROOT / f"{f}.ipynb").exists(), f
 
 
+#: what a chapter's code may not contain: the work belongs in icl_core (load -> plot -> say)
+FORBIDDEN = {ast.For: "a loop", ast.AsyncFor: "a loop", ast.While: "a loop", ast.ListComp: "a comprehension",
+             ast.SetComp: "a comprehension", ast.DictComp: "a comprehension", ast.GeneratorExp: "a comprehension",
+             ast.Lambda: "a lambda", ast.FunctionDef: "a def", ast.AsyncFunctionDef: "a def", ast.ClassDef: "a class",
+             ast.If: "a branch", ast.IfExp: "a branch", ast.Compare: "a comparison (a rule belongs in icl_core)"}
+MAX_CELL_LINES = 8  # lines of code in a cell, not counting imports, comments and blank lines
+
+
+def _says_only(tree: ast.Module) -> bool:
+    """Every statement displays prose: display(Markdown(...)) or say(...)."""
+    def prose(call):
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+            return False
+        if call.func.id == "say":
+            return True
+        return (call.func.id == "display" and len(call.args) == 1 and isinstance(call.args[0], ast.Call)
+                and isinstance(call.args[0].func, ast.Name) and call.args[0].func.id == "Markdown")
+    return bool(tree.body) and all(isinstance(st, ast.Expr) and prose(st.value) for st in tree.body)
+
+
+def chapter_violations(nb) -> list[str]:
+    """Why a chapter notebook is not load -> plot -> say, one string per problem (empty: it is)."""
+    out = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        where = f"cell {i + 1}"
+        tags = cell.metadata.get("tags", [])
+        try:
+            tree = ast.parse(cell.source)
+        except SyntaxError as e:
+            out.append(f"{where}: does not parse ({e.msg})")
+            continue
+        for node in ast.walk(tree):
+            if type(node) in FORBIDDEN:
+                out.append(f"{where}, line {node.lineno}: {FORBIDDEN[type(node)]}")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                out.append(f"{where}, line {node.lineno}: private attribute {node.attr}")
+            elif isinstance(node, ast.ImportFrom) and any(a.name.startswith("_") for a in node.names):
+                out.append(f"{where}, line {node.lineno}: imports a private name")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, float) and "parameters" not in tags:
+                out.append(f"{where}, line {node.lineno}: a typed-in number {node.value} (use icl_core's constants)")
+            elif (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and "parameters" in tags
+                  and "threshold" in node.id):
+                out.append(f"{where}: threshold {node.id} is a parameter (icl_core.heads owns thresholds)")
+        code = [ln for ln in cell.source.splitlines()
+                if ln.strip() and not ln.lstrip().startswith(("#", "import ", "from "))]
+        if "parameters" not in tags and len(code) > MAX_CELL_LINES:
+            out.append(f"{where}: {len(code)} lines of code (at most {MAX_CELL_LINES})")
+        if _says_only(tree) and "remove-input" not in tags:
+            out.append(f"{where}: only displays prose but is not tagged remove-input")
+    return out
+
+
 def test_chapter_notebooks_are_thin_and_stored_without_outputs():
     for c, path in book.chapter_notebooks(ROOT).items():
         nb = nbf.read(path, as_version=4)
@@ -203,9 +259,39 @@ def test_chapter_notebooks_are_thin_and_stored_without_outputs():
         assert len(params) == 1 and "profile =" in params[0].source, c
         for cell in code:
             assert not cell.outputs and cell.execution_count is None, f"{c}: outputs are committed"
-            src = cell.source
-            assert "\ndef " not in "\n" + src and "\nclass " not in "\n" + src, f"{c}: define functions in icl_core"
         assert "chapter_banner" in "".join(cell.source for cell in code), f"{c}: no profile banner"
+        assert chapter_violations(nb) == [], c
+
+
+def _chapter(*sources, tags=None):
+    nb = nbf.v4.new_notebook()
+    nb.cells = [nbf.v4.new_code_cell('profile = "smoke"')] + [nbf.v4.new_code_cell(s) for s in sources]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    for cell in nb.cells[1:]:
+        cell.metadata["tags"] = list(tags or [])
+    return nb
+
+
+def test_the_chapter_check_accepts_load_plot_say():
+    nb = _chapter("res = Co.compute(prof, models)", "P.plot_loss_curves(*Co.loss_curve_data(res.models));")
+    nb.cells.append(nbf.v4.new_code_cell("display(Markdown(Co.bump_summary(res.table)))"))
+    nb.cells[-1].metadata["tags"] = ["remove-input"]
+    assert chapter_violations(nb) == []
+
+
+def test_the_chapter_check_fails_on_a_loop_and_the_other_forbidden_code():
+    loop = chapter_violations(_chapter("for r in runs:\n    print(r)"))
+    assert len(loop) == 1 and "a loop" in loop[0]
+    assert "a comprehension" in " ".join(chapter_violations(_chapter("x = [prof.run(r) for r in runs]")))
+    assert "a def" in " ".join(chapter_violations(_chapter("def f():\n    return 1")))
+    assert "private attribute _fmt" in " ".join(chapter_violations(_chapter("D._fmt(1)")))
+    assert "typed-in number 0.3" in " ".join(chapter_violations(_chapter("heads[heads.prefix >= 0.3]")))
+    assert "threshold" in " ".join(chapter_violations(_chapter()) + chapter_violations(
+        nbf.v4.new_notebook(cells=[nbf.v4.new_code_cell("prefix_threshold = 0.3", metadata={"tags": ["parameters"]})])))
+    assert "lines of code" in " ".join(chapter_violations(_chapter("\n".join(f"x{i} = {i}" for i in range(9)))))
+    assert "remove-input" in " ".join(chapter_violations(_chapter("display(Markdown(text))")))
+    assert "a branch" in " ".join(chapter_violations(_chapter("if res.found:\n    say(text)")))
+    assert "a comparison" in " ".join(chapter_violations(_chapter("x = res.table[res.table.layers >= 2]")))
 
 
 def test_runs_train_longest_first(monkeypatch):
@@ -213,11 +299,38 @@ def test_runs_train_longest_first(monkeypatch):
     the two workers finish close together; FLOPs grow with depth, width and tokens."""
     prof = load_profile("laptop")
     names = ["attn1", "attn2_wide", "attn2", "attn3"]
-    monkeypatch.setattr(book, "missing_runs", lambda profile, n=None: list(names))
+    monkeypatch.setattr(pipeline, "missing_runs", lambda profile, n=None: list(names))
     started = []
-    monkeypatch.setattr(book, "_train_one", lambda a: (started.append(a[2]), (a[2], 0.0, ""))[1])
+    monkeypatch.setattr(pipeline, "_train_one", lambda a: (started.append(a[2]), (a[2], 0.0, ""))[1])
     book.train(prof, names, jobs=1, log=lambda *_: None)
     flops = {n: prof.run_config(n).training_flops() for n in names}
     assert started == sorted(names, key=lambda n: -flops[n])
     assert flops["attn3"] > flops["attn2"] > flops["attn1"]
     assert prof.run_config("attn2_wide").flops_per_token() > prof.run_config("attn2").flops_per_token()
+
+
+# --- the command line: a bad name is one line and exit status 2 ---------------------------------
+
+def test_cli_bad_profile_chapter_or_field_is_one_line_and_exit_2(tmp_path, capsys):
+    assert book.main is cli.main and book.build is cli.build  # binder/prepare_chapters.py calls book.main
+    assert cli.main(["build", "--profile", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown profile 'nosuch'" in err[0]
+    assert cli.main(["execute", "--profile", "smoke", "--chapter", "99_nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'99_nosuch' matches no chapter" in err[0]
+    (tmp_path / "bad.yaml").write_text("profile: bad\ndefaults: {train: {nosuch_field: 1}}\nruns: {r: {}}\n")
+    assert cli.main(["train", "--profile", "bad", "--profiles-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nosuch_field" in err[0]
+
+
+def test_python_m_icl_core_book_with_a_bad_profile_prints_no_traceback():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "icl_core.book", "build", "--profile", "nosuch"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+    assert "unknown profile 'nosuch'" in r.stderr

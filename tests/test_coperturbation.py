@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from icl_core import coperturbation as C
-from icl_core.metrics import Window
+from icl_core.curves import Window
 
 TOKENS = np.array([0, 1e3, 2e3, 4e3, 8e3, 16e3, 32e3, 64e3, 128e3])
 

@@ -4,6 +4,10 @@ import pytest
 import torch
 
 from icl_core import generality as G
+from icl_core import logit_attribution as LA
+from icl_core import parallel_text as PX
+from icl_core import pattern_task as PT
+from icl_core import stats as S
 from icl_core.config import ModelConfig
 from icl_core.model import Transformer
 
@@ -31,38 +35,38 @@ def test_bootstrap_ci_brackets_mean_and_narrows():
     rng = np.random.default_rng(0)
     small = rng.normal(1.0, 1.0, 20)
     big = rng.normal(1.0, 1.0, 2000)
-    m, lo, hi = G.bootstrap_ci(small)
+    m, lo, hi = S.bootstrap_ci(small)
     assert lo < m < hi
-    m2, lo2, hi2 = G.bootstrap_ci(big)
+    m2, lo2, hi2 = S.bootstrap_ci(big)
     assert hi2 - lo2 < hi - lo
     assert lo2 < 1.0 < hi2
 
 
 def test_verdict():
-    assert G.verdict(0.3, 0.5, 0.25) == "above chance"
-    assert G.verdict(0.2, 0.5, 0.25) == "at chance"
-    assert G.verdict(0.1, 0.2, 0.25) == "below chance"
-    assert G.verdict(0.1, 0.2, 0.25, higher_is_better=False) == "above chance"
-    assert G.verdict(float("nan"), 0.2, 0.25) == "undetermined"
+    assert S.verdict(0.3, 0.5, 0.25) == "above chance"
+    assert S.verdict(0.2, 0.5, 0.25) == "at chance"
+    assert S.verdict(0.1, 0.2, 0.25) == "below chance"
+    assert S.verdict(0.1, 0.2, 0.25, higher_is_better=False) == "above chance"
+    assert S.verdict(float("nan"), 0.2, 0.25) == "undetermined"
 
 
 def test_align_words_rules():
     a = "and god said let there be light".split()
-    assert G.align_words(a, a) == [(i, i) for i in range(len(a))]
+    assert PX.align_words(a, a) == [(i, i) for i in range(len(a))]
     b = "then god said let light be".split()
-    pairs = G.align_words(a, b)
+    pairs = PX.align_words(a, b)
     assert (1, 1) in pairs and (2, 2) in pairs and (3, 3) in pairs
     assert all(a[i] == b[j] for i, j in pairs)
     assert [i for i, _ in pairs] == sorted(i for i, _ in pairs)  # monotone
-    assert G.align_words(a, b, "position") == [(i, i) for i in range(len(b))]
+    assert PX.align_words(a, b, "position") == [(i, i) for i in range(len(b))]
     with pytest.raises(ValueError):
-        G.align_words(a, b, "bogus")
+        PX.align_words(a, b, "bogus")
 
 
 def test_case_variants_and_words():
     t = "And God said, let there be light."
-    assert G.title_case(t) == "And God Said, Let There Be Light."
-    assert [w for *_, w in G.words(G.upper_case(t))] == [w for *_, w in G.words(t)]
+    assert PX.title_case(t) == "And God Said, Let There Be Light."
+    assert [w for *_, w in PX.words(PX.upper_case(t))] == [w for *_, w in PX.words(t)]
 
 
 def test_paired_example_targets_are_the_aligned_words():
@@ -87,7 +91,7 @@ def test_direct_logit_attribution_sums_to_logits_without_layernorm():
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     x = torch.randint(0, 20, (3, 12))
-    dla = G.direct_logit_attribution(m, x)  # (B, L, H, T-1)
+    dla = LA.direct_logit_attribution(m, x)  # (B, L, H, T-1)
     logits = m(x)
     centred = logits - logits.mean(-1, keepdim=True)
     direct = m.W_E[x] @ m.W_U
@@ -110,14 +114,14 @@ def test_same_label_shares_uniform_is_chance_and_focused_is_one():
     T = 17
     uniform = np.tril(np.ones((T, T)))
     uniform /= uniform.sum(1, keepdims=True)
-    s, c, ls, lc = G.same_label_shares(uniform, row)
+    s, c, ls, lc = PT.same_label_shares(uniform, row)
     assert np.allclose(s, c) and np.allclose(ls, lc)
     # item 2 (label 0) looks only at item 0's label token: share 1 on both measures
     focused = uniform.copy()
     q = row["colon"][2]
     focused[q] = 0
     focused[q, row["label_pos"][0]] = 1
-    s, c, ls, lc = G.same_label_shares(focused, row)
+    s, c, ls, lc = PT.same_label_shares(focused, row)
     assert s[1] == 1 and ls[1] == 1
     assert c[1] == pytest.approx(0.5) and lc[1] == pytest.approx(0.5)
 

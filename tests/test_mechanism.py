@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from icl_core import circuits as Ci
 from icl_core import mechanism as Me
 from icl_core.config import ModelConfig
-from icl_core.metrics import Window
+from icl_core.curves import Window
 from icl_core.model import Transformer
 
 
@@ -40,16 +41,16 @@ def _induction_weights(m: Transformer):
 def test_kcomp_circuit_is_diagonal_for_a_hand_built_induction_circuit():
     m = _model()
     _induction_weights(m)
-    c = Me.kcomp_circuit(m, 1, 0, (0, 0), np.arange(8))
+    c = Ci.kcomp_circuit(m, 1, 0, (0, 0), np.arange(8))
     assert torch.allclose(c, torch.eye(8, dtype=c.dtype) / math.sqrt(m.cfg.d_head))
-    st = Me.diagonal_stats(c)
+    st = Ci.diagonal_stats(c)
     assert st["row_argmax_on_diagonal"] == 1.0 and st["chance"] == 1 / 8 and st["diag_z"] > 2
 
 
 def test_kcomp_circuit_matches_explicit_formula():
     m = _model(init_std=0.3)
     toks = [1, 3, 5]
-    c = Me.kcomp_circuit(m, 1, 0, (0, 0), toks)
+    c = Ci.kcomp_circuit(m, 1, 0, (0, 0), toks)
     a, p = m.blocks[1].attn, m.blocks[0].attn
     WE = m.W_E[toks].double()
     ref = (WE @ a.W_Q[0].double()) @ (WE @ (p.W_V[0] @ p.W_O[0]).double() @ a.W_K[0].double()).T
@@ -58,7 +59,7 @@ def test_kcomp_circuit_matches_explicit_formula():
 
 def test_diagonal_stats_on_random_matrix_is_near_chance():
     g = torch.Generator().manual_seed(0)
-    st = Me.diagonal_stats(torch.randn(200, 200, generator=g))
+    st = Ci.diagonal_stats(torch.randn(200, 200, generator=g))
     assert st["row_argmax_on_diagonal"] < 0.05
     assert abs(st["diag_z"]) < 0.5
 
@@ -117,16 +118,9 @@ def test_agreement_rank_correlation():
     assert a.loc["all models (pooled)", "n_k"] == 3
 
 
-def test_top_heads():
-    pm = torch.tensor([[0.1, 0.0], [0.2, 0.8]])
-    pt = torch.tensor([[0.1, 0.7], [0.9, 0.0]])
-    assert Me.top_heads(pm, pt) == ((1, 1), (0, 1))  # the previous-token head comes from earlier layers
-    assert Me.top_heads(torch.tensor([[0.9, 0.1]]), torch.tensor([[0.0, 0.5]]))[1] is None
-
-
 def test_frequent_tokens_skips_eos():
     counts = np.array([100, 5, 50, 7])
-    assert Me.frequent_tokens(counts, 2).tolist() == [2, 3]
+    assert Ci.frequent_tokens(counts, 2).tolist() == [2, 3]
 
 
 def test_agreement_sentence_reports_models_with_induction_heads_one_by_one():
@@ -160,12 +154,12 @@ def test_circuit_readouts_known_answers():
         a1.W_O_.data[0] = torch.eye(8)
         m.W_U.copy_(torch.eye(8))
     toks = np.arange(1, 8)
-    r = Me.circuit_readouts(m, (1, 0), (0, 0), toks)
+    r = Ci.circuit_readouts(m, (1, 0), (0, 0), toks)
     assert r["ov_copy"] == 1.0 and r["k_diag"] == 1.0
-    assert np.isnan(Me.circuit_readouts(m, (1, 0), None, toks)["k_diag"])
+    assert np.isnan(Ci.circuit_readouts(m, (1, 0), None, toks)["k_diag"])
     with torch.no_grad():
         a1.W_O_.data.zero_()
-    assert Me.circuit_readouts(m, (1, 0), (0, 0), toks)["ov_copy"] == 0.0
+    assert Ci.circuit_readouts(m, (1, 0), (0, 0), toks)["ov_copy"] == 0.0
 
 
 def test_rise_timing_uses_the_circuits_own_snapshots():
@@ -189,15 +183,15 @@ def test_rise_timing_uses_the_circuits_own_snapshots():
 def test_circuits_over_training_on_a_trained_run_is_cached(tiny_run_cfg, tmp_path):
     from icl_core.runs import get_or_train
     run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
-    c = Me.circuits_over_training(run, (1, 0), (0, 1), n_tokens=20)
+    c = Ci.circuits_over_training(run, (1, 0), (0, 1), n_tokens=20)
     assert len(c["k_diag"]) == len(run.steps) == len(c["tokens"])
     assert ((0 <= c["ov_copy"]) & (c["ov_copy"] <= 1)).all() and c["chance_k"] == 1 / 20
     m = run.load(run.steps[-1])
-    toks = Me.frequent_tokens(run.corpus.counts, 20)
-    direct = Me.circuit_readouts(m, (1, 0), (0, 1), toks)
+    toks = Ci.frequent_tokens(run.corpus.counts, 20)
+    direct = Ci.circuit_readouts(m, (1, 0), (0, 1), toks)
     assert float(c["k_diag"][-1]) == direct["k_diag"] and float(c["ov_copy"][-1]) == direct["ov_copy"]
     assert list((run.path / "analysis").glob("circuits-*.safetensors"))
-    again = Me.circuits_over_training(run, (1, 0), (0, 1), n_tokens=20)
+    again = Ci.circuits_over_training(run, (1, 0), (0, 1), n_tokens=20)
     assert torch.equal(again["k_diag"], c["k_diag"]) and float(again["seconds"]) == float(c["seconds"])
 
 
@@ -218,8 +212,8 @@ def test_logged_seconds_sums_each_cached_analysis_and_skips_corrupt_ones(tiny_ru
     from icl_core.runs import get_or_train
     run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
     assert A.logged_seconds(run) == {}
-    c = Me.circuits_over_training(run, (1, 0), (0, 1), n_tokens=10)
-    c2 = Me.circuits_over_training(run, (1, 1), (0, 0), n_tokens=10)
+    c = Ci.circuits_over_training(run, (1, 0), (0, 1), n_tokens=10)
+    c2 = Ci.circuits_over_training(run, (1, 1), (0, 0), n_tokens=10)
     got = A.logged_seconds(run)
     assert set(got) == {"circuits"}
     assert got["circuits"] == pytest.approx(float(c["seconds"]) + float(c2["seconds"]))

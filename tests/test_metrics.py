@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from icl_core import curves as Cu
 from icl_core import hooks as H
 from icl_core import metrics as M
 from icl_core.data import repeated_random_tokens
@@ -226,7 +227,7 @@ def test_ablation_effects_in_bf16_match_fp32(pp):
 def test_phase_change_window_finds_sigmoid_drop():
     t = np.logspace(4, 8, 60)
     icl = -0.05 - 0.4 / (1 + np.exp(-(np.log(t) - np.log(1e6)) * 4))
-    w = M.phase_change_window(t, icl)
+    w = Cu.phase_change_window(t, icl)
     assert w.found and w.start < 1e6 < w.end
     assert w.end / w.start < 20
     inside = (t >= w.start) & (t <= w.end)
@@ -248,8 +249,8 @@ def test_phase_change_window_is_robust_to_snapshot_noise_on_the_laptop_grid(t0):
     for _ in range(100):
         icl = -0.1 - 0.3 / (1 + np.exp(-(np.log(np.maximum(t, 1)) - np.log(t0)) / 0.12)) + rng.normal(0, 0.04, len(t))
         moving_average = np.convolve(np.pad(icl, 1, mode="edge"), np.ones(3) / 3, mode="valid")
-        for k, curve, width in (("log", icl, M.WINDOW_SMOOTH_WIDTH), ("old", moving_average, 0)):
-            w = M.phase_change_window(t, curve, width=width)
+        for k, curve, width in (("log", icl, Cu.WINDOW_SMOOTH_WIDTH), ("old", moving_average, 0)):
+            w = Cu.phase_change_window(t, curve, width=width)
             hits[k] += w.found and w.start <= t0 <= w.end
     assert hits["log"] >= 90
     assert hits["old"] <= 85
@@ -258,15 +259,15 @@ def test_phase_change_window_is_robust_to_snapshot_noise_on_the_laptop_grid(t0):
 def test_smoothing_in_log_tokens_keeps_a_line_in_log_tokens():
     t = np.array([1e3, 1e4, 1e5, 1.1e5, 1.2e5, 1.3e5, 1e6])
     y = 2.0 - 0.5 * np.log(t)
-    ys = M.smooth_in_log_tokens(t, y, width=1e-3)
+    ys = Cu.smooth_in_log_tokens(t, y, width=1e-3)
     assert np.allclose(ys, y)  # a very narrow kernel changes nothing
-    flat = M.smooth_in_log_tokens(t, np.full(len(t), 3.0))
+    flat = Cu.smooth_in_log_tokens(t, np.full(len(t), 3.0))
     assert np.allclose(flat, 3.0)
 
 
 def test_phase_change_window_absent_for_flat_curve():
     t = np.logspace(4, 8, 30)
-    w = M.phase_change_window(t, np.full(30, -0.02) + 0.001 * np.sin(np.arange(30)))
+    w = Cu.phase_change_window(t, np.full(30, -0.02) + 0.001 * np.sin(np.arange(30)))
     assert not w.found
 
 

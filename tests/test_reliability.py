@@ -641,10 +641,21 @@ def test_any_config_value_is_accepted_or_a_config_error(base, edits):
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=4),
                     max_leaves=12))
 def test_arbitrary_yaml_data_gives_config_error_only(obj):
+    """Whatever YAML holds, from_dict either refuses it with a ConfigError that says why, or
+    accepts a mapping and returns a well-formed config."""
     try:
+        cfg = RunConfig.from_dict(obj)
+    except ConfigError as e:
+        assert str(e), "a ConfigError must say what is wrong"
+        return
+    assert isinstance(obj, dict), f"{obj!r} is not a mapping, yet it was accepted as a run config"
+    _check_round_trip(cfg)
+
+
+@pytest.mark.parametrize("obj", [None, 3, "attn2", [1, 2], {"model": 3}, {"train": {"lr": "fast"}}])
+def test_yaml_that_is_no_run_config_is_refused(obj):
+    with pytest.raises(ConfigError, match=".+"):
         RunConfig.from_dict(obj)
-    except ConfigError:
-        pass
 
 
 # --- no unsafe loading --------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Figures for Argument 6, continuity across scale (chapters/06_continuity); data from
-:mod:`icl_core.dynamics` (:func:`~icl_core.dynamics.family_table`, :func:`~icl_core.dynamics.index_pair_table`).
+:mod:`icl_core.continuity` (:func:`~icl_core.continuity.family_table`, :func:`~icl_core.continuity.index_pair_table`).
 """
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from .cooccurrence import _shade, model_colours
+from ..heads import INDUCTION_THRESHOLD
+from .common import finish, shade_window
+from .cooccurrence import model_colours
 
 
 def plot_icl_groups(curves: dict, windows: dict, groups: dict, indices: tuple[int, int], title: str = "") -> plt.Figure:
@@ -29,7 +31,7 @@ def plot_icl_groups(curves: dict, windows: dict, groups: dict, indices: tuple[in
             if len(y) > 1:
                 ax.fill_between(t[m], y.min(0)[m], y.max(0)[m], color=col[k], alpha=0.2, lw=0)
             ws = windows.get(k) or [None]
-            _shade(ax, ws[0], col[k], alpha=0.08)
+            shade_window(ax, ws[0], col[k], alpha=0.08)
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
@@ -81,28 +83,24 @@ def plot_window_timing(family, title: str = "") -> plt.Figure:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("non-embedding parameters")
-    ax.set_ylabel("training tokens")
-    ax.legend(fontsize=7)
-    ax.set_title(title or "ICL window (bar) and its steepest point (dot) vs model size", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "non-embedding parameters", "training tokens",
+                  title or "ICL window (bar) and its steepest point (dot) vs model size", xlog=False)
 
 
-def plot_layer_prefix(family, threshold: float = 0.3, title: str = "") -> plt.Figure:
+def plot_layer_prefix(family, threshold: float = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """Top prefix-matching score per layer (max over heads) for every model at the end of training;
     layers counted from the first (left); cells outside a model's depth are blank."""
-    L = int(family["layers"].max())
-    M = np.full((len(family), L), np.nan)
+    n_layers = int(family["layers"].max())
+    M = np.full((len(family), n_layers), np.nan)
     for i, lp in enumerate(family["layer_prefix"]):
         M[i, :len(lp)] = lp
-    fig, ax = plt.subplots(figsize=(1.2 * L + 3, 0.45 * len(family) + 1.5), dpi=90)
+    fig, ax = plt.subplots(figsize=(1.2 * n_layers + 3, 0.45 * len(family) + 1.5), dpi=90)
     im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(M):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}" + ("*" if v >= threshold else ""), ha="center", va="center", fontsize=8,
                     color="white" if v < 0.6 else "black")
-    ax.set_xticks(range(L))
+    ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
     ax.set_yticks(range(len(family)))
     ax.set_yticklabels(family["model"])
@@ -114,13 +112,18 @@ def plot_layer_prefix(family, threshold: float = 0.3, title: str = "") -> plt.Fi
 
 def plot_index_pairs(pairs, title: str = "") -> plt.Figure:
     """Final ICL per model for each early index (grouped bars), and ICL over training for each pair
-    (one panel per early index)."""
+    (one panel per early index); two panels a row."""
     fin = pairs.loc[pairs.groupby(["run", "early"])["tokens"].idxmax()]
     runs = list(dict.fromkeys(pairs["run"]))
     early = sorted(set(pairs["early"]))
     late = int(pairs["late"].iloc[0])
     n = len(early)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4), dpi=90)
+    cols = min(n + 1, 2)  # two panels a row: readable at the page's width
+    rows = int(np.ceil((n + 1) / cols))
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), dpi=90, squeeze=False)
+    for ax in grid.flat[n + 1:]:
+        ax.set_visible(False)
+    axes = grid.flat[:n + 1]
     col = model_colours(runs)
     w = 0.8 / len(runs)
     for i, r in enumerate(runs):

@@ -1,4 +1,5 @@
-"""Figures for Argument 1, co-occurrence (chapters/01_cooccurrence); data from :mod:`icl_core.dynamics`.
+"""Figures for Argument 1, co-occurrence (chapters/01_cooccurrence); data from :mod:`icl_core.cooccurrence`,
+:mod:`icl_core.loss_by_index` and :mod:`icl_core.loss_pca`.
 
 Each function takes plain arrays/dicts and returns a matplotlib Figure; nothing here touches a model.
 """
@@ -9,18 +10,14 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.ticker import NullFormatter
 
+from .common import finish, shade_window
+
 LAYER_CMAP = "viridis"
 
 
 def model_colours(labels) -> dict:
     cyc = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {k: cyc[i % len(cyc)] for i, k in enumerate(labels)}
-
-
-def _shade(ax, window, colour, alpha=0.12, label=None):
-    """Shade a phase-change window (an object with found/start/end) on a tokens axis."""
-    if window is not None and getattr(window, "found", False):
-        ax.axvspan(window.start, window.end, color=colour, alpha=alpha, lw=0, label=label)
 
 
 def plot_loss_curves(curves: dict, windows: dict, gaps: dict | None = None, title: str = "") -> plt.Figure:
@@ -34,7 +31,7 @@ def plot_loss_curves(curves: dict, windows: dict, gaps: dict | None = None, titl
     for k, (t, y) in curves.items():
         for ax in axes[:2]:
             ax.plot(t, y, color=col[k], label=k, lw=1.4)
-            _shade(ax, windows.get(k), col[k])
+            shade_window(ax, windows.get(k), col[k], alpha=0.12)
     axes[0].set_xscale("log")
     axes[0].set_title("log tokens", fontsize=10)
     axes[1].set_title("linear tokens", fontsize=10)
@@ -48,7 +45,7 @@ def plot_loss_curves(curves: dict, windows: dict, gaps: dict | None = None, titl
     if gaps:
         for k, (t, g) in gaps.items():
             axes[2].plot(t, g, color=col[k], label=k, lw=1.4)
-            _shade(axes[2], windows.get(k), col[k])
+            shade_window(axes[2], windows.get(k), col[k], alpha=0.12)
         axes[2].set_xscale("log")
         axes[2].xaxis.set_minor_formatter(NullFormatter())
         axes[2].set_xlabel("training tokens")
@@ -74,7 +71,7 @@ def plot_icl_curves(curves: dict, windows: dict, indices: tuple[int, int], title
         if len(y) > 1:
             ax.fill_between(t[m], y.min(0)[m], y.max(0)[m], color=col[k], alpha=0.2, lw=0)
         for w in windows.get(k, []):
-            _shade(ax, w, col[k], alpha=0.08)
+            shade_window(ax, w, col[k], alpha=0.08)
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
@@ -101,14 +98,14 @@ def plot_head_score_curves(data: dict, windows: dict, title: str = "") -> plt.Fi
     for jj, (k, (t, pre, prev)) in enumerate(data.items()):
         b, j = divmod(jj, ncol)
         m = t > 0
-        L, H = pre.shape[1:]
+        n_layers, n_heads = pre.shape[1:]
         for i, (arr, name) in enumerate(((pre, "prefix-matching score"), (prev, "previous-token score"))):
             ax = axes[2 * b + i, j]
-            for layer in range(L):
-                c = cmap(layer / max(L - 1, 1) * 0.85)
-                for h in range(H):
+            for layer in range(n_layers):
+                c = cmap(layer / max(n_layers - 1, 1) * 0.85)
+                for h in range(n_heads):
                     ax.plot(t[m], arr[m, layer, h], color=c, lw=1, label=f"layer {layer}" if h == 0 else None)
-            _shade(ax, windows.get(k), "tab:red", alpha=0.12, label="ICL window")
+            shade_window(ax, windows.get(k), "tab:red", alpha=0.12, label="ICL window")
             ax.set_xscale("log")
             ax.set_ylim(0, 1)
             ax.set_xlabel("training tokens")
@@ -225,11 +222,6 @@ def plot_token_loss_curves(change: dict, window=None, title: str = "") -> plt.Fi
         i = change[key]
         ax.plot(t[m], change["losses"][m, i], color=c, marker=".",
                 label=f"{key}: {change[key + '_token']!r} (index {i + 1})")
-    _shade(ax, window, "0.5", alpha=0.2, label="ICL window")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss on this token (nats)")
-    ax.legend(fontsize=7)
-    ax.set_title(title or "Two tokens of the repeated passage over training", fontsize=10)
-    fig.tight_layout()
-    return fig
+    shade_window(ax, window, "0.5", alpha=0.2, label="ICL window")
+    return finish(fig, ax, "training tokens", "loss on this token (nats)",
+                  title or "Two tokens of the repeated passage over training")

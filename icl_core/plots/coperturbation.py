@@ -8,14 +8,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..coperturbation import seed_band
+from ..heads import INDUCTION_THRESHOLD
 
 VANILLA_COLOR = "tab:blue"
 SMEARED_COLOR = "tab:orange"
 
 
-def plot_icl_and_prefix(pairs, prefix_threshold: float | None = None, title: str = "") -> plt.Figure:
+def plot_icl_and_prefix(pairs, prefix_threshold: float | None = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """ICL score (top row) and max prefix-matching score (bottom row) vs tokens, one column per depth;
-    vanilla vs smeared, line = mean over seeds, band = min-max over seeds."""
+    vanilla vs smeared, line = mean over seeds, band = min-max over seeds; a dotted line at
+    ``prefix_threshold`` (None: no line)."""
     labels = list(pairs)
     fig, axes = plt.subplots(2, len(labels), figsize=(4.2 * len(labels), 5.6), dpi=90, squeeze=False)
     for j, label in enumerate(labels):
@@ -58,15 +60,15 @@ def plot_smear_over_training(pairs, title: str = "") -> plt.Figure:
         ax.set_axis_off()
         return fig
     n = len(runs)
-    cols = min(n, 4)
+    cols = min(n, 2)  # two panels a row: readable at the page's width
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), dpi=90, squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 2.9 * rows), dpi=90, squeeze=False, sharey=True)
     cmap = plt.get_cmap("tab10")
     for ax, c in zip(axes.ravel(), runs):
         keep = c.tokens > 0
-        S, L, Hn = c.smear.shape
-        for layer in range(L):
-            for head in range(Hn):
+        _, n_layers, n_heads = c.smear.shape
+        for layer in range(n_layers):
+            for head in range(n_heads):
                 ax.plot(c.tokens[keep], c.smear[keep, layer, head], color=cmap(head % 10),
                         ls=("-", "--", ":", "-.")[layer % 4], label=f"L{layer}H{head}")
         ax.set_xscale("log")

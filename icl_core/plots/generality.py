@@ -5,13 +5,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..heads import INDUCTION_THRESHOLD
+from .common import visible_token
 from .intro import ATTN_CMAP
 
 KIND_COLOURS = {"induction": "tab:red", "previous-token": "tab:blue", "other": "0.6"}
 MARKERS = "osD^vP*X"
 
 
-def plot_copying_vs_prefix(heads: pd.DataFrame, prefix_threshold: float = 0.3, title: str = "") -> plt.Figure:
+def plot_copying_vs_prefix(heads: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD, title: str = "") -> plt.Figure:
     """Empirical copying score vs prefix-matching score, one point per head of every model
     (``generality.head_table``); colour = head class, marker = model."""
     fig, ax = plt.subplots(figsize=(6.2, 4.2), dpi=90)
@@ -80,6 +82,13 @@ def plot_repeated_passage(rp: dict, dla: pd.DataFrame, title: str = "", max_toke
     return fig
 
 
+def plot_translation_attention(cross: dict | None) -> plt.Figure | None:
+    """:func:`plot_cross_attention` of :func:`icl_core.generality.cross_attention` (None: nothing to draw)."""
+    if cross is None:
+        return None
+    return plot_cross_attention(cross["pattern"], cross["example"], cross["tokens"], title=cross["title"])
+
+
 def plot_cross_attention(pattern: np.ndarray, example, tokens: list[str], n_words: int = 28,
                          title: str = "") -> plt.Figure:
     """The head's attention from the start of version B (rows) onto the start of version A
@@ -91,9 +100,9 @@ def plot_cross_attention(pattern: np.ndarray, example, tokens: list[str], n_word
     fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=90)
     im = ax.imshow(sub, cmap=ATTN_CMAP, vmin=0, vmax=max(0.05, float(sub.max())), interpolation="nearest")
     ax.set_xticks(range(na))
-    ax.set_xticklabels([repr(t)[1:-1] for t in tokens[1:1 + na]], rotation=90, fontsize=7)
+    ax.set_xticklabels([visible_token(t) for t in tokens[1:1 + na]], rotation=90, fontsize=7)
     ax.set_yticks(range(nb))
-    ax.set_yticklabels([repr(t)[1:-1] for t in tokens[b0:b0 + nb]], fontsize=7)
+    ax.set_yticklabels([visible_token(t) for t in tokens[b0:b0 + nb]], fontsize=7)
     for q, t in zip(example.queries, example.targets):
         if b0 <= q < b0 + nb and 1 <= t < 1 + na:
             ax.scatter(t - 1, q - b0, s=40, facecolors="none", edgecolors="tab:red", linewidths=1.0)

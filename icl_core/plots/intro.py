@@ -1,8 +1,8 @@
-"""Figures: one ``plot_<figure>(data) -> Figure`` per figure of the book.
+"""Figures of the introduction (chapters/00_intro; data from :mod:`icl_core.intro`), also importable
+from :mod:`icl_core.plots` directly: training curves, attention patterns, head scores.
 
 Functions take plain data (arrays, DataFrames from :meth:`icl_core.runs.Run.metrics`) and return a
-matplotlib Figure; they compute nothing about models. Group new functions under a header naming
-the chapter that uses them.
+matplotlib Figure; they compute nothing about models.
 """
 from __future__ import annotations
 

@@ -1,24 +1,24 @@
 """Figures of chapter 5 (Argument 5, mechanism). Data come from :mod:`icl_core.mechanism`."""
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
+
+from ..heads import INDUCTION_THRESHOLD
+from .common import finish, shade_window, visible_token
 
 SCORE_LABELS = {"prefix": "prefix-matching score", "prev_token": "previous-token score",
                 "ov_eigen": "OV eigenvalue copying score\nΣλ / Σ|λ|", "k_comp": "K-composition trace\n(normalised, Σλ / Σ|λ|)",
                 "copying": "empirical copying score"}
 
 
-def _shade(ax, window):
-    if window is not None and window.found:
-        ax.axvspan(window.start, window.end, color="gold", alpha=0.25, lw=0)
-
-
 def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen", "k_comp"),
                               title: str = "") -> plt.Figure:
     """Rows: models; columns: per-head scores over training (``mechanism.scores_over_training``).
-    Induction heads (prefix >= 0.3 at the end) are drawn thick and red-toned, other heads thin and
+    Induction heads (the kind the scores carry, :mod:`icl_core.heads`) are drawn thick and red-toned, other
+    heads thin and
     grey; the phase-change window is shaded."""
     names = list(scores)
     fig, axes = plt.subplots(len(names), len(keys), figsize=(4.1 * len(keys), 2.5 * len(names)), dpi=90,
@@ -39,7 +39,7 @@ def plot_scores_over_training(scores: dict[str, dict], keys=("prefix", "ov_eigen
                 ax.set_xticks([])
                 ax.set_yticks([])
                 continue
-            _shade(ax, s["window"])
+            shade_window(ax, s["window"])
             n_ind = 0
             for l in range(v.shape[1]):
                 for h in range(v.shape[2]):
@@ -106,20 +106,14 @@ def plot_composition_over_training(comp: dict, pair: tuple[tuple[int, int], tupl
     t = np.asarray(comp["tokens"], dtype=float)
     keep = t > 0
     fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=90)
-    _shade(ax, window)
+    shade_window(ax, window)
     for k, col in zip("QKV", ("tab:green", "tab:red", "tab:purple")):
         v = np.asarray(comp[k], dtype=float)
         ax.plot(t[keep], v[keep, l1, h1, l2, h2], color=col, lw=2, label=f"{k}: L{l1}H{h1} → L{l2}H{h2}")
         ax.plot(t[keep], np.nanmax(v[keep].reshape(keep.sum(), -1), 1), color=col, lw=0.8, ls=":",
                 label=f"{k}: max over all pairs")
     ax.axhline(comp["baseline"], color="0.3", ls="--", lw=0.9, label="random-matrix baseline")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("composition score")
-    ax.set_title(title or "composition over training", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "training tokens", "composition score", title or "composition over training", legend_ncol=2)
 
 
 def plot_token_circuit(m, labels: list[str], title: str = "", xlabel: str = "key: previous token b",
@@ -131,9 +125,9 @@ def plot_token_circuit(m, labels: list[str], title: str = "", xlabel: str = "key
     fig, ax = plt.subplots(figsize=(6.6, 5.8), dpi=90)
     im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([repr(s)[1:-1] for s in labels], rotation=90, fontsize=6)
+    ax.set_xticklabels([visible_token(s) for s in labels], rotation=90, fontsize=6)
     ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels([repr(s)[1:-1] for s in labels], fontsize=6)
+    ax.set_yticklabels([visible_token(s) for s in labels], fontsize=6)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -170,19 +164,14 @@ def plot_smear(sm: dict, window=None, kind=None, title: str = "") -> plt.Figure:
     keep = t > 0
     s = sm["sigma"]
     fig, ax = plt.subplots(figsize=(6.2, 3.4), dpi=90)
-    _shade(ax, window)
+    shade_window(ax, window)
     for l in range(s.shape[1]):
         for h in range(s.shape[2]):
             ind = kind is not None and kind[l, h] == "induction"
             ax.plot(t[keep], s[keep, l, h], lw=2 if ind else 1, label=f"L{l}H{h}" + (" (induction)" if ind else ""))
-    ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("σ(α): weight of the key's own token")
-    ax.set_title(title or "smeared keys over training", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return finish(fig, ax, "training tokens", "σ(α): weight of the key's own token",
+                  title or "smeared keys over training", legend_ncol=2)
 
 
 def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
@@ -196,7 +185,7 @@ def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
             ok = np.isfinite(v)
             ax.scatter(pm[ok], v[ok], marker="osD^vP"[i % 6], s=30, edgecolors="k", linewidths=0.4, label=name)
     for ax, key in zip(axes, ("ov_eigen", "k_comp")):
-        ax.axvline(0.3, color="tab:red", ls=":", lw=0.8, label="induction threshold (0.3)")
+        ax.axvline(INDUCTION_THRESHOLD, color="tab:red", ls=":", lw=0.8, label=f"induction threshold ({INDUCTION_THRESHOLD})")
         ax.axhline(0, color="0.4", lw=0.6)
         ax.set_xlabel("prefix-matching score")
         ax.set_ylabel(SCORE_LABELS[key])
@@ -211,17 +200,26 @@ def plot_agreement(scores: dict[str, dict], title: str = "") -> plt.Figure:
     return fig
 
 
-def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], title: str = "") -> plt.Figure:
+def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], title: str = "") -> plt.Figure | None:
     """One panel per model: the top induction head's prefix score, its eigenvalue scores (dashed:
     OV Σλ/Σ|λ|, K-composition trace) and the token-level circuit readouts (solid: fraction of
     frequent tokens copied by the OV circuit, fraction of K-composition-circuit rows peaking on the
-    diagonal) over training, with the phase-change window shaded (``mechanism.circuits_over_training``)."""
+    diagonal) over training, with the phase-change window shaded (``mechanism.circuits_over_training``).
+    Panels wrap into rows of two so that the figure stays readable at the page's width; the legend
+    sits below them. None when there is no circuit to time."""
     names = list(circuits)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.5), dpi=90, squeeze=False)
-    for ax, name in zip(axes[0], names):
+    if not names:
+        return None
+    ncols = min(2, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.3 * nrows + 0.9), dpi=90, squeeze=False,
+                             sharey=True)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         s, c = scores[name], circuits[name]
         (l, h), prev = c["induction_head"], c["prev_head"]
-        _shade(ax, s["window"])
+        shade_window(ax, s["window"])
         t = np.asarray(s["tokens"], dtype=float)
         keep = t > 0
         ax.plot(t[keep], np.asarray(s["prefix"], dtype=float)[keep, l, h], color="k", lw=2.2, label="prefix-matching score")
@@ -242,7 +240,49 @@ def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], titl
         ax.set_ylim(-1.05, 1.05)
         ax.set_xlabel("training tokens")
         ax.set_title(f"`{name}`: induction head L{l}H{h}", fontsize=10)
-    axes[0, 0].legend(fontsize=7, loc="lower left")
+    # one legend for every panel (the first panel with a previous-token head has every line)
+    ax0 = max(axes.flat[:len(names)], key=lambda a: len(a.get_lines()))
+    handles, labels = ax0.get_legend_handles_labels()
+    fig.legend(handles, [lb.replace("\n", " ") for lb in labels], fontsize=8, loc="lower center", ncol=2, frameon=False)
     fig.suptitle(title or "when the circuit forms", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.9 / (3.3 * nrows + 0.9) + 0.02, 1, 1))
     return fig
+
+
+# --- the chapter's figures, from icl_core.mechanism's results (None where there is nothing to draw) ---
+
+def plot_focus_composition(c) -> plt.Figure | None:
+    """:func:`plot_composition_heatmaps` of the followed model (a ``mechanism.Composition``), last snapshot."""
+    if c.focus is None:
+        return None
+    (li, _), prev = c.induction, c.prev
+    return plot_composition_heatmaps(c.comp[c.focus], layers=(prev[0], li),
+                                     title=f"`{c.focus}`, last snapshot: composition of layer {prev[0]} into layer {li}")
+
+
+def plot_focus_composition_over_training(m, c) -> plt.Figure | None:
+    """:func:`plot_composition_over_training` of the followed pair, with its model's window."""
+    if c.focus is None or c.prev is None:
+        return None
+    return plot_composition_over_training(c.comp[c.focus], (c.prev, c.induction), window=m.scores[c.focus]["window"],
+                                          title=f"`{c.focus}`: previous-token head → induction head, over training")
+
+
+def plot_same_token_circuit(d: dict | None) -> plt.Figure | None:
+    """:func:`plot_token_circuit` of ``mechanism.same_token_circuit``."""
+    return None if d is None else plot_token_circuit(d["circuit"].numpy(), d["labels"], title=d["title"])
+
+
+def plot_focus_positional(d: dict | None) -> plt.Figure | None:
+    """:func:`plot_positional_attention` of ``mechanism.positional``."""
+    return None if d is None else plot_positional_attention(d["curves"], title=d["title"])
+
+
+def plot_smeared_head(d: dict | None) -> tuple[plt.Figure, plt.Figure] | None:
+    """σ(α) over training and the top head's token QK circuit (``mechanism.smeared_head``)."""
+    if d is None:
+        return None
+    s1, (l1, h1) = d["scores"], d["head"]
+    return (plot_smear(d["smear"], window=s1["window"], kind=s1["kind"], title=f"`{d['name']}`: σ(α) per head"),
+            plot_token_circuit(d["circuit"].numpy(), d["labels"], xlabel="key token b",
+                               title=f"`{d['name']}` L{l1}H{h1}: token QK circuit W_E W_Q (W_E W_K)^T"))

@@ -1,4 +1,5 @@
-"""Known answers for the training-dynamics analyses (icl_core.dynamics): Arguments 1 and 6."""
+"""Known answers for the curve maths (icl_core.curves) and Arguments 1 and 6 (icl_core.cooccurrence,
+icl_core.continuity)."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -6,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from icl_core import dynamics as D
+from icl_core import continuity as Ct
+from icl_core import cooccurrence as Co
+from icl_core import curves as Cu
 from icl_core.config import ModelConfig
 from icl_core.model import Transformer
 
@@ -18,15 +21,15 @@ def _sig(x):
 def test_convex_curve_has_no_gap_and_no_bump():
     t = np.geomspace(1e3, 1e7, 200)
     y = 3 + 4 * np.exp(-0.5 * np.log(t / 1e3))  # convex and decreasing in ln t
-    assert np.abs(D.convex_gap(t, y)).max() < 1e-9
-    assert not D.loss_bump(t, y).found
+    assert np.abs(Cu.convex_gap(t, y)).max() < 1e-9
+    assert not Cu.loss_bump(t, y).found
 
 
 def test_lower_convex_envelope_bridges_a_bump():
     x = np.linspace(0, 4, 81)
     y = x.copy() * 0.0
     y[30:50] = 0.5  # a plateau above a flat line
-    env = D.lower_convex_envelope(x, y)
+    env = Cu.lower_convex_envelope(x, y)
     assert np.allclose(env, 0)
 
 
@@ -35,28 +38,28 @@ def test_loss_bump_found_at_the_plateau_then_drop():
     lt = np.log(t)
     # initial fall (shoulder), a convex decline, and a late extra drop of 0.3 nats around t = 1e5
     y = 7 - 3 * _sig((lt - np.log(3e3)) * 3) - 0.1 * (lt - lt[0]) - 0.3 * _sig((lt - np.log(1e5)) * 4)
-    b = D.loss_bump(t, y)
+    b = Cu.loss_bump(t, y)
     assert b.found
     assert b.start < 1e5 < b.end
     assert b.height > 0.05
     assert b.n_stretches == 1
     # the same curve without the drop has no bump
-    assert not D.loss_bump(t, y + 0.3 * _sig((lt - np.log(1e5)) * 4)).found
+    assert not Cu.loss_bump(t, y + 0.3 * _sig((lt - np.log(1e5)) * 4)).found
 
 
 def test_rise_window_contains_the_steepest_rise():
     t = np.geomspace(1e3, 1e7, 40)
     p = 0.03 + 0.6 * _sig((np.log(t) - np.log(2e5)) * 3)
-    w = D.rise_window(t, p)
+    w = Cu.rise_window(t, p)
     assert w.found and w.start < 2e5 < w.end
-    flat = D.rise_window(t, np.full_like(t, 0.03))
+    flat = Cu.rise_window(t, np.full_like(t, 0.03))
     assert not flat.found and "never rose" in flat.reason
 
 
 def test_dloss_dlnindex_recovers_a_log_slope():
     idx = np.arange(1, 256)
     loss = 5 - 0.2 * np.log(idx)
-    c, d = D.dloss_dlnindex(idx, np.stack([loss, np.full_like(loss, 5.0)]))
+    c, d = Cu.dloss_dlnindex(idx, np.stack([loss, np.full_like(loss, 5.0)]))
     assert np.allclose(d[0, c > 4], -0.2, atol=0.02)
     assert np.allclose(d[1], 0)
 
@@ -64,22 +67,22 @@ def test_dloss_dlnindex_recovers_a_log_slope():
 def test_turn_angle_straight_and_right_angle():
     t = np.array([0, 1e3, 2e3, 4e3, 8e3, 16e3])
     straight = np.stack([np.arange(6.0), np.zeros(6)], 1)
-    assert D.turn_angle(straight, t, 4e3, 8e3) == pytest.approx(0, abs=1e-6)
+    assert Cu.turn_angle(straight, t, 4e3, 8e3) == pytest.approx(0, abs=1e-6)
     bent = np.array([[0, 0], [0, 0], [1, 0], [2, 0], [2, 1], [2, 2]], dtype=float)
     # before 2e3 -> 4e3 the path moves along x; across 4e3 -> 8e3 it moves along y
-    assert D.turn_angle(bent, t, 4e3, 8e3) == pytest.approx(90, abs=1e-6)
-    assert np.isnan(D.turn_angle(bent, t, float("nan"), 8e3))
+    assert Cu.turn_angle(bent, t, 4e3, 8e3) == pytest.approx(90, abs=1e-6)
+    assert np.isnan(Cu.turn_angle(bent, t, float("nan"), 8e3))
 
 
 def test_scaled_early_indices():
-    assert D.scaled_early_indices(1024) == [10, 50, 100]
-    assert D.scaled_early_indices(512) == [10, 50, 100]
-    assert D.scaled_early_indices(256) == [5, 25, 50]
+    assert Ct.scaled_early_indices(1024) == [10, 50, 100]
+    assert Ct.scaled_early_indices(512) == [10, 50, 100]
+    assert Ct.scaled_early_indices(256) == [5, 25, 50]
 
 
 def test_model_size_counts_non_embedding_parameters():
     cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, n_ctx=32, d_vocab=50, layer_norm=False)
-    s = D.model_size(cfg)
+    s = Ct.model_size(cfg)
     m = Transformer(cfg)
     assert s["params"] == sum(p.numel() for p in m.parameters())
     # attention-only, no LayerNorm: 4 matrices of d_model x d_model per layer (+ smear/bias-free)
@@ -89,7 +92,7 @@ def test_model_size_counts_non_embedding_parameters():
 def test_repeated_passage_is_bos_plus_two_copies():
     x = torch.arange(100, 165)[None]  # (1, 65): "BOS" then 64 tokens
     run = SimpleNamespace(eval_data=SimpleNamespace(tokens=x))
-    p = D.repeated_passage(run, 0)[0]
+    p = Co.repeated_passage(run, 0)[0]
     half = 32
     assert p.shape[0] == 1 + 2 * half
     assert p[0] == 100
@@ -117,7 +120,7 @@ def _fake_run(n_layers, induction, seed=0, centre=2e5):
 
 
 def test_cooccurrence_row_on_a_known_phase_change():
-    r = D.cooccurrence_row(_fake_run(2, True), "2L")
+    r = Co.cooccurrence_row(_fake_run(2, True), "2L")
     assert r["window_found"] and r["window_start"] < 2e5 < r["window_end"]
     assert r["prefix_jump_in_window"]
     assert r["bump_found"] and r["bump_in_window"]
@@ -127,7 +130,7 @@ def test_cooccurrence_row_on_a_known_phase_change():
 
 
 def test_cooccurrence_row_icl_without_induction_heads():
-    r = D.cooccurrence_row(_fake_run(1, False), "1L")
+    r = Co.cooccurrence_row(_fake_run(1, False), "1L")
     assert r["window_found"]
     assert not r["prefix_jump_found"]
     assert not r["bump_found"]
@@ -135,22 +138,22 @@ def test_cooccurrence_row_icl_without_induction_heads():
 
 
 def test_table_headline_and_verdicts():
-    tab = D.cooccurrence_table({"1L": [_fake_run(1, False)], "2L": [_fake_run(2, True), _fake_run(2, True, 1)]})
+    tab = Co.cooccurrence_table({"1L": [_fake_run(1, False)], "2L": [_fake_run(2, True), _fake_run(2, True, 1)]})
     assert list(tab["verdict"]) == ["ICL window without an induction-head jump", "co-occur", "co-occur"]
-    assert D.headline(tab).startswith("**Reproduced")
-    assert "co-occur in 2 of 2 seeds" in D.cooccurrence_verdicts(tab)
-    shown = D.display_table(tab)
+    assert Co.headline(tab).startswith("**Reproduced")
+    assert "co-occur in 2 of 2 seeds" in Co.cooccurrence_verdicts(tab)
+    shown = Co.display_table(tab)
     assert shown.index[-1][0].startswith("paper")
-    assert D.showcase_run(tab) == "fake2_0"
+    assert Co.showcase_run(tab) == "fake2_0"
 
 
 def test_run_verdict_rules():
     base = {"window_found": True, "prefix_jump_in_window": True, "final_prefix": 0.5,
             "bump_in_window": False, "eval_bump_in_window": False}
-    assert D.run_verdict(base) == "co-occur (no bump)"
-    assert D.run_verdict({**base, "eval_bump_in_window": True}) == "co-occur"
-    assert D.run_verdict({**base, "final_prefix": 0.1}) == "ICL window without an induction-head jump"
-    assert D.run_verdict({**base, "window_found": False}) == "no ICL window"
+    assert Co.run_verdict(base) == "co-occur (no bump)"
+    assert Co.run_verdict({**base, "eval_bump_in_window": True}) == "co-occur"
+    assert Co.run_verdict({**base, "final_prefix": 0.1}) == "ICL window without an induction-head jump"
+    assert Co.run_verdict({**base, "window_found": False}) == "no ICL window"
 
 
 def _family(**over):
@@ -169,22 +172,22 @@ def _family(**over):
 
 
 def test_claims_table_marks_reproduced_and_not():
-    c = D.claims_table(_family())
+    c = Ct.claims_table(_family())
     assert (c["verdict"] == "reproduced").all(), c
-    c2 = D.claims_table(_family(final_prefix=[0.03, 0.05, 0.6], verdict=["no ICL window", "no ICL window", "co-occur"]))
+    c2 = Ct.claims_table(_family(final_prefix=[0.03, 0.05, 0.6], verdict=["no ICL window", "no ICL window", "co-occur"]))
     v = c2["verdict"]
     assert v.iloc[0] == "partly" and v.iloc[1] == "partly"
-    assert "claims checked" in D.claims_sentence(c2)
+    assert "claims checked" in Ct.claims_sentence(c2)
 
 
 def test_claims_index_pairs_rule():
     fam = _family()
     pairs = pd.DataFrame([{"run": r, "tokens": 1.0, "late": 250, "early": e, "early_paper": e, "icl": v}
                           for e in (5, 25) for r, v in (("a1", -0.05), ("a2", -0.4), ("a3", -0.45))])
-    c = D.claims_table(fam, pairs)
+    c = Ct.claims_table(fam, pairs)
     row = c.loc["The conclusion does not hang on the index pair"]
     assert row["verdict"] == "reproduced"
-    assert "Spearman" in D.index_pair_sentence(pairs.assign(run=pairs.run))
+    assert "Spearman" in Ct.index_pair_sentence(pairs.assign(run=pairs.run))
 
 
 @pytest.mark.parametrize("n_models,grid,hidden", [(2, (2, 2), 0), (4, (2, 4), 0), (7, (4, 4), 2)])
@@ -193,7 +196,7 @@ def test_head_score_figure_wraps_after_four_models(n_models, grid, hidden):
     import matplotlib
     matplotlib.use("Agg")
     from icl_core.plots import cooccurrence as P
-    from icl_core.metrics import Window
+    from icl_core.curves import Window
     t = np.array([0.0, 1e3, 1e4, 1e5])
     data = {f"m{i}": (t, np.random.default_rng(i).random((4, 2, 3)), np.random.default_rng(i + 9).random((4, 2, 3)))
             for i in range(n_models)}

@@ -1,0 +1,128 @@
+"""The induction circuit in the weights (Argument 5): token-level circuits of the top heads.
+
+* :func:`kcomp_circuit`: the same-token circuit W_E W_Q (W_E W_OV^prev W_K)^T on frequent tokens
+  (:func:`frequent_tokens`): the induction head's queries matched against keys that read the
+  previous-token head's output; :func:`token_qk_circuit` is the one-head version (smeared keys).
+* :func:`ov_circuit`: which tokens the induction head's OV circuit copies.
+* :func:`circuits_over_training` / :func:`circuits_for_models`: token-level readouts of both at
+  every snapshot (cached), to time them against the phase-change window.
+* :func:`diagonal_stats`: how strongly a token x token circuit peaks on its diagonal.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import analysis as A
+from . import metrics as M
+from .heads import top_heads
+from .model import Transformer
+from .runs import Run
+
+
+def frequent_tokens(counts: np.ndarray, n: int, skip: tuple[int, ...] = (0,)) -> np.ndarray:
+    """The ``n`` most frequent token ids in training (EOS skipped)."""
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    order = order[~np.isin(order, skip)]
+    return order[:n]
+
+
+@torch.no_grad()
+def kcomp_circuit(model: Transformer, layer: int, head: int, prev: tuple[int, int], tokens) -> torch.Tensor:
+    """(N, N) same-token K-composition circuit W_E W_Q^h (W_E W_OV^prev W_K^h)^T on ``tokens``
+    (LayerNorms ignored, as in the paper): entry (a, b) is the score a query on token a gives a key
+    whose previous token is b, through the previous-token head. Induction: a diagonal."""
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    WE = model.W_E.double()[t]  # (N, D)
+    a = model.blocks[layer].attn
+    p = model.blocks[prev[0]].attn
+    q = WE @ a.W_Q[head].double()  # (N, dh)
+    k = WE @ p.W_V[prev[1]].double() @ p.W_O[prev[1]].double() @ a.W_K[head].double()  # (N, dh)
+    return (q @ k.T) / math.sqrt(model.cfg.d_head)
+
+
+@torch.no_grad()
+def ov_circuit(model: Transformer, layer: int, head: int, tokens) -> torch.Tensor:
+    """(N, V) OV circuit W_E W_V^h W_O^h W_U on the rows of ``tokens`` (LayerNorms ignored, as in the
+    paper): row a is the change in every logit when the head attends to token a. Copying: row a is
+    largest at column a."""
+    return M.ov_circuits(model, layer, tokens)[head]
+
+
+def circuit_readouts(model: Transformer, induction: tuple[int, int], prev: tuple[int, int] | None,
+                     tokens) -> dict:
+    """Token-level readouts of the induction circuit on ``tokens`` (chance: 1/N and 1/V):
+
+    * ``k_diag``: the fraction of rows of :func:`kcomp_circuit` (induction head keyed through the
+      previous-token head) whose largest entry is on the diagonal (NaN without a previous-token head);
+    * ``ov_copy``: the fraction of tokens whose :func:`ov_circuit` row, over the whole vocabulary,
+      is largest at the token itself.
+
+    *[book choice]* The paper's eigenvalue scores (Σλ/Σ|λ|) are spectrum-wide and scale-free: they
+    turn positive once the matrix's largest directions copy, which can be long before the circuit
+    does the job for most tokens. These readouts count the tokens for which it does."""
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    ov = ov_circuit(model, induction[0], induction[1], t)
+    out = {"ov_copy": float((ov.argmax(1) == t).double().mean()), "k_diag": float("nan")}
+    if prev is not None:
+        out["k_diag"] = diagonal_stats(kcomp_circuit(model, induction[0], induction[1], prev, t))["row_argmax_on_diagonal"]
+    return out
+
+
+def circuits_over_training(run: Run, induction: tuple[int, int], prev: tuple[int, int] | None,
+                           n_tokens: int = 200, steps: list[int] | None = None) -> dict:
+    """:func:`circuit_readouts` of one head pair on the ``n_tokens`` most frequent training tokens at
+    every snapshot (or ``steps``), cached in the run folder: ``k_diag``, ``ov_copy`` (S,), ``steps``,
+    ``tokens``, ``chance_k`` (1/N) and ``chance_ov`` (1/V)."""
+    steps = steps or run.steps
+    toks = frequent_tokens(run.corpus.counts, n_tokens)
+
+    def compute():
+        rows = [circuit_readouts(run.load(st), induction, prev, toks) for st in steps]
+        return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in ("k_diag", "ov_copy")} | {
+            "steps": torch.tensor(steps)}
+
+    key = {"steps": steps, "induction": list(induction), "prev": list(prev) if prev else None, "n": int(n_tokens)}
+    res = dict(A.cached(run, "circuits", key, compute))
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    res["chance_k"], res["chance_ov"] = 1.0 / len(toks), 1.0 / run.config.model.d_vocab
+    res["induction_head"], res["prev_head"] = induction, prev
+    return res
+
+
+def circuits_for_models(models: dict[str, Run], scores: dict[str, dict], n_tokens: int = 200) -> dict[str, dict]:
+    """:func:`circuits_over_training` of the top induction head (and its top previous-token head)
+    of every model that has an induction head at the last snapshot (``scores[m]["kind"]``)."""
+    out = {}
+    for m, s in scores.items():
+        if (np.asarray(s["kind"]) == "induction").any():
+            ind, prev = top_heads(s["prefix"][-1], s["prev_token"][-1])
+            out[m] = circuits_over_training(models[m], ind, prev, n_tokens)
+    return out
+
+
+@torch.no_grad()
+def token_qk_circuit(model: Transformer, layer: int, head: int, tokens) -> torch.Tensor:
+    """(N, N) direct token QK circuit W_E W_Q^h (W_E W_K^h)^T / sqrt(d_head): the score a query on
+    token a gives a key on token b. In a smeared-key head the key at j is s k_j + (1 - s) k_{j-1},
+    so a diagonal here makes it attend to the token *after* an earlier copy, weighted by 1 - s."""
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    WE = model.W_E.double()[t]
+    a = model.blocks[layer].attn
+    return (WE @ a.W_Q[head].double()) @ (WE @ a.W_K[head].double()).T / math.sqrt(model.cfg.d_head)
+
+
+def diagonal_stats(m: torch.Tensor) -> dict:
+    """How diagonal a square matrix is: the fraction of rows whose largest entry is on the diagonal
+    (chance 1/N), and the diagonal's mean minus the off-diagonal mean in off-diagonal standard
+    deviations."""
+    m = torch.as_tensor(m, dtype=torch.float64)
+    n = m.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    off = m[~eye]
+    return {"row_argmax_on_diagonal": float((m.argmax(1) == torch.arange(n)).double().mean()),
+            "chance": 1.0 / n, "diag_z": float((m.diagonal().mean() - off.mean()) / (off.std() + 1e-12))}
+
+
