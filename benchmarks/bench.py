@@ -185,12 +185,12 @@ def metrics_cost(run, prof, repeats=3):
     L, H = run.config.model.n_layers, run.config.model.n_heads
     abl_bs = max(1, M.ABLATION_SEQS_PER_PASS // (L * H + 1))
     parts = {
-        "cheap_metrics": timed(lambda: cheap_metrics(m, run.config, ev, precision=run.eval_precision)),
+        "cheap_metrics": timed(lambda: cheap_metrics(m, run.config, ev, precision=run.metrics_precision)),
         # as the chapters run them (analysis.ablations): the run's eval precision, ~16 sequences per pass
         "ablation_pp": timed(lambda: M.ablation_effects(m, n_abl, pattern_preserving=True, batch_size=abl_bs,
-                                                        precision=run.eval_precision)),
+                                                        precision=run.metrics_precision)),
         "ablation_full": timed(lambda: M.ablation_effects(m, n_abl, pattern_preserving=False, batch_size=abl_bs,
-                                                          precision=run.eval_precision)),
+                                                          precision=run.metrics_precision)),
         "head_scores_extra": timed(lambda: (M.copying_scores(m, ev.rep), M.ov_eigen_copying_scores(m),
                                             M.k_composition_traces(m, torch.rand(L, H)))),
         "composition": timed(lambda: M.composition_scores(m)),

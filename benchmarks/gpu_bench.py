@@ -134,7 +134,7 @@ def eval_batch_timing(cfg, corpus, device: str, batches=(8, 64)) -> dict:
     import time
 
     from icl_core import metrics as M
-    from icl_core.train import EvalData
+    from icl_core.data import EvalData
 
     model = init_model(cfg, device)
     toks = EvalData(cfg, corpus).tokens.to(device)

@@ -482,3 +482,14 @@ def version_alignment(versions, reference: str = "kjv", n: int = 400, seed: int 
         rows.append({"version": v, "verses": len(vv), "median similarity to " + reference: float(np.median(sims)),
                      "starts mid-word": float(np.mean([vv[i][:1].islower() for i in sample]))})
     return pd.DataFrame(rows).set_index("version")
+
+
+class EvalData:
+    """What the cheap in-training metrics use: fixed eval windows and repeated random tokens, for a
+    run config (``cfg``: a :class:`icl_core.config.RunConfig`) and its corpus."""
+
+    def __init__(self, cfg, corpus: Corpus, n_eval: int | None = None):
+        d = cfg.data
+        self.tokens = eval_windows(corpus, d.n_eval if n_eval is None else n_eval, cfg.model.n_ctx, d.eval_seed)
+        pool = prefix_token_pool(corpus.counts)
+        self.rep = repeated_random_tokens(pool, d.n_prefix_seqs, d.prefix_seq_len, d.prefix_repeats, d.eval_seed)

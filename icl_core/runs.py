@@ -21,7 +21,8 @@ from . import data as D
 from .config import RunConfig
 from .io import CorruptFileError, FileLock, load_tensors, read_json_checked
 from .model import Transformer
-from .train import EvalData, Trainer
+from .data import EvalData
+from .train import Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,12 +76,6 @@ class Run:
         config field ``train.eval_precision``, fp32 if unset): analyses that recompute a logged number
         use it too."""
         return self.config.train.metrics_precision
-
-    @property
-    def eval_precision(self) -> str:
-        """Old name of :attr:`metrics_precision`, still read by benchmarks/bench.py and
-        tests/test_train.py; use :attr:`metrics_precision`."""
-        return self.metrics_precision
 
     def load(self, step: int | None = None, device: str = "cpu") -> Transformer:
         """The model at snapshot ``step`` (default: the last). Checksum-verified, no pickle."""

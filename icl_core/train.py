@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .data import EvalData
 from . import metrics as M
 from .config import RunConfig, ConfigError
 from .io import (CorruptFileError, atomic_write_json, load_tensors, read_json_checked, save_tensors)
@@ -122,16 +123,6 @@ class _EagerFallback:
         return out
 
 
-class EvalData:
-    """What the cheap in-training metrics use: fixed eval windows and repeated random tokens."""
-
-    def __init__(self, cfg: RunConfig, corpus: D.Corpus, n_eval: int | None = None):
-        d = cfg.data
-        self.tokens = D.eval_windows(corpus, d.n_eval if n_eval is None else n_eval, cfg.model.n_ctx, d.eval_seed)
-        pool = D.prefix_token_pool(corpus.counts)
-        self.rep = D.repeated_random_tokens(pool, d.n_prefix_seqs, d.prefix_seq_len, d.prefix_repeats, d.eval_seed)
-
-
 def cheap_metrics(model: Transformer, cfg: RunConfig, ev: EvalData,
                   precision: str = "fp32") -> tuple[dict, torch.Tensor]:
     """(metrics, per-token eval losses): loss, ICL score, prefix-matching and previous-token scores
@@ -201,6 +192,24 @@ def peak_rss_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+class _LossLog:
+    """The training loss log ([step, loss] pairs). Losses stay on the device until a flush, so a
+    GPU never waits for the host between steps (one .item() per step would synchronise every step);
+    on the CPU this changes nothing. Under data parallelism the summed loss is divided by the ranks."""
+
+    def __init__(self, log: list, world: int = 1):
+        self.log, self.world, self.pending = log, world, []
+
+    def add(self, step: int, loss: torch.Tensor):
+        self.pending.append((step, loss))
+
+    def flush(self):
+        if self.pending:
+            vals = torch.stack([v for _, v in self.pending]).float().tolist()
+            self.log.extend([s, round(v / self.world, 5)] for (s, _), v in zip(self.pending, vals))
+            self.pending.clear()
 
 
 class Trainer:
@@ -292,9 +301,11 @@ class Trainer:
 
     # --- loop -----------------------------------------------------------------------------------
     def run(self, progress: bool = True, stop_after: int | None = None) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        """Train from step 0 or the last resume state to the end (or to ``stop_after``): restore,
+        then steps with snapshots and resume states on their schedules, then finish."""
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         man = self.manifest()
         if man.get("done"):
             return man
@@ -305,9 +316,52 @@ class Trainer:
         # the chunked loss, which allocates no such buffer (benchmarks/results.md). Pinning it costs
         # page faults on every large allocation, so the trainer does not.
         reset_peak_rss()
-        model = init_model(cfg, self.device)
-        opt = make_optimizer(model, cfg)
-        start, log = 0, []
+        model, opt, start, log = self._restore(man)
+        ev = EvalData(cfg, self.corpus)
+        ev.tokens, ev.rep = ev.tokens.to(self.device), ev.rep.to(self.device)
+        loss_of = self._loss(model)
+        total, snap = cfg.total_steps, set(self.steps)
+        losses = _LossLog(log, self.world)
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+        t0, n_tokens = time.time(), 0
+        model.train()
+        train_time = man.get("train_seconds", 0.0)
+        step = start
+        seg = last_resume = time.time()
+        while True:
+            if step in snap:
+                train_time += self._segment_end(seg, losses)
+                self._snapshot(step, model, ev, man)
+                seg = time.time()
+            if step >= total or (stop_after is not None and step >= stop_after):
+                break
+            n_tokens += self._step(step, model, opt, loss_of, losses)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    losses.flush()
+                    bar.set_postfix(loss=f"{log[-1][1]:.3f}", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
+            if (step % RESUME_EVERY == 0 or step in snap) and time.time() - last_resume >= RESUME_MIN_SECONDS:
+                train_time += self._segment_end(seg, losses)
+                self._save_resume(step, model, opt, log)
+                man["train_seconds"] = train_time
+                seg = last_resume = time.time()
+        train_time += self._segment_end(seg, losses)
+        if bar is not None:
+            bar.close()
+        if step < total:
+            return man
+        return self._finish(man, log, train_time, loss_of)
+
+    def _restore(self, man: dict):
+        """(model, optimizer, start step, loss log): fresh, or from the resume state when the
+        manifest holds every snapshot before it."""
+        model = init_model(self.cfg, self.device)
+        opt = make_optimizer(model, self.cfg)
         st = self._resume_state()
         if st is not None:
             missing = [s for s in self.steps if s < st[0]["step"] and str(s) not in man["snapshots"]]
@@ -315,112 +369,73 @@ class Trainer:
                 print(f"warning: manifest lacks snapshots {missing} before the resume step "
                       f"{st[0]['step']}; restarting this run from step 0")
                 st = None
-        if st is not None:
-            meta, tensors = st
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            _load_opt(opt, tensors, meta["opt"])
-            start, log = meta["step"], meta["log"]
-        ev = EvalData(cfg, self.corpus)
-        ev.tokens = ev.tokens.to(self.device)
-        ev.rep = ev.rep.to(self.device)
-        total = cfg.total_steps
-        snap = set(self.steps)
-        net = model
-        if self.distributed:
-            net = torch.nn.parallel.DistributedDataParallel(model)
+        if st is None:
+            return model, opt, 0, []
+        meta, tensors = st
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_opt(opt, tensors, meta["opt"])
+        return model, opt, meta["step"], meta["log"]
+
+    def _loss(self, model):
+        """The training loss (:func:`make_loss`) of the model, data-parallel under torchrun."""
+        net = torch.nn.parallel.DistributedDataParallel(model) if self.distributed else model
         if self.compile:
             # every run's loss closes over a new model, so dynamo would recompile the same code for
             # each run trained in this process and, past its recompile limit (8), silently run eager
             torch._dynamo.reset()
-        loss_of = make_loss(net, cfg, self.device, self.compile)
-        bar = None
-        if progress and self.rank == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
-        t0, tok0 = time.time(), 0
-        model.train()
-        train_time = man.get("train_seconds", 0.0)
-        # losses stay on the device until a flush, so a GPU never waits for the host between steps
-        # (one .item() per step would synchronise every step); on the CPU this changes nothing
-        pending: list[tuple[int, torch.Tensor]] = []
+        return make_loss(net, self.cfg, self.device, self.compile)
 
-        def flush():
-            if pending:
-                vals = torch.stack([v for _, v in pending]).float().tolist()
-                log.extend([s, round(v / self.world, 5)] for (s, _), v in zip(pending, vals))
-                pending.clear()
+    def _step(self, step: int, model, opt, loss_of, losses: "_LossLog") -> int:
+        """One optimisation step on the batch of ``step`` (this rank's slice of it); its loss goes
+        to ``losses`` as the loss after ``step + 1`` steps. Returns the tokens trained (all ranks)."""
+        cfg, t = self.cfg, self.cfg.train
+        x = D.train_batch(self.corpus, t.batch_size, cfg.model.n_ctx, t.seed, step,
+                          cfg.data.repeat_fraction, cfg.data.repeat_span_max)
+        if self.distributed:
+            b = t.batch_size // self.world
+            x = x[self.rank * b:(self.rank + 1) * b]
+        x = x.pin_memory().to(self.device, non_blocking=True) if self.cuda else x.to(self.device)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = loss_of(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        if self.distributed:  # log the global batch's loss, as one process would
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+        losses.add(step + 1, loss.detach())
+        return x.numel() * self.world
 
-        def segment_end(seg_start: float) -> float:
-            """Training seconds since seg_start, with the device's queued work included."""
-            flush()
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-            return time.time() - seg_start
+    def _segment_end(self, seg_start: float, losses: "_LossLog") -> float:
+        """Training seconds since seg_start, with the device's queued work included."""
+        losses.flush()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.time() - seg_start
 
-        step = start
-        seg = last_resume = time.time()
-        while True:
-            if step in snap:
-                train_time += segment_end(seg)
-                self._snapshot(step, model, ev, man)
-                seg = time.time()
-            if step >= total:
-                break
-            if stop_after is not None and step >= stop_after:
-                break
-            x = D.train_batch(self.corpus, t.batch_size, cfg.model.n_ctx, t.seed, step,
-                              cfg.data.repeat_fraction, cfg.data.repeat_span_max)
-            if self.distributed:
-                b = t.batch_size // self.world
-                x = x[self.rank * b:(self.rank + 1) * b]
-            x = x.pin_memory().to(self.device, non_blocking=True) if self.cuda else x.to(self.device)
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = loss_of(x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            step += 1
-            if self.distributed:  # log the global batch's loss, as one process would
-                lg = loss.detach().clone()
-                torch.distributed.all_reduce(lg)
-                pending.append((step, lg))
-            else:
-                pending.append((step, loss.detach()))
-            tok0 += x.numel() * self.world
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0:
-                    flush()
-                    bar.set_postfix(loss=f"{log[-1][1]:.3f}", tok_s=f"{tok0 / (time.time() - t0):.0f}")
-            if (step % RESUME_EVERY == 0 or step in snap) and time.time() - last_resume >= RESUME_MIN_SECONDS:
-                train_time += segment_end(seg)
-                self._save_resume(step, model, opt, log)
-                man["train_seconds"] = train_time
-                seg = last_resume = time.time()
-        train_time += segment_end(seg)
-        if bar is not None:
-            bar.close()
-        if step >= total and self.rank != 0:
+    def _finish(self, man: dict, log: list, train_time: float, loss_of) -> dict:
+        """Mark the run done in its manifest (with the loss log, the training seconds, whether the
+        loss compiled and the peak memory) and delete its resume state."""
+        if self.rank != 0:
             self._barrier()
             return self.manifest()
-        if step >= total:
-            man["done"] = True
-            man["train_seconds"] = train_time
-            man["train_log"] = log
-            man["total_steps"] = total
-            man["tokens_per_step"] = cfg.tokens_per_step
-            man["compiled"] = bool(self.compile) and not getattr(loss_of, "fell_back", False)
-            # this process's peak resident memory over the (last resumed part of the) run
-            man["peak_rss_mb"] = peak_rss_mb()
-            atomic_write_json(self.dir / "manifest.json", man)
-            for f in self.dir.glob("resume_*.safetensors"):
-                f.unlink(missing_ok=True)
-            (self.dir / "resume.json").unlink(missing_ok=True)
-            self._barrier()
+        man["done"] = True
+        man["train_seconds"] = train_time
+        man["train_log"] = log
+        man["total_steps"] = self.cfg.total_steps
+        man["tokens_per_step"] = self.cfg.tokens_per_step
+        man["compiled"] = bool(self.compile) and not getattr(loss_of, "fell_back", False)
+        # this process's peak resident memory over the (last resumed part of the) run
+        man["peak_rss_mb"] = peak_rss_mb()
+        atomic_write_json(self.dir / "manifest.json", man)
+        for f in self.dir.glob("resume_*.safetensors"):
+            f.unlink(missing_ok=True)
+        (self.dir / "resume.json").unlink(missing_ok=True)
+        self._barrier()
         return man
 
     def _snapshot(self, step: int, model, ev: EvalData, man: dict):
@@ -463,7 +478,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    cfg = RunConfig.from_dict(load_yaml(a.config))
+    try:
+        cfg = RunConfig.from_dict(load_yaml(a.config))
+    except ConfigError as e:  # a bad field or value, or no such file: one line, exit 2
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = a.device
     if world > 1:

@@ -239,10 +239,10 @@ def test_eval_losses_kept_in_training_equal_a_fresh_computation(tiny_run_cfg, tm
     tiny_run_cfg = dataclasses.replace(
         tiny_run_cfg, train=dataclasses.replace(tiny_run_cfg.train, eval_precision=eval_precision))
     run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
-    assert run.eval_precision == (eval_precision or "fp32")
+    assert run.metrics_precision == (eval_precision or "fp32")
     steps = run.steps[-3:]
     kept = A.snapshot_losses(run, steps=steps)
-    fresh = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens, precision=run.eval_precision)
+    fresh = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens, precision=run.metrics_precision)
                          for s in steps])
     if eval_precision == "bf16":  # the other precision gives other numbers: the test can tell them apart
         fp32 = torch.stack([M.per_token_losses(run.load(s), run.eval_data.tokens) for s in steps])
@@ -324,3 +324,17 @@ def test_a_compiler_failure_falls_back_to_eager(tiny_run_cfg, capsys):
     loss_of = _EagerFallback(broken, lambda x: x * 2)
     assert loss_of(3) == 6 and loss_of(4) == 8 and loss_of.fell_back
     assert capsys.readouterr().out.count("warning: torch.compile failed") == 1
+
+
+@pytest.mark.parametrize("text, names", [("train: {lr: fast}\n", "lr"), ("modle: {}\n", "modle"), (None, "does not exist")])
+def test_train_cli_reports_a_bad_config_in_one_line(tmp_path, capsys, text, names):
+    """python -m icl_core.train CONFIG: a bad field, value or missing file is one line on stderr
+    naming it, and exit status 2 (no traceback)."""
+    from icl_core.train import main
+    path = tmp_path / "run.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main([str(path), "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and names in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
