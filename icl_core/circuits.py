@@ -126,3 +126,23 @@ def diagonal_stats(m: torch.Tensor) -> dict:
             "chance": 1.0 / n, "diag_z": float((m.diagonal().mean() - off.mean()) / (off.std() + 1e-12))}
 
 
+
+
+def rotation_caveat(runs) -> str:
+    """What the weight-based QK analyses (K-composition trace, composition scores, token QK circuits)
+    mean under the models' positional setting (``runs``: {name: Run}): they all use W_Q W_Kᵀ without
+    any rotation, which under rotary embeddings is the QK circuit at relative offset 0 only."""
+    settings = sorted({r.config.model.positional for r in runs.values()})
+    rope = [n for n, r in runs.items() if r.config.model.positional == "rope"]
+    if not rope:
+        return (f"Positional setting of these models: {', '.join(f'`{s}`' for s in settings)}. Positions do not rotate "
+                "queries or keys here, so the weight-based QK analyses below (K-composition trace, composition scores, "
+                "token QK circuits) read the content part of the QK circuit as the model uses it.")
+    return (f"**A caveat (a deviation): rotary positions.** {', '.join(f'`{n}`' for n in rope)} "
+            f"{'use' if len(rope) > 1 else 'uses'} rotary position embeddings (`positional: rope`), where the "
+            "attention score between a query and a key is W_Q, the rotation by their relative offset, then W_Kᵀ. "
+            "Every weight-based QK analysis on this page (the K-composition trace, the Q/K/V composition scores and "
+            "the token QK circuits) uses W_Q W_Kᵀ **without the rotation**, i.e. the circuit at relative offset 0. A "
+            "previous-token head works at offset 1 and an induction head at the offsets of earlier copies, where "
+            "the rotated circuit can differ; the paper's models (shortformer positions) have no such rotation. "
+            "Read these analyses as evidence about the offset-0 circuit, not a full account of the heads.")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ import torch
 from . import analysis as A
 from . import circuits as Ci
 from . import metrics as M
+from . import verdicts as V
 from .heads import INDUCTION_THRESHOLD, circuit_heads, classify_heads, phase_change_window, top_heads
 from .model import Transformer
 from .runs import Run
@@ -316,6 +317,7 @@ class Composition:
     pairs: dict[str, tuple]  # {model: circuit_heads(...) at the last snapshot}
     focus: str | None  # the multi-layer model whose best layer->=1 head has the highest prefix score
     seconds: float
+    prefix: dict[str, float] = field(default_factory=dict)  # {model: final prefix score of the pair's later head}
 
     @property
     def induction(self) -> tuple[int, int]:
@@ -333,7 +335,8 @@ def composition(m: Mechanism) -> Composition:
     comp = {name: composition_over_training(m.models[name], [int(x) for x in s["steps"]]) for name, s in multi.items()}
     pairs = {name: circuit_heads(s["prefix"][-1], s["prev_token"][-1]) for name, s in multi.items()}
     focus = max(multi, key=lambda name: float(multi[name]["prefix"][-1][1:].max())) if multi else None
-    return Composition(comp, pairs, focus, time.time() - t0)
+    prefix = {name: float(multi[name]["prefix"][-1][pairs[name][0]]) for name in multi}
+    return Composition(comp, pairs, focus, time.time() - t0, prefix)
 
 
 def focus_text(m: Mechanism, c: Composition) -> str:
@@ -353,7 +356,8 @@ def focus_text(m: Mechanism, c: Composition) -> str:
 
 
 def composition_table(c: Composition) -> pd.DataFrame | None:
-    """Per model: Q, K and V composition of its pair at the last snapshot, and the baseline."""
+    """Per model: Q, K and V composition of its pair at the last snapshot, the baseline, the later
+    head's prefix score and whether the pair passes :func:`icl_core.verdicts.composition_ok`."""
     if c.focus is None or c.prev is None:
         return None
     rows = []
@@ -361,23 +365,31 @@ def composition_table(c: Composition) -> pd.DataFrame | None:
         r = {"model": name, "pair": f"L{p[0]}H{p[1]} → L{l2}H{h2}", "baseline": c.comp[name]["baseline"]}
         for k in "QKV":
             r[k] = float(c.comp[name][k][-1, p[0], p[1], l2, h2])
+        r["prefix"] = c.prefix[name]
+        r["K-circuit"] = V.composition_ok(r["Q"], r["K"], r["V"], r["baseline"], r["prefix"] >= INDUCTION_THRESHOLD)
         rows.append(r)
     return pd.DataFrame(rows)
 
 
 def composition_display(ct: pd.DataFrame | None):
-    return None if ct is None else ct.style.format({k: "{:.3f}" for k in ["baseline", "Q", "K", "V"]}).hide(axis="index")
+    return None if ct is None else ct.style.format({k: "{:.3f}" for k in ["baseline", "Q", "K", "V"]} | {"prefix": "{:.2f}"}).hide(axis="index")
 
 
 def composition_text(ct: pd.DataFrame | None) -> str | None:
-    """In how many models K-composition is the largest and above the baseline."""
+    """In how many models the pair K-composes (:func:`icl_core.verdicts.composition_ok`), as a
+    verdict over the models (:func:`icl_core.verdicts.count_verdict`)."""
     if ct is None:
         return None
-    k_top = [r.model for r in ct.itertuples() if r.K > r.baseline and r.K >= max(r.Q, r.V)]
-    return (f"At the last snapshot, for each model's pair (top previous-token head → top layer-≥1 prefix-matching head): K-composition is above "
-            f"the random baseline and the largest of the three in {len(k_top)} of {len(ct)} models"
-            + (f" ({', '.join(f'`{name}`' for name in k_top)})" if k_top else "")
-            + ". The paper's circuit predicts exactly this: the induction head reads the previous-token head through its keys.")
+    k_top = ct[ct["K-circuit"]]["model"].tolist()
+    no_ih = ct[ct["prefix"] < INDUCTION_THRESHOLD]["model"].tolist()
+    v = V.count_verdict(len(k_top), len(ct), unit="models")
+    return (f"At the last snapshot, for each model's pair (top previous-token head → top layer-≥1 prefix-matching head), "
+            f"the paper's K-composition counts when the later head is an induction head (prefix score ≥ {INDUCTION_THRESHOLD}), "
+            f"K is the largest of the three and at least {V.COMPOSITION_MIN_RATIO}× the random baseline *[book choice]*: "
+            f"{len(k_top)} of {len(ct)} models" + (f" ({', '.join(f'`{name}`' for name in k_top)})" if k_top else "")
+            + (f"; {', '.join(f'`{name}`' for name in no_ih)} {'have' if len(no_ih) > 1 else 'has'} no induction head, so "
+               "a K score above the baseline there is not the circuit" if no_ih else "")
+            + f". The paper's circuit (the induction head reads the previous-token head through its keys) is {v.bold} here.")
 
 
 def same_token_circuit(m: Mechanism, c: Composition, n_tokens: int = 30) -> dict | None:

@@ -1,4 +1,5 @@
-"""Intervals and verdicts against chance for the measurements of Argument 4 (bootstrap over examples)."""
+"""Intervals for the measurements of Argument 4 (bootstrap over examples); their verdicts against
+chance are :func:`icl_core.verdicts.measurement`'s."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,17 +17,3 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
     a = (1 - level) / 2
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
-def verdict(lo: float, hi: float, chance: float, higher_is_better: bool = True) -> str:
-    """'above chance' when the whole interval clears the chance level, 'at chance' when it contains
-    it, 'below chance' otherwise (NaN interval: 'undetermined')."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "undetermined"
-    if not higher_is_better:
-        lo, hi, chance = -hi, -lo, -chance
-    if lo > chance:
-        return "above chance"
-    if hi < chance:
-        return "below chance"
-    return "at chance"
