@@ -142,10 +142,10 @@ def test_behaviour_status_and_sentences():
         {"model": "m", "behaviour": "fuzzy copying", "verdict": V.NULL},
         {"model": "m", "behaviour": "abstract pattern matching", "verdict": V.NULL},
     ]).assign(induction_head=True)
-    st = G.behaviour_status(t).set_index("behaviour")["status"]
-    assert st["literal copying"] == G.SHOWN
-    assert st["fuzzy copying"] == G.IN_PART
+    st = S.behaviour_status(t).set_index("behaviour")["status"]
+    assert st["literal copying"] == S.SHOWN
+    assert st["fuzzy copying"] == S.IN_PART
     assert st["abstract pattern matching"] == V.NULL
-    text = G.behaviour_sentences(G.behaviour_status(t))
+    text = S.behaviour_sentences(S.behaviour_status(t))
     assert "**not distinguishable from chance** (0 of 1" in text
     assert "**partly** (1 of 1 models with an induction head; reproduced needs ≥ 3)" in text

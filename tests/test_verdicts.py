@@ -10,10 +10,10 @@ import torch
 from icl_core import continuity as Ct
 from icl_core import cooccurrence as Co
 from icl_core import corpus_mix as CM
-from icl_core import generality as G
+from icl_core import stats as S
 from icl_core import loss_pca as LP
-from icl_core import mechanism as Me
 from icl_core import verdicts as V
+from icl_core import circuits as Ci
 from icl_core.circuits import rotation_caveat
 from icl_core.heads import INDUCTION_THRESHOLD, is_control
 
@@ -103,13 +103,13 @@ def _heads(model, kind):
 def test_abstract_pattern_matching_inside_the_margin_is_not_partly():
     """Old: a share of 0.254 against chance 0.250 (interval just above chance), accuracy at chance,
     read 'partly' reproduced."""
-    t = G.summary_table({}, {"attn3": _pattern(0.254, 0.2505, 0.258)}, _heads("attn3", "induction"))
-    st = G.behaviour_status(t).set_index("behaviour")["status"]
+    t = S.summary_table({}, {"attn3": _pattern(0.254, 0.2505, 0.258)}, _heads("attn3", "induction"))
+    st = S.behaviour_status(t).set_index("behaviour")["status"]
     assert st["abstract pattern matching"] == V.NULL
-    assert "is **not distinguishable from chance**" in G.behaviour_sentences(G.behaviour_status(t))
-    big = G.summary_table({}, {"attn3": _pattern(0.25 + 2 * V.SHARE_MARGIN, 0.25 + V.SHARE_MARGIN, 0.4)},
+    assert "is **not distinguishable from chance**" in S.behaviour_sentences(S.behaviour_status(t))
+    big = S.summary_table({}, {"attn3": _pattern(0.25 + 2 * V.SHARE_MARGIN, 0.25 + V.SHARE_MARGIN, 0.4)},
                           _heads("attn3", "induction"))
-    assert G.behaviour_status(big).set_index("behaviour")["status"]["abstract pattern matching"] == G.IN_PART
+    assert S.behaviour_status(big).set_index("behaviour")["status"]["abstract pattern matching"] == S.IN_PART
 
 
 def _paired(benefit):
@@ -121,27 +121,27 @@ def _paired(benefit):
 
 def test_copying_without_an_induction_head_is_not_credited_to_one():
     """Old: literal copying was 'partly' present in models with no induction head, from the loss benefit alone."""
-    t = G.summary_table({"attn2": _paired(0.8)}, {}, _heads("attn2", "other"))
-    status = G.behaviour_status(t)
-    assert status.set_index("behaviour")["status"]["literal copying"] == G.NO_HEAD
-    text = G.behaviour_sentences(status)
+    t = S.summary_table({"attn2": _paired(0.8)}, {}, _heads("attn2", "other"))
+    status = S.behaviour_status(t)
+    assert status.set_index("behaviour")["status"]["literal copying"] == S.NO_HEAD
+    text = S.behaviour_sentences(status)
     assert "partly" not in text and "not credited to induction heads in `attn2`" in text
 
 
 def _composition(k, prefix, baseline=0.088):
     arr = lambda v: np.full((1, 2, 2, 2, 2), v)  # noqa: E731  (S, L, H, L, H)
     comp = {"attn2": {"baseline": baseline, "Q": arr(0.05), "K": arr(k), "V": arr(0.06)}}
-    return Me.Composition(comp, {"attn2": ((1, 0), (0, 1))}, "attn2", 0.0, {"attn2": prefix})
+    return Ci.Composition(comp, {"attn2": ((1, 0), (0, 1))}, "attn2", 0.0, {"attn2": prefix})
 
 
 def test_composition_needs_a_margin_and_an_induction_head():
     """Old: K 0.106 > baseline 0.088 and K >= max(Q, V) counted as the circuit in a run without an induction head."""
-    ct = Me.composition_table(_composition(0.106, 0.1))
+    ct = Ci.composition_table(_composition(0.106, 0.1))
     assert not ct["K-circuit"].iloc[0]
-    text = Me.composition_text(ct)
+    text = Ci.composition_text(ct)
     assert "0 of 1 models" in text and "**not distinguishable from chance**" in text and "has no induction head" in text
-    assert not Me.composition_table(_composition(0.106, 0.8))["K-circuit"].iloc[0]  # inside the margin
-    assert Me.composition_table(_composition(0.2, 0.8))["K-circuit"].iloc[0]
+    assert not Ci.composition_table(_composition(0.106, 0.8))["K-circuit"].iloc[0]  # inside the margin
+    assert Ci.composition_table(_composition(0.2, 0.8))["K-circuit"].iloc[0]
 
 
 def _turns(multi, single):
