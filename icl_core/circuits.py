@@ -256,5 +256,5 @@ def composition_text(ct: pd.DataFrame | None) -> str | None:
             f"K is the largest of the three and at least {V.COMPOSITION_MIN_RATIO}× the random baseline *[book choice]*: "
             f"{len(k_top)} of {len(ct)} models" + (f" ({', '.join(f'`{name}`' for name in k_top)})" if k_top else "")
             + (f"; {', '.join(f'`{name}`' for name in no_ih)} {'have' if len(no_ih) > 1 else 'has'} no induction head, so "
-               "a K score above the baseline there is not the circuit" if no_ih else "")
+               "whatever their K score, their pairs are not the paper's circuit" if no_ih else "")
             + f". The paper's circuit (the induction head reads the previous-token head through its keys) is {v.bold} here.")

@@ -89,7 +89,8 @@ def pca_sentence(p: "LossPCA") -> str:
     multi = turns[turns["layers"] >= 2]["turn_reference_window"].dropna()
     single = turns[turns["layers"] == 1]["turn_reference_window"].dropna()
     if not len(multi):
-        return "No run with two or more layers has a path long enough around the reference window to measure a turn."
+        return ("No run with two or more layers has a path long enough around the reference window to measure a turn. "
+                + V.pivot_sentence(p.verdict, False))
     s = (f"Across the reference window, the paths of the ≥2-layer runs turn by {multi.mean():.0f}° on "
          f"average (range {multi.min():.0f}–{multi.max():.0f}°)")
     if len(single):

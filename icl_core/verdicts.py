@@ -114,18 +114,20 @@ def pivot_counts(multi, single, min_deg: float = PIVOT_MIN_DEG, margin: float = 
     """The PCA claim 'paths of ≥2-layer models pivot at the phase change, 1-layer paths do not' from
     the turn angles (degrees) of the ≥2-layer runs (``multi``) and of the 1-layer runs (``single``):
     a ≥2-layer run counts when it turns by ``min_deg`` and by ``margin`` more than every 1-layer run.
-    No ≥2-layer run pivoting reads 'not distinguishable from chance' (no turn beyond a wobble) or,
-    when the 1-layer paths turn as much, 'not reproduced' (a turn shared with the controls). Without
-    1-layer turns the contrast is untested, so the claim is at most 'partly'."""
+    A 1-layer path that itself turns by ``min_deg`` makes the claim 'not reproduced' (the turn is
+    shared with the controls, not the paper's pivot); no ≥2-layer run pivoting reads 'not
+    distinguishable from chance' (no turn beyond a wobble). Without 1-layer turns the contrast is
+    untested, so the claim is at most 'partly'."""
     m = np.asarray([x for x in multi if np.isfinite(x)], dtype=float)
     s = np.asarray([x for x in single if np.isfinite(x)], dtype=float)
     if not len(m):
         return Verdict(NOT_TESTABLE, 0, 0)
     bar = max(min_deg, s.max() + margin) if len(s) else min_deg
     k = int((m >= bar).sum())
+    if len(s) and s.max() >= min_deg and m.max() >= min_deg:
+        return Verdict(NOT_REPRODUCED, k, len(m))  # the 1-layer paths pivot too: the contrast fails
     if k == 0:
-        shared = len(s) and s.max() >= min_deg and m.max() >= min_deg
-        return Verdict(NOT_REPRODUCED if shared else NULL, 0, len(m))
+        return Verdict(NULL, 0, len(m))
     return count_verdict(k, len(m), min_runs=MIN_RUNS if len(s) else len(m) + 1)
 
 
@@ -135,7 +137,7 @@ def pivot_sentence(v: Verdict, has_single: bool) -> str:
            PARTLY: "only some ≥2-layer paths turn beyond the margin" if has_single
            else "the ≥2-layer paths turn, but there is no 1-layer path to compare",
            NULL: "no ≥2-layer path turns beyond the wobble every path has",
-           NOT_REPRODUCED: "the turn is shared with the 1-layer paths, so it is not the paper's pivot",
+           NOT_REPRODUCED: "the 1-layer paths turn as well, so a turn is shared with them and is not the paper's pivot",
            NOT_TESTABLE: "no path is long enough to measure"}[v.status]
     return (f"The paper's pattern (only ≥2-layer paths pivot) is {v.bold}: {why} *[book choice: a pivot is a turn of "
             f"at least {PIVOT_MIN_DEG:.0f}° and {PIVOT_MARGIN_DEG:.0f}° more than every 1-layer turn]*.")

@@ -50,6 +50,7 @@ def test_pivot_counts_both_sides_of_the_margins():
     lo, mg = V.PIVOT_MIN_DEG, V.PIVOT_MARGIN_DEG
     assert V.pivot_counts([lo + mg + 1] * 3, [1.0]).status == V.REPRODUCED
     assert V.pivot_counts([lo + mg - 1] * 3, [lo + 1]).status == V.NOT_REPRODUCED  # the 1-layer paths turn as much
+    assert V.pivot_counts([lo + 1, lo + 4 * mg + 1], [lo + 1]).status == V.NOT_REPRODUCED  # 1-layer pivots too (book: 71° vs 55°)
     assert V.pivot_counts([lo + 1] * 3, [lo - mg + 2]).status == V.NULL  # within the margin of the 1-layer turn
     assert V.pivot_counts([lo - 1] * 3, [1.0]).status == V.NULL  # no turn beyond the wobble
     assert V.pivot_counts([lo + mg + 1, lo - 1, lo - 1], [1.0]).status == V.PARTLY
@@ -139,7 +140,7 @@ def test_composition_needs_a_margin_and_an_induction_head():
     ct = Ci.composition_table(_composition(0.106, 0.1))
     assert not ct["K-circuit"].iloc[0]
     text = Ci.composition_text(ct)
-    assert "0 of 1 models" in text and "**not distinguishable from chance**" in text and "has no induction head" in text
+    assert "0 of 1 models" in text and "**not distinguishable from chance**" in text and "has no induction head" in text and "not the paper's circuit" in text
     assert not Ci.composition_table(_composition(0.106, 0.8))["K-circuit"].iloc[0]  # inside the margin
     assert Ci.composition_table(_composition(0.2, 0.8))["K-circuit"].iloc[0]
 
@@ -160,9 +161,13 @@ def test_pca_sentence_has_a_verdict_without_one_layer_turns():
     assert "**not distinguishable from chance**" in s and "no 1-layer path is long enough" in s
 
 
+def test_pca_sentence_without_measurable_turns_says_not_testable():
+    assert "**not testable**" in LP.pca_sentence(_pca([np.nan], [np.nan]))
+
+
 def test_a_turn_shared_with_one_layer_runs_is_not_the_pivot():
     s = LP.pca_sentence(_pca([30.0, 33.0, 31.0], [29.0]))
-    assert "**not reproduced**" in s and "shared with the 1-layer paths" in s
+    assert "**not reproduced**" in s and "shared with them" in s
 
 
 def test_continuity_pca_row_quotes_the_one_verdict():
