@@ -30,12 +30,12 @@ import torch
 from . import analysis as A
 from . import metrics as M
 from . import verdicts as V
+from .verdicts import REMOVAL_THRESHOLD
 from .config import icl_indices
 from .heads import (INDUCTION_THRESHOLD, PREV_TOKEN_THRESHOLD, final_head_scores, head_labels, icl_curve,
                     phase_change_window)
 
-# [book choice] thresholds, stated in the chapter (head classes: icl_core.heads)
-REMOVAL_THRESHOLD = 0.7  # "removes almost all ICL": ablating the induction heads removes >= 70 %
+# the chapter's margin (stated in the chapter) lives in icl_core.verdicts; head classes in icl_core.heads
 
 
 # --- which runs, which heads ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .curves import (BUMP_TOL, PREFIX_MIN_RISE, Window, convex_gap, initial_fall
 from .curves import phase_change_window as curve_window
 from .heads import INDUCTION_THRESHOLD, is_control, phase_change_window
 from .prose import fmt, fmt_tokens, join
-from .verdicts import MIN_RUNS, NOT_REPRODUCED, REPRODUCED, count_verdict
+from .verdicts import MIN_RUNS, NOT_REPRODUCED, REPEAT_GAIN_MIN, REPRODUCED, count_verdict
 from .runs import Run
 
 #: The paper's Argument 1 numbers (../shared/PAPER.md), in the book's sign convention
@@ -42,9 +42,6 @@ from .runs import Run
 PAPER_ICL_BEFORE = -0.15  # "ICL < 0.15 nats before" the phase change: ICL score above -0.15
 PAPER_ICL_AFTER = -0.4  # "~0.4 after"
 PAPER_FRAC_IN_WINDOW = 0.75  # ">= 75% of final ICL gained inside the window"
-#: [book choice] the second copy of a repeated passage must gain this many nats more than the first
-#: (mean per-token loss change across the window) to count as a sign of induction.
-REPEAT_GAIN_MIN = 0.1
 
 
 def train_loss_curve(run: Run, n_grid: int = 200, width: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,11 @@ from .config import icl_indices
 from .curves import Window
 from .curves import phase_change_window as curve_window
 from . import verdicts as V
+from .verdicts import SMEAR_ICL_GAIN as ICL_GAIN
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 from .prose import fmt_tokens
 
-# [book choice] thresholds of the chapter's checks (printed in the chapter; head classes: icl_core.heads)
-ICL_GAIN = 0.3  # nats of ICL the smeared 1-layer model must gain over its vanilla twin
+# the chapter's margins (printed in the chapter) live in icl_core.verdicts; head classes in icl_core.heads
 
 
 @dataclass
@@ -199,12 +199,13 @@ def _window_verdict(t: pd.DataFrame) -> tuple[str, str]:
         return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no phase "
                                 f"change (no ICL window in which an induction head forms, top prefix-matching "
                                 f"score ≥ {INDUCTION_THRESHOLD}), so there is nothing to compare ({detail}).")
+    seeds = V.count_verdict(len(rel), len(rel), unit="seeds").text  # every seed agrees: reproduced needs >= MIN_RUNS
     if all(x == "disjoint" for x in rel):
-        return "earlier", (f"**Earlier.** For every seed the smeared {depth} window ends before its vanilla "
+        return "earlier", (f"**Earlier**: {seeds}. For every seed the smeared {depth} window ends before its vanilla "
                            f"twin's begins ({detail}).")
     if all(x in ("disjoint", "overlap") for x in rel):
         return "earlier (overlapping windows)", (
-            f"**Earlier, but the windows overlap.** For every seed the smeared {depth} window starts "
+            f"**Earlier, but the windows overlap**: {seeds}. For every seed the smeared {depth} window starts "
             f"first, though the intervals overlap ({detail}).")
     if all(x == "later" for x in rel):
         return "later", f"**Not reproduced: later.** The smeared {depth} windows start after the vanilla ones ({detail})."

@@ -36,6 +36,7 @@ from . import circuits as Ci
 from . import metrics as M
 from .circuits import Composition
 from .heads import INDUCTION_THRESHOLD, classify_heads, phase_change_window, top_heads
+from .verdicts import ONE_HEAD_MIN_BORROWED, ONE_HEAD_MIN_DIAG_Z
 from .model import Transformer
 from .runs import Run
 
@@ -252,11 +253,6 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
 
 # --- the chapter: load -> plot -> say ---------------------------------------------------------------
 
-#: [book choice] one smeared-key head does both jobs when its keys borrow more than this share from
-#: the previous token (1 - σ(α)), its token QK circuit's diagonal stands more than this many
-#: off-diagonal standard deviations above the rest, and its OV copying score is positive.
-ONE_HEAD_MIN_BORROWED = 0.2
-ONE_HEAD_MIN_DIAG_Z = 1
 
 @dataclass
 class Mechanism:

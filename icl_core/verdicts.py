@@ -46,6 +46,24 @@ PIVOT_MIN_DEG = 20.0
 #: turn the 1-layer paths share is not the paper's pivot (which only ≥2-layer models have).
 PIVOT_MARGIN_DEG = 10.0
 
+#: [book choice] Argument 3, "removes almost all ICL": ablating a run's induction heads must remove at
+#: least this share of its ICL score (while as many random heads remove less than half of that); the
+#: paper says "almost all" without a number, and 70% leaves room for the noise of a few hundred windows.
+REMOVAL_THRESHOLD = 0.7
+#: [book choice] Argument 2: a smeared 1-layer model must gain at least this many nats of ICL over its
+#: vanilla twin: three quarters of the paper's ~0.4 nats, so that the gain is most of a phase change.
+SMEAR_ICL_GAIN = 0.3
+#: [book choice] Argument 1's repeated passage: the second copy must gain at least this many nats more
+#: than the first (mean per-token loss change across the window): a quarter of the paper's ~0.4 nats.
+REPEAT_GAIN_MIN = 0.1
+#: [book choice] Argument 5, one smeared-key head doing both jobs: its keys borrow more than this share
+#: from the previous token (1 - σ(α)), ...
+ONE_HEAD_MIN_BORROWED = 0.2
+#: ... its token QK circuit's diagonal stands more than this many off-diagonal standard deviations above
+#: the rest (and its OV copying score is positive): one standard deviation is the weakest diagonal one
+#: can call a pattern.
+ONE_HEAD_MIN_DIAG_Z = 1
+
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTABLE = "reproduced", "partly", "not reproduced", "not testable"
 NULL = "not distinguishable from chance"
 #: every status a verdict can have, strongest first.
