@@ -181,22 +181,22 @@ def cooccurrence_verdicts(table: pd.DataFrame) -> str:
 def headline(table: pd.DataFrame) -> str:
     """One sentence: does the book reproduce co-occurrence at this scale? The count of ≥2-layer runs
     whose induction head forms inside the ICL window goes through :func:`icl_core.verdicts.count_verdict`
-    ("reproduced" also needs every one-layer run to stay without an induction head). Only vanilla
+    ("reproduced" also needs every vanilla one-layer run to stay without an induction head). Only vanilla
     1-layer runs without an induction head (:func:`icl_core.heads.is_control`) are called controls."""
     multi = table[table["layers"] >= 2]
     single = table[table["layers"] == 1]
     co = multi["verdict"].str.startswith("co-occur")
     v = count_verdict(int(co.sum()), len(multi), null=NOT_REPRODUCED)
-    one_ih = int(single["induction_head"].sum())
+    one_ih = int(single[~single["smeared"]]["induction_head"].sum())  # vanilla 1-layer runs; smeared ones are under test
     if v.status == REPRODUCED and not one_ih:
         s = (f"**Reproduced at this scale** ({v.k} of {v.n} runs): in every run with two or more layers the ICL "
              "window, the induction-head jump and the loss bump line up (see the table for the bump), "
-             "and no one-layer run forms an induction head.")
+             "and no vanilla one-layer run forms an induction head.")
     elif v.k:
         s = (f"**Partly reproduced at this scale:** induction heads form inside the ICL window in "
              f"{v.k} of {v.n} runs with two or more layers"
              + (f" (reproduced needs all of them, and at least {MIN_RUNS})" if v.status != REPRODUCED else "")
-             + (f"; {one_ih} of {len(single)} one-layer runs form an induction head" if one_ih else "") + ".")
+             + (f"; {one_ih} vanilla one-layer run{'s' if one_ih > 1 else ''} form{'' if one_ih > 1 else 's'} an induction head" if one_ih else "") + ".")
     else:
         s = ("**Not reproduced at this scale:** no run with two or more layers forms an induction head "
              "inside its ICL window. Whatever ICL these models have comes from something else "
@@ -211,7 +211,8 @@ def headline(table: pd.DataFrame) -> str:
     if len(tested):
         s += (f" The {len(tested)} one-layer run{'s' if len(tested) > 1 else ''} with smeared keys or an induction head "
               f"{'are' if len(tested) > 1 else 'is'} not {'controls' if len(tested) > 1 else 'a control'}: "
-              f"{int(tested['induction_head'].sum())} of {len(tested)} form an induction head.")
+              f"{int(tested['induction_head'].sum())} of {len(tested)} form an induction head, and in "
+              f"{int(tested['verdict'].str.startswith('co-occur').sum())} it forms inside the ICL window.")
     return s
 
 

@@ -13,7 +13,10 @@ module, so that no verdict says more than its numbers:
   chance** (:func:`count_verdict`), never "partly".
 
 The margins are *[book choice]*s; each constant says why its value, and the chapters quote the
-constants (never typed-in numbers).
+constants (never typed-in numbers). The chapter-specific margins live here too: Argument 1's
+:data:`REPEAT_GAIN_MIN`, Argument 2's :data:`SMEAR_ICL_GAIN`, Argument 3's :data:`REMOVAL_THRESHOLD`
+and Argument 5's :data:`ONE_HEAD_MIN_BORROWED` / :data:`ONE_HEAD_MIN_DIAG_Z`. Head classes (the
+prefix-matching threshold) are :mod:`icl_core.heads`'s.
 """
 from __future__ import annotations
 

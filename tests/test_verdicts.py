@@ -83,7 +83,7 @@ def test_smeared_one_layer_runs_are_not_controls():
                         _row(model="2L smeared keys", run="smear2", layers=2)])
     s = Co.headline(tab)
     assert "without an induction head" not in s and "control finds" not in s
-    assert "not controls: 2 of 2 form an induction head" in s
+    assert "not controls: 2 of 2 form an induction head, and in 2 it forms inside the ICL window" in s
     vanilla = pd.concat([tab, pd.DataFrame([_row(model="1L", run="attn1", smeared=False, final_prefix=0.05,
                                                  verdict="ICL window without an induction-head jump")])])
     assert "controls (vanilla, no induction head) find an ICL window in 1 of 1" in Co.headline(vanilla)
