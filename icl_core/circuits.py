@@ -7,17 +7,25 @@
 * :func:`circuits_over_training` / :func:`circuits_for_models`: token-level readouts of both at
   every snapshot (cached), to time them against the phase-change window.
 * :func:`diagonal_stats`: how strongly a token x token circuit peaks on its diagonal.
+* :func:`composition` / :func:`composition_table` / :func:`composition_text`: Q/K/V composition of
+  each model's followed pair over training, and whether it is the paper's K-composition
+  (:func:`icl_core.verdicts.composition_ok`).
+* :func:`rotation_caveat`: what these weight-based QK analyses mean under rotary positions.
 """
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import analysis as A
 from . import metrics as M
-from .heads import top_heads
+from . import verdicts as V
+from .heads import INDUCTION_THRESHOLD, circuit_heads, top_heads
 from .model import Transformer
 from .runs import Run
 
@@ -126,3 +134,127 @@ def diagonal_stats(m: torch.Tensor) -> dict:
             "chance": 1.0 / n, "diag_z": float((m.diagonal().mean() - off.mean()) / (off.std() + 1e-12))}
 
 
+
+
+def rotation_caveat(runs) -> str:
+    """What the weight-based QK analyses (K-composition trace, composition scores, token QK circuits)
+    mean under the models' positional setting (``runs``: {name: Run}): they all use W_Q W_Kᵀ without
+    any rotation, which under rotary embeddings is the QK circuit at relative offset 0 only."""
+    settings = sorted({r.config.model.positional for r in runs.values()})
+    rope = [n for n, r in runs.items() if r.config.model.positional == "rope"]
+    if not rope:
+        return (f"Positional setting of these models: {', '.join(f'`{s}`' for s in settings)}. Positions do not rotate "
+                "queries or keys here, so the weight-based QK analyses below (K-composition trace, composition scores, "
+                "token QK circuits) read the content part of the QK circuit as the model uses it.")
+    return (f"**A caveat (a deviation): rotary positions.** {', '.join(f'`{n}`' for n in rope)} "
+            f"{'use' if len(rope) > 1 else 'uses'} rotary position embeddings (`positional: rope`), where the "
+            "attention score between a query and a key is W_Q, the rotation by their relative offset, then W_Kᵀ. "
+            "Every weight-based QK analysis on this page (the K-composition trace, the Q/K/V composition scores and "
+            "the token QK circuits) uses W_Q W_Kᵀ **without the rotation**, i.e. the circuit at relative offset 0. A "
+            "previous-token head works at offset 1 and an induction head at the offsets of earlier copies, where "
+            "the rotated circuit can differ; the paper's models (shortformer positions) have no such rotation. "
+            "Read these analyses as evidence about the offset-0 circuit, not a full account of the heads.")
+
+
+# --- composition scores (chapter 5) -------------------------------------------------------------------
+
+def composition_over_training(run: Run, steps: list[int]) -> dict:
+    """Q/K/V composition scores (S, L, H, L, H) at ``steps`` (cached in the run folder), and the
+    random-matrix baseline for this d_model and d_head."""
+    def compute():
+        acc = {k: [] for k in "QKV"}
+        for st in steps:
+            c = M.composition_scores(run.load(st))
+            for k in "QKV":
+                acc[k].append(c[k])
+        return {**{k: torch.stack(v) for k, v in acc.items()}, "steps": torch.tensor(steps)}
+
+    res = dict(A.cached(run, "composition", {"steps": steps}, compute))
+    mc = run.config.model
+    res["baseline"] = M.composition_baseline(mc.d_model, mc.d_head)
+    res["tokens"] = res["steps"] * run.config.tokens_per_step
+    return res
+
+
+
+
+@dataclass
+class Composition:
+    """Composition scores of the multi-layer models and the pair the chapter follows (:func:`composition`)."""
+    comp: dict[str, dict]  # {model: composition_over_training(...)}
+    pairs: dict[str, tuple]  # {model: circuit_heads(...) at the last snapshot}
+    focus: str | None  # the multi-layer model whose best layer->=1 head has the highest prefix score
+    seconds: float
+    prefix: dict[str, float] = field(default_factory=dict)  # {model: final prefix score of the pair's later head}
+
+    @property
+    def induction(self) -> tuple[int, int]:
+        return self.pairs[self.focus][0]
+
+    @property
+    def prev(self) -> tuple[int, int] | None:
+        return self.pairs[self.focus][1] if self.focus is not None else None
+
+
+def composition(m: Mechanism) -> Composition:
+    """Q/K/V composition over training for every model with more than one layer."""
+    multi = {name: s for name, s in m.scores.items() if m.models[name].config.model.n_layers > 1}
+    t0 = time.time()
+    comp = {name: composition_over_training(m.models[name], [int(x) for x in s["steps"]]) for name, s in multi.items()}
+    pairs = {name: circuit_heads(s["prefix"][-1], s["prev_token"][-1]) for name, s in multi.items()}
+    focus = max(multi, key=lambda name: float(multi[name]["prefix"][-1][1:].max())) if multi else None
+    prefix = {name: float(multi[name]["prefix"][-1][pairs[name][0]]) for name in multi}
+    return Composition(comp, pairs, focus, time.time() - t0, prefix)
+
+
+def focus_text(m: Mechanism, c: Composition) -> str:
+    """The pair the chapter follows, and models whose top induction head is in layer 0."""
+    if c.focus is None:
+        return "No model of this profile has more than one layer, so no composition can be measured."
+    (li, hi_), prev = c.pairs[c.focus]
+    s = m.scores[c.focus]
+    return (f"We follow `{c.focus}`: its layer-≥1 head with the highest prefix-matching score is L{li}H{hi_} "
+            f"({float(s['prefix'][-1, li, hi_]):.2f}), and the earlier head with the highest previous-token "
+            f"score is L{prev[0]}H{prev[1]} ({float(s['prev_token'][-1, prev[0], prev[1]]):.2f})."
+            + "".join(f" In `{name}` the top induction head is in layer 0 (prefix score {float(sc['prefix'][-1].max()):.2f}): "
+                      "with smeared keys a single head can do the job (see below)."
+                      for name, sc in m.scores.items() if name in c.pairs
+                      and top_heads(sc['prefix'][-1], sc['prev_token'][-1])[1] is None
+                      and float(sc['prefix'][-1].max()) >= INDUCTION_THRESHOLD))
+
+
+def composition_table(c: Composition) -> pd.DataFrame | None:
+    """Per model: Q, K and V composition of its pair at the last snapshot, the baseline, the later
+    head's prefix score and whether the pair passes :func:`icl_core.verdicts.composition_ok`."""
+    if c.focus is None or c.prev is None:
+        return None
+    rows = []
+    for name, ((l2, h2), p) in c.pairs.items():
+        r = {"model": name, "pair": f"L{p[0]}H{p[1]} → L{l2}H{h2}", "baseline": c.comp[name]["baseline"]}
+        for k in "QKV":
+            r[k] = float(c.comp[name][k][-1, p[0], p[1], l2, h2])
+        r["prefix"] = c.prefix[name]
+        r["K-circuit"] = V.composition_ok(r["Q"], r["K"], r["V"], r["baseline"], r["prefix"] >= INDUCTION_THRESHOLD)
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def composition_display(ct: pd.DataFrame | None):
+    return None if ct is None else ct.style.format({k: "{:.3f}" for k in ["baseline", "Q", "K", "V"]} | {"prefix": "{:.2f}"}).hide(axis="index")
+
+
+def composition_text(ct: pd.DataFrame | None) -> str | None:
+    """In how many models the pair K-composes (:func:`icl_core.verdicts.composition_ok`), as a
+    verdict over the models (:func:`icl_core.verdicts.count_verdict`)."""
+    if ct is None:
+        return None
+    k_top = ct[ct["K-circuit"]]["model"].tolist()
+    no_ih = ct[ct["prefix"] < INDUCTION_THRESHOLD]["model"].tolist()
+    v = V.count_verdict(len(k_top), len(ct), unit="models")
+    return (f"At the last snapshot, for each model's pair (top previous-token head → top layer-≥1 prefix-matching head), "
+            f"the paper's K-composition counts when the later head is an induction head (prefix score ≥ {INDUCTION_THRESHOLD}), "
+            f"K is the largest of the three and at least {V.COMPOSITION_MIN_RATIO}× the random baseline *[book choice]*: "
+            f"{len(k_top)} of {len(ct)} models" + (f" ({', '.join(f'`{name}`' for name in k_top)})" if k_top else "")
+            + (f"; {', '.join(f'`{name}`' for name in no_ih)} {'have' if len(no_ih) > 1 else 'has'} no induction head, so "
+               "whatever their K score, their pairs are not the paper's circuit" if no_ih else "")
+            + f". The paper's circuit (the induction head reads the previous-token head through its keys) is {v.bold} here.")

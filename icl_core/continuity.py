@@ -19,6 +19,7 @@ import torch
 from . import analysis as A
 from . import loss_pca as LP
 from . import metrics as M
+from . import verdicts as V
 from .config import ModelConfig, icl_indices
 from .cooccurrence import cooccurrence_row, cooccurrence_table
 from .curves import Window
@@ -108,14 +109,24 @@ def scale_range(family: pd.DataFrame) -> str:
             "claim below holds at most for the range above, not beyond it.")
 
 
-def _mark(ok_all: bool, ok_some: bool) -> str:
-    return "reproduced" if ok_all else ("partly" if ok_some else "not reproduced")
+def _mark(ok_all: bool, ok_some: bool, n_runs: int) -> str:
+    """A claim tested by a rule rather than by counting runs (e.g. 'both parts'): 'reproduced' also
+    needs :data:`icl_core.verdicts.MIN_RUNS` models behind it, else it is at most 'partly'."""
+    if ok_all and n_runs >= V.MIN_RUNS:
+        return V.REPRODUCED
+    return V.PARTLY if ok_all or ok_some else V.NOT_REPRODUCED
+
+
+def _count(k: int, n: int) -> str:
+    """:func:`icl_core.verdicts.count_verdict` of a claim that holds in ``k`` of ``n`` models."""
+    return V.count_verdict(k, n, null=V.NOT_REPRODUCED, unit="models").status
 
 
 def claims_table(family: pd.DataFrame, pairs: pd.DataFrame | None = None,
-                 turns: pd.DataFrame | None = None) -> pd.DataFrame:
+                 pca: LP.LossPCA | None = None) -> pd.DataFrame:
     """The paper's Argument-6 claims beside this family's numbers, each marked reproduced / partly /
-    not reproduced (or not testable) by a stated rule."""
+    not reproduced (or not testable) by a stated rule; counted claims go through
+    :func:`icl_core.verdicts.count_verdict`, the PCA row quotes ``pca``'s one verdict."""
     base = family["corpus"].mode().iloc[0]  # the family's main corpus; size comparisons stay on it
     other = family[(family["corpus"] != base) & (family["layers"] >= 2)]
     family = family[family["corpus"] == base]
@@ -132,24 +143,26 @@ def claims_table(family: pd.DataFrame, pairs: pd.DataFrame | None = None,
     ih = int((multi["final_prefix"] >= INDUCTION_THRESHOLD).sum())
     add(f"Every ≥2-layer model forms induction heads (models on {base})", "yes, at every size",
         f"{ih} of {n} models have a head with prefix score ≥ {INDUCTION_THRESHOLD}",
-        _mark(n > 0 and ih == n, ih > 0) if n else "not testable", "all: reproduced; some: partly")
+        _count(ih, n), f"all (≥ {V.MIN_RUNS}): reproduced; some: partly")
     co = int(multi["verdict"].str.startswith("co-occur").sum())
     add("In each, induction heads form inside the ICL phase change", "yes",
         f"{co} of {n} models (top prefix score jumps inside the ICL window)",
-        _mark(n > 0 and co == n, co > 0) if n else "not testable", "all: reproduced; some: partly")
+        _count(co, n), f"all (≥ {V.MIN_RUNS}): reproduced; some: partly")
     if len(single) and n:
         s_ih = bool((single["final_prefix"] < INDUCTION_THRESHOLD).all())
-        s_less = bool(single["final_icl"].max() > multi["final_icl"].max())  # less negative = less ICL
+        # less negative = less ICL: every 1-layer model by at least ICL_MARGIN nats less than every ≥2-layer one
+        s_less = bool(single["final_icl"].min() - multi["final_icl"].max() >= V.ICL_MARGIN)
         add("1-layer models form no induction heads and have less ICL", "yes",
             f"1-layer top prefix {single['final_prefix'].max():.2f}; final ICL {single['final_icl'].mean():+.2f} "
             f"vs ≥2-layer {multi['final_icl'].min():+.2f} to {multi['final_icl'].max():+.2f}",
-            _mark(s_ih and s_less, s_ih or s_less), "both parts: reproduced; one: partly")
+            _mark(s_ih and s_less, s_ih or s_less, n), f"both parts (less ICL: by ≥ {V.ICL_MARGIN} nats), "
+            f"≥ {V.MIN_RUNS} models: reproduced; one: partly")
     if n >= 2:
         v = multi["final_icl"].to_numpy()
         spread = float((v.max() - v.min()) / max(abs(v.mean()), 1e-9))
         add("The amount of final ICL is similar across sizes", "≈0.4 nats at every size",
             f"{v.min():+.2f} to {v.max():+.2f} nats (spread {spread:.0%} of the mean)",
-            "reproduced" if spread <= 0.25 and v.mean() < 0 else ("partly" if spread <= 0.5 and v.mean() < 0 else "not reproduced"),
+            _mark(spread <= 0.25 and v.mean() < 0, spread <= 0.5 and v.mean() < 0, n),
             "spread (max − min)/|mean| ≤ 25%: reproduced; ≤ 50%: partly")
     wf = multi[multi["window_found"]]
     if len(wf) >= 2:
@@ -157,23 +170,21 @@ def claims_table(family: pd.DataFrame, pairs: pd.DataFrame | None = None,
         add("The phase change happens at a similar point in training", "≈2.5–5B tokens for all small models",
             f"window peaks {fmt_tokens(wf['window_peak'].min())}–{fmt_tokens(wf['window_peak'].max())} tokens "
             f"(ratio {r:.1f}) in {len(wf)} of {n} models",
-            "reproduced" if r <= 2 and len(wf) == n else ("partly" if r <= 4 else "not reproduced"),
+            _mark(r <= 2 and len(wf) == n, r <= 4, n),
             "all have a window and peaks within ×2: reproduced; within ×4: partly")
     if len(attn):
         ok = attn[attn["final_prefix"] >= INDUCTION_THRESHOLD]
         last = int((ok["top_layer_from_end"] == 0).sum())
         add("Attention-only: induction heads sit in the last layer", "last layer",
             f"{len(ok)} of {len(attn)} models have an induction head; in {last} of them the top one is in the last layer",
-            _mark(last == len(ok), last > 0) if len(ok) else "not testable",
-            "among models with an induction head — all: reproduced; some: partly")
+            _count(last, len(ok)), f"among models with an induction head — all (≥ {V.MIN_RUNS}): reproduced; some: partly")
     if len(mlp):
         desc = ", ".join(f"{r.model}: layer {r.top_layer} of {r.layers} (prefix {r.final_prefix:.2f})"
                          for r in mlp.itertuples())
         testable = mlp[(mlp["layers"] >= 3) & (mlp["final_prefix"] >= INDUCTION_THRESHOLD)]
         add("With MLPs: induction heads sit in the second-to-last layer",
             "second-to-last layer (team summary, PAPER.md)", desc,
-            _mark(len(testable) > 0 and bool((testable["top_layer_from_end"] == 1).all()),
-                  bool((testable["top_layer_from_end"] == 1).any())) if len(testable) else "not testable",
+            _count(int((testable["top_layer_from_end"] == 1).sum()), len(testable)),
             "needs ≥3-layer MLP models with an induction head (in 2 layers the second-to-last layer "
             "cannot compose with an earlier one)")
     if pairs is not None and len(pairs) and len(single) and n:
@@ -184,10 +195,10 @@ def claims_table(family: pd.DataFrame, pairs: pd.DataFrame | None = None,
             s2 = g[g["run"].isin(multi["model"])]["icl"]
             if len(s1) and len(s2):
                 tot += 1
-                ok += int(s2.max() < s1.min())
+                ok += int(s1.min() - s2.max() >= V.ICL_MARGIN)  # more ICL = more negative
         add("The conclusion does not hang on the index pair", "same picture for other pairs",
-            f"every ≥2-layer model has more ICL than every 1-layer model for {ok} of {tot} early indices",
-            _mark(tot > 0 and ok == tot, ok > 0) if tot else "not testable",
+            f"every ≥2-layer model has at least {V.ICL_MARGIN} nats more ICL than every 1-layer model for {ok} of {tot} early indices",
+            _mark(tot > 0 and ok == tot, ok > 0, n) if tot else V.NOT_TESTABLE,
             "all pairs: reproduced; some: partly")
     if len(other):
         o_co = int(other["verdict"].str.startswith("co-occur").sum())
@@ -195,21 +206,22 @@ def claims_table(family: pd.DataFrame, pairs: pd.DataFrame | None = None,
             f"{o_co} of {len(other)} models trained on {join(sorted(set(other['corpus'])))} only show induction heads "
             f"forming inside their ICL window (main corpus: {base}); final ICL "
             + ", ".join(f"{r.model} {r.final_icl:+.2f}" for r in other.itertuples()),
-            _mark(o_co == len(other), o_co > 0), "all: reproduced; some: partly")
-    if turns is not None and len(turns):
-        m2 = turns[turns["layers"] >= 2]["turn_reference_window"].dropna()
-        m1 = turns[turns["layers"] == 1]["turn_reference_window"].dropna()
-        if len(m2) and len(m1):
+            _count(o_co, len(other)), f"all (≥ {V.MIN_RUNS}): reproduced; some: partly")
+    if pca is not None and len(pca.turns):
+        m2 = pca.turns[pca.turns["layers"] >= 2]["turn_reference_window"].dropna()
+        m1 = pca.turns[pca.turns["layers"] == 1]["turn_reference_window"].dropna()
+        if len(m2):
             add("PCA paths of ≥2-layer models pivot at the phase change, 1-layer paths do not",
-                "yes", f"turn {m2.min():.0f}–{m2.max():.0f}° (≥2 layers) vs {m1.mean():.0f}° (1 layer)",
-                _mark(m1.mean() < m2.min(), m1.mean() < m2.mean()),
-                "1-layer turn below every ≥2-layer turn: reproduced; below their mean: partly")
+                "yes", f"turn {m2.min():.0f}–{m2.max():.0f}° (≥2 layers) vs "
+                + (f"{m1.max():.0f}° at most (1 layer)" if len(m1) else "no measurable 1-layer turn"),
+                pca.verdict.status, f"a ≥2-layer turn of ≥ {V.PIVOT_MIN_DEG:.0f}° and ≥ {V.PIVOT_MARGIN_DEG:.0f}° above "
+                f"every 1-layer turn, in all (≥ {V.MIN_RUNS}) runs: reproduced; in some: partly")
     return pd.DataFrame(rows).set_index("claim")
 
 
 def claims_sentence(claims: pd.DataFrame) -> str:
     c = claims["verdict"].value_counts()
-    parts = [f"{c.get(k, 0)} {k}" for k in ("reproduced", "partly", "not reproduced", "not testable") if c.get(k, 0)]
+    parts = [f"{c.get(k, 0)} {k}" for k in V.STATUSES if c.get(k, 0)]
     return f"Of the {len(claims)} claims checked, {join(parts)} at this scale."
 
 
@@ -393,7 +405,7 @@ def family_pca_summary(p: FamilyPCA) -> str:
     """Which runs were fitted, and :func:`icl_core.loss_pca.pca_sentence`."""
     return (f"Fitted on {len(p.runs)} models ({', '.join(f'`{n}`' for n in p.runs)})"
             + (f"; left out (other evaluation text): {', '.join(f'`{n}`' for n in p.left_out)}" if p.left_out else "")
-            + f". {LP.pca_sentence(p.pca.turns)} ({p.seconds:.0f} s.)")
+            + f". {LP.pca_sentence(p.pca)} ({p.seconds:.0f} s.)")
 
 
 def claims_summary(claims: pd.DataFrame, family: pd.DataFrame) -> str:

@@ -20,11 +20,12 @@ import pandas as pd
 from .config import icl_indices
 from .curves import Window
 from .curves import phase_change_window as curve_window
+from . import verdicts as V
+from .verdicts import SMEAR_ICL_GAIN as ICL_GAIN
 from .heads import INDUCTION_THRESHOLD, phase_change_window
 from .prose import fmt_tokens
 
-# [book choice] thresholds of the chapter's checks (printed in the chapter; head classes: icl_core.heads)
-ICL_GAIN = 0.3  # nats of ICL the smeared 1-layer model must gain over its vanilla twin
+# the chapter's margins (printed in the chapter) live in icl_core.verdicts; head classes in icl_core.heads
 
 
 @dataclass
@@ -117,7 +118,9 @@ def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_T
                       icl_gain: float = ICL_GAIN) -> tuple[bool | None, str]:
     """(passed, sentence) for the 1-layer claim: for every seed the smeared model has top prefix
     score > ``prefix_threshold`` and ICL better by >= ``icl_gain`` nats than its vanilla twin.
-    ``passed`` is None when the table has no 1-layer pair."""
+    ``passed`` is True when that holds in every seed and at least :data:`icl_core.verdicts.MIN_RUNS`
+    seeds, 'partly' when it holds in every seed but fewer, False when a seed fails, None when the
+    table has no 1-layer pair."""
     t = table[table["layers"] == 1]
     if t.empty:
         return None, "There is no 1-layer pair in this profile, so the 1-layer claim is not tested."
@@ -131,12 +134,14 @@ def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_T
         for _, r in t.iterrows())
     crit = (f"top prefix-matching score above {prefix_threshold:g} and an ICL score at least "
             f"{icl_gain:g} nats better than its vanilla twin")
+    v = V.count_verdict(k, n, null=V.NOT_REPRODUCED, unit="seeds")  # icl_core.verdicts: >= MIN_RUNS seeds to reproduce
     if k == n:
-        s = (f"**Reproduced at this scale.** For all {n} seeds the smeared 1-layer model has a {crit} ({per_seed}).")
+        s = (f"**{'Reproduced' if v.status == V.REPRODUCED else 'Partly reproduced'} at this scale** ({v.text}). "
+             f"For all {n} seeds the smeared 1-layer model has a {crit} ({per_seed}).")
         if van_none.all():
             s += f" No vanilla 1-layer model has a head above {prefix_threshold:g}."
-        return True, s
-    return False, (f"**Not reproduced at this scale.** Only {k} of {n} smeared 1-layer models have a {crit} "
+        return (True if v.status == V.REPRODUCED else V.PARTLY), s
+    return False, (f"**{v.status[0].upper() + v.status[1:]} at this scale.** Only {k} of {n} smeared 1-layer models have a {crit} "
                    f"({per_seed}).")
 
 
@@ -194,12 +199,13 @@ def _window_verdict(t: pd.DataFrame) -> tuple[str, str]:
         return "not resolved", (f"**Not resolved in this profile:** {' and '.join(missing)} {verb} no phase "
                                 f"change (no ICL window in which an induction head forms, top prefix-matching "
                                 f"score ≥ {INDUCTION_THRESHOLD}), so there is nothing to compare ({detail}).")
+    seeds = V.count_verdict(len(rel), len(rel), unit="seeds").text  # every seed agrees: reproduced needs >= MIN_RUNS
     if all(x == "disjoint" for x in rel):
-        return "earlier", (f"**Earlier.** For every seed the smeared {depth} window ends before its vanilla "
+        return "earlier", (f"**Earlier**: {seeds}. For every seed the smeared {depth} window ends before its vanilla "
                            f"twin's begins ({detail}).")
     if all(x in ("disjoint", "overlap") for x in rel):
         return "earlier (overlapping windows)", (
-            f"**Earlier, but the windows overlap.** For every seed the smeared {depth} window starts "
+            f"**Earlier, but the windows overlap**: {seeds}. For every seed the smeared {depth} window starts "
             f"first, though the intervals overlap ({detail}).")
     if all(x == "later" for x in rel):
         return "later", f"**Not reproduced: later.** The smeared {depth} windows start after the vanilla ones ({detail})."
@@ -256,10 +262,12 @@ def smear_summary(pairs: dict[str, list[tuple[Curves, Curves]]]) -> str:
     return "; ".join(parts) + "."
 
 
-def summary_sentence(one_layer_ok: bool | None, two_layer: str) -> str:
+def summary_sentence(one_layer_ok: bool | str | None, two_layer: str) -> str:
     """The chapter's closing sentence, from the two verdicts."""
     one = {True: "the smeared one-layer models gain an induction head and in-context learning that their "
                  "vanilla twins lack, for every seed",
+           V.PARTLY: "the smeared one-layer models gain an induction head and in-context learning that their "
+                     f"vanilla twins lack for every seed, but there are fewer than {V.MIN_RUNS} seeds (partly reproduced)",
            False: "the one-layer prediction fails for at least one seed",
            None: "the one-layer prediction is not tested"}[one_layer_ok]
     two = {"earlier": "the smeared multi-layer phase change comes earlier for every seed, at every depth where "
@@ -270,13 +278,16 @@ def summary_sentence(one_layer_ok: bool | None, two_layer: str) -> str:
            "mixed": "the multi-layer comparison is not resolved (the seeds or depths disagree, or the windows coincide)",
            "not resolved": "the multi-layer comparison is not resolved (a twin has no phase change)",
            "untested": "the multi-layer comparison is not tested"}[two_layer]
-    if one_layer_ok and two_layer.startswith("earlier"):
+    if one_layer_ok is True and two_layer.startswith("earlier"):
         tail = ("So the same architectural change moves the induction heads and the in-context learning "
                 "together, as the paper found. Co-perturbation does not by itself show that the heads "
                 "*cause* the learning; the next chapter removes them to test that.")
-    elif one_layer_ok:
+    elif one_layer_ok is True:
         tail = ("The one-layer result is the paper's central co-perturbation evidence; the timing "
                 "comparison adds nothing at this scale.")
+    elif one_layer_ok == V.PARTLY:
+        tail = (f"With fewer than {V.MIN_RUNS} seeds the one-layer result points the paper's way but does not "
+                "reproduce it; the figures above show every seed.")
     else:
         tail = ("At this scale the chapter does not reproduce the paper's co-perturbation evidence; the "
                 "figures above show how far the runs got.")

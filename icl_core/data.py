@@ -394,9 +394,10 @@ def train_batch(corpus: Corpus, batch_size: int, n_ctx: int, seed: int, step: in
     return torch.from_numpy(rows)
 
 
-def eval_windows(corpus: Corpus, n: int, n_ctx: int, seed: int) -> torch.Tensor:
-    """The fixed evaluation set: ``n`` windows of ``n_ctx`` tokens, each inside one validation document
-    and starting with EOS/BOS followed by n_ctx-1 document tokens. Same for every model and snapshot."""
+def eval_window_sources(corpus: Corpus, n: int, n_ctx: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(validation document index, start offset in ``corpus.val``) of each of :func:`eval_windows`'
+    ``n`` windows: documents drawn in proportion to their number of possible windows (so long
+    documents dominate), then a uniform start inside the drawn document."""
     off = corpus.val_offsets
     lens = np.diff(off) - 1  # tokens after the leading EOS
     need = n_ctx - 1
@@ -407,11 +408,19 @@ def eval_windows(corpus: Corpus, n: int, n_ctx: int, seed: int) -> torch.Tensor:
     g = np.random.default_rng(seed)
     weights = (lens[ok] - need + 1).astype(np.float64)
     docs = g.choice(ok, size=n, p=weights / weights.sum())
+    starts = np.asarray([off[d] + 1 + g.integers(0, lens[d] - need + 1) for d in docs], dtype=np.int64)
+    return docs, starts
+
+
+def eval_windows(corpus: Corpus, n: int, n_ctx: int, seed: int) -> torch.Tensor:
+    """The fixed evaluation set: ``n`` windows of ``n_ctx`` tokens, each inside one validation document
+    and starting with EOS/BOS followed by n_ctx-1 document tokens (:func:`eval_window_sources`; the
+    text usually starts mid-document, where training never puts an EOS). Same for every model and snapshot."""
+    _, starts = eval_window_sources(corpus, n, n_ctx, seed)
     out = np.empty((n, n_ctx), dtype=np.int64)
-    for r, d in enumerate(docs):
-        s = off[d] + 1 + g.integers(0, lens[d] - need + 1)
-        out[r, 0] = EOS_ID
-        out[r, 1:] = corpus.val[s:s + need]
+    out[:, 0] = EOS_ID
+    for r, s in enumerate(starts):
+        out[r, 1:] = corpus.val[s:s + n_ctx - 1]
     return torch.from_numpy(out)
 
 

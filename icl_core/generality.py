@@ -11,12 +11,13 @@ book's own corpus and measures them, each against a chance baseline with an inte
   the loss on B fall because A is in context (vs an unrelated passage of the same length)?
 * :func:`icl_core.logit_attribution.direct_logit_attribution`: each head's direct contribution to
   the correct next token, on the first and the second copy of a repeated passage.
-* :func:`summary_table` / :func:`behaviour_sentences`: what reproduces at this scale.
+* :func:`summary` (:func:`icl_core.stats.summary_table`, :func:`icl_core.stats.behaviour_sentences`):
+  what reproduces at this scale.
 
 Its parts live next to it: :mod:`icl_core.parallel_text` (verses, passages, word alignment),
 :mod:`icl_core.pattern_task` (the paper's abstract pattern task, two categories x two categories
--> labels 0-3, from words of the corpus) and :mod:`icl_core.stats` (bootstrap intervals, verdicts
-against chance). The chapter loads with :func:`compute`, :func:`passages` and :func:`patterns`
+-> labels 0-3, from words of the corpus), :mod:`icl_core.stats` (bootstrap intervals, the summary table and each behaviour's verdict through
+:mod:`icl_core.verdicts`: margins against chance and run counts). The chapter loads with :func:`compute`, :func:`passages` and :func:`patterns`
 and says what they show with the ``*_summary`` functions; figures: :mod:`icl_core.plots.generality`.
 
 [book choice]s are listed in the chapter; the word-alignment rule is
@@ -40,8 +41,9 @@ from .parallel_text import (MIN_AGREEMENT, align_words, parallel_passages, title
                             version_agreement, words)
 from .logit_attribution import dla_by_copy, repeated_passage
 from .pattern_task import accuracy_by_item, pattern_matching
-from .stats import bootstrap_ci, verdict
+from . import verdicts as V
 from .runs import Run
+from .stats import BEHAVIOURS, behaviour_sentences, behaviour_status, bootstrap_ci, summary_table
 
 # --- heads ---------------------------------------------------------------------------------------
 
@@ -197,9 +199,9 @@ def paired_passages(run: Run, version_a: str = "kjv", versions_b=("asv", "web", 
         rows.append({"task": name, "behaviour": behaviour, "alignment": rule, "n": len(exs),
                      "held_out": float(np.mean([p["held_out"] for p in src])) if src else np.nan,
                      "attention": a + ch, "attention_lo": alo + ch, "attention_hi": ahi + ch, "attention_chance": ch,
-                     "attention_verdict": verdict(alo + ch, ahi + ch, ch),
+                     "attention_verdict": V.measurement(a + ch, alo + ch, ahi + ch, ch, V.SHARE_MARGIN),
                      "loss_benefit": b, "loss_benefit_lo": blo, "loss_benefit_hi": bhi,
-                     "loss_benefit_verdict": verdict(blo, bhi, 0.0),
+                     "loss_benefit_verdict": V.measurement(b, blo, bhi, 0.0, V.LOSS_MARGIN),
                      "n_aligned": float(np.mean([len(e.queries) for e in exs])) if exs else 0.0})
         per_head[name] = m["all_heads"]
         examples[name] = exs
@@ -209,77 +211,6 @@ def paired_passages(run: Run, version_a: str = "kjv", versions_b=("asv", "web", 
 
 
 # --- what reproduces ------------------------------------------------------------------------------
-
-
-def summary_table(paired: dict[str, dict], patterns: dict[str, dict], heads: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, measurement): value, 95% interval, chance and verdict, grouped by the
-    paper's three behaviours."""
-    rows = []
-    for name, res in paired.items():
-        l, h, pm = res["head"]
-        for _, r in res["rows"].iterrows():
-            rows.append({"model": name, "behaviour": r["behaviour"], "task": r["task"],
-                         "measure": f"L{l}H{h} attention on the aligned word", "value": r["attention"],
-                         "lo": r["attention_lo"], "hi": r["attention_hi"], "chance": r["attention_chance"],
-                         "verdict": r["attention_verdict"], "n": r["n"]})
-            rows.append({"model": name, "behaviour": r["behaviour"], "task": r["task"],
-                         "measure": "loss benefit of A in context (nats)", "value": r["loss_benefit"],
-                         "lo": r["loss_benefit_lo"], "hi": r["loss_benefit_hi"], "chance": 0.0,
-                         "verdict": r["loss_benefit_verdict"], "n": r["n"]})
-    for name, res in patterns.items():
-        s = res["summary"]
-        l, h = s["head"]
-        for key, label in (("share", f"L{l}H{h} attention share on same-label items"),
-                           ("label_share", f"L{l}H{h} attention share on same-label labels"),
-                           ("accuracy", "label accuracy, second half of the items")):
-            rows.append({"model": name, "behaviour": "abstract pattern matching", "task": "category → label",
-                         "measure": label, "value": s[key], "lo": s[f"{key}_lo"], "hi": s[f"{key}_hi"],
-                         "chance": s[f"{key}_chance"], "verdict": s[f"{key}_verdict"], "n": s["n_seqs"]})
-    return pd.DataFrame(rows)
-
-
-BEHAVIOURS = ("literal copying", "fuzzy copying", "translation analogue", "abstract pattern matching")
-
-
-def behaviour_status(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model and behaviour: 'reproduced' when every measurement of it is above chance,
-    'partly' when some are, 'not reproduced' when none is."""
-    rows = []
-    for (model, beh), g in table.groupby(["model", "behaviour"], sort=False):
-        k = int((g["verdict"] == "above chance").sum())
-        status = "reproduced" if k == len(g) else ("partly" if k else "not reproduced")
-        rows.append({"model": model, "behaviour": beh, "above chance": f"{k}/{len(g)}", "status": status})
-    return pd.DataFrame(rows)
-
-
-def behaviour_sentences(status: pd.DataFrame) -> str:
-    """Markdown: for each of the paper's behaviours, in which models it reproduces at this scale."""
-    paper = {"literal copying": "literal copying of a repeated passage",
-             "fuzzy copying": "fuzzy copying (the same words in a different case)",
-             "translation analogue": "the translation analogue (the same verses in another English version)",
-             "abstract pattern matching": "abstract pattern matching (category → label)"}
-    out = []
-    n_models = status["model"].nunique()
-    for beh in BEHAVIOURS:
-        g = status[status.behaviour == beh]
-        if g.empty:
-            continue
-        full = g[g.status == "reproduced"]["model"].tolist()
-        part = g[g.status == "partly"]["model"].tolist()
-        if len(full) == n_models:
-            s = f"**reproduces** in all {n_models} models"
-        elif full:
-            s = f"**reproduces** in {len(full)} of {n_models} models ({', '.join(full)})"
-        elif part:
-            s = "**reproduces only in part** (some of its measurements are above chance)"
-        else:
-            s = f"**does not reproduce** at this scale: no measurement is above chance in any of the {n_models} models"
-        if part and full:
-            s += f"; in part in {', '.join(part)}"
-        elif part:
-            s += f", in {', '.join(part)}"
-        out.append(f"- {paper[beh][0].upper() + paper[beh][1:]} {s}.")
-    return "\n".join(out)
 
 
 def fuzzy_task_lines(rows) -> str:

@@ -110,3 +110,11 @@ def phase_change_window(run, require_induction_head: bool = False,
         return Window(float("nan"), float("nan"), float("nan"), False,
                         f"an ICL window without an induction head (top prefix score < {prefix_threshold})")
     return window
+
+
+def is_control(n_layers: int, smeared_keys: bool, final_prefix: float,
+               prefix_threshold: float = INDUCTION_THRESHOLD) -> bool:
+    """A control of Argument 1: a vanilla (no smeared keys) run without an induction head (top
+    prefix-matching score below ``prefix_threshold``). A smeared 1-layer run that forms an induction
+    head is a model under test, not a control; a 1-layer vanilla run is the paper's control."""
+    return n_layers == 1 and not smeared_keys and float(final_prefix) < prefix_threshold

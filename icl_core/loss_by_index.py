@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import analysis as A
+from .corpus_mix import bos_artefact, bos_text
 from .curves import Window, dloss_dlnindex
 from .prose import fmt_tokens
 from .runs import Run
@@ -98,3 +99,10 @@ def heatmaps_summary(h: Heatmaps, windows: dict) -> str:
             f"late tokens still improving), for the first run of each model; {h.n_steps} snapshots spread in log tokens "
             f"(per-token losses: {sum(x['seconds'] for x in h.data.values()):.0f} s to read those kept in training or compute and cache the rest, "
             f"this cell {h.seconds:.0f} s).\n\n" + heatmap_sentence(h.data, windows))
+
+
+def bos_summary(h: Heatmaps, res) -> str:
+    """The BOS artefact of the heatmaps' first column (:func:`icl_core.corpus_mix.bos_text`), measured
+    at the last snapshot of each model shown (``res``: the chapter's :class:`~icl_core.cooccurrence.Cooccurrence`)."""
+    vocab = next(iter(res.runs.values())).corpus.vocab_size
+    return bos_text(bos_artefact([d["loss"][-1] for d in h.data.values()], vocab))

@@ -16,6 +16,7 @@ import pandas as pd
 
 from . import analysis as A
 from . import metrics as M
+from . import verdicts as V
 from .curves import Window, turn_angle
 from .runs import Run
 
@@ -71,24 +72,34 @@ def pca_turns(pca: dict, rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def pca_sentence(turns: pd.DataFrame) -> str:
+def pivot_verdict(turns: pd.DataFrame) -> V.Verdict:
+    """The PCA claim's verdict (:func:`icl_core.verdicts.pivot_counts`) from the turns across the
+    reference window: computed once per PCA (:attr:`LossPCA.verdict`) and quoted by every page."""
+    if not len(turns):
+        return V.Verdict(V.NOT_TESTABLE, 0, 0)
+    return V.pivot_counts(turns[turns["layers"] >= 2]["turn_reference_window"],
+                          turns[turns["layers"] == 1]["turn_reference_window"])
+
+
+def pca_sentence(p: "LossPCA") -> str:
+    """The turns of the ≥2-layer and 1-layer paths, and :attr:`LossPCA.verdict` (:func:`pivot_verdict`)."""
+    turns = p.turns
     if not len(turns):
         return "No PCA paths to compare."
     multi = turns[turns["layers"] >= 2]["turn_reference_window"].dropna()
     single = turns[turns["layers"] == 1]["turn_reference_window"].dropna()
     if not len(multi):
-        return "No run with two or more layers has a path long enough around the reference window to measure a turn."
+        return ("No run with two or more layers has a path long enough around the reference window to measure a turn. "
+                + V.pivot_sentence(p.verdict, False))
     s = (f"Across the reference window, the paths of the ≥2-layer runs turn by {multi.mean():.0f}° on "
          f"average (range {multi.min():.0f}–{multi.max():.0f}°)")
     if len(single):
         verb = ("less than" if single.mean() < multi.min() else
                 ("more than" if single.mean() > multi.max() else "within the range of"))
         s += f"; the 1-layer runs turn by {single.mean():.0f}°, {verb} the ≥2-layer runs"
-        s += (". The paper's pattern (only ≥2-layer paths pivot) is "
-              + ("reproduced." if single.mean() < multi.min() else "not clearly reproduced here."))
-    else:
-        s += "."
-    return s
+    elif (turns["layers"] == 1).any():
+        s += "; no 1-layer path is long enough around the reference window to measure a turn"
+    return s + ". " + V.pivot_sentence(p.verdict, bool(len(single)))
 
 
 @dataclass
@@ -97,6 +108,7 @@ class LossPCA:
     paths: dict  # loss_pca_paths(...): coords, tokens, explained, seconds
     turns: pd.DataFrame  # pca_turns(...)
     seconds: float  # wall time of compute()
+    verdict: V.Verdict  # pivot_verdict(turns), the one verdict of the PCA claim
 
 
 def compute(runs: dict[str, Run], rows: pd.DataFrame, n_steps: int | None = None, n_examples: int | None = None,
@@ -105,7 +117,8 @@ def compute(runs: dict[str, Run], rows: pd.DataFrame, n_steps: int | None = None
     ``rows`` (their :func:`icl_core.cooccurrence.cooccurrence_table`)."""
     t0 = time.time()
     paths = loss_pca_paths(runs, n_steps, n_examples, seed)
-    return LossPCA(paths, pca_turns(paths, rows), time.time() - t0)
+    turns = pca_turns(paths, rows)
+    return LossPCA(paths, turns, time.time() - t0, pivot_verdict(turns))
 
 
 def turns_table(p: LossPCA) -> pd.DataFrame:
@@ -115,4 +128,4 @@ def turns_table(p: LossPCA) -> pd.DataFrame:
 
 def summary(p: LossPCA) -> str:
     """:func:`pca_sentence`, with the number of runs and the time the fit took."""
-    return pca_sentence(p.turns) + f" (PCA over {len(p.paths['coords'])} runs, {p.seconds:.0f} s.)"
+    return pca_sentence(p) + f" (PCA over {len(p.paths['coords'])} runs, {p.seconds:.0f} s.)"

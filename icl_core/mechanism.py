@@ -6,8 +6,8 @@ QK circuit matches a = b), and its OV circuit copies the attended token. This mo
 
 * :func:`scores_over_training`: prefix-matching, previous-token, OV-eigenvalue copying and
   K-composition trace per head over training (via :func:`icl_core.analysis.head_scores`).
-* :func:`composition_over_training`: Q/K/V composition scores between heads of different layers,
-  with the random-matrix baseline (:func:`icl_core.metrics.composition_baseline`).
+* :func:`icl_core.circuits.composition` (with its table and verdict): Q/K/V composition scores
+  between heads of different layers, with the random-matrix baseline (:func:`icl_core.metrics.composition_baseline`).
 * :func:`same_token_circuit` / :func:`circuit_timing`: the same-token circuit and token-level
   readouts of the circuits over training (:mod:`icl_core.circuits`), timed against the window.
 * :func:`positional_attention`: the previous-token head's attention by relative offset, from its
@@ -18,7 +18,7 @@ QK circuit matches a = b), and its OV circuit copies the attended token. This mo
 
 Its parts live next to it: :mod:`icl_core.circuits` (token-level circuits) and
 :mod:`icl_core.head_explorer` (the chapter's static widget). The chapter loads with
-:func:`compute`, :func:`composition` and :func:`circuit_timing`, draws with
+:func:`compute`, :func:`icl_core.circuits.composition` and :func:`circuit_timing`, draws with
 :mod:`icl_core.plots.mechanism` and says what it shows with the ``*_text`` functions.
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ import torch
 from . import analysis as A
 from . import circuits as Ci
 from . import metrics as M
-from .heads import INDUCTION_THRESHOLD, circuit_heads, classify_heads, phase_change_window, top_heads
+from .circuits import Composition
+from .heads import INDUCTION_THRESHOLD, classify_heads, phase_change_window, top_heads
+from .verdicts import ONE_HEAD_MIN_BORROWED, ONE_HEAD_MIN_DIAG_Z
 from .model import Transformer
 from .runs import Run
 
@@ -50,24 +52,6 @@ def scores_over_training(run: Run, n_steps: int | None = None) -> dict:
     s["window"] = phase_change_window(run)
     s["kind"] = classify_heads(s["prefix"][-1], s["prev_token"][-1])
     return s
-
-
-def composition_over_training(run: Run, steps: list[int]) -> dict:
-    """Q/K/V composition scores (S, L, H, L, H) at ``steps`` (cached in the run folder), and the
-    random-matrix baseline for this d_model and d_head."""
-    def compute():
-        acc = {k: [] for k in "QKV"}
-        for st in steps:
-            c = M.composition_scores(run.load(st))
-            for k in "QKV":
-                acc[k].append(c[k])
-        return {**{k: torch.stack(v) for k, v in acc.items()}, "steps": torch.tensor(steps)}
-
-    res = dict(A.cached(run, "composition", {"steps": steps}, compute))
-    mc = run.config.model
-    res["baseline"] = M.composition_baseline(mc.d_model, mc.d_head)
-    res["tokens"] = res["steps"] * run.config.tokens_per_step
-    return res
 
 
 @torch.no_grad()
@@ -269,11 +253,6 @@ def agreement_sentence(agr: pd.DataFrame, tab: pd.DataFrame) -> str:
 
 # --- the chapter: load -> plot -> say ---------------------------------------------------------------
 
-#: [book choice] one smeared-key head does both jobs when its keys borrow more than this share from
-#: the previous token (1 - σ(α)), its token QK circuit's diagonal stands more than this many
-#: off-diagonal standard deviations above the rest, and its OV copying score is positive.
-ONE_HEAD_MIN_BORROWED = 0.2
-ONE_HEAD_MIN_DIAG_Z = 1
 
 @dataclass
 class Mechanism:
@@ -307,77 +286,6 @@ def timing_text(m: Mechanism) -> str:
             "maximum, and when it had covered half of that rise, against the window found from the ICL curve "
             f"(`icl_core.heads.phase_change_window`). *[Book choice]* a rise smaller than {MIN_RISE} counts as no rise. The times are only as "
             f"fine as the {m.n_steps} snapshots analysed.")
-
-
-@dataclass
-class Composition:
-    """Composition scores of the multi-layer models and the pair the chapter follows (:func:`composition`)."""
-    comp: dict[str, dict]  # {model: composition_over_training(...)}
-    pairs: dict[str, tuple]  # {model: circuit_heads(...) at the last snapshot}
-    focus: str | None  # the multi-layer model whose best layer->=1 head has the highest prefix score
-    seconds: float
-
-    @property
-    def induction(self) -> tuple[int, int]:
-        return self.pairs[self.focus][0]
-
-    @property
-    def prev(self) -> tuple[int, int] | None:
-        return self.pairs[self.focus][1] if self.focus is not None else None
-
-
-def composition(m: Mechanism) -> Composition:
-    """Q/K/V composition over training for every model with more than one layer."""
-    multi = {name: s for name, s in m.scores.items() if m.models[name].config.model.n_layers > 1}
-    t0 = time.time()
-    comp = {name: composition_over_training(m.models[name], [int(x) for x in s["steps"]]) for name, s in multi.items()}
-    pairs = {name: circuit_heads(s["prefix"][-1], s["prev_token"][-1]) for name, s in multi.items()}
-    focus = max(multi, key=lambda name: float(multi[name]["prefix"][-1][1:].max())) if multi else None
-    return Composition(comp, pairs, focus, time.time() - t0)
-
-
-def focus_text(m: Mechanism, c: Composition) -> str:
-    """The pair the chapter follows, and models whose top induction head is in layer 0."""
-    if c.focus is None:
-        return "No model of this profile has more than one layer, so no composition can be measured."
-    (li, hi_), prev = c.pairs[c.focus]
-    s = m.scores[c.focus]
-    return (f"We follow `{c.focus}`: its layer-≥1 head with the highest prefix-matching score is L{li}H{hi_} "
-            f"({float(s['prefix'][-1, li, hi_]):.2f}), and the earlier head with the highest previous-token "
-            f"score is L{prev[0]}H{prev[1]} ({float(s['prev_token'][-1, prev[0], prev[1]]):.2f})."
-            + "".join(f" In `{name}` the top induction head is in layer 0 (prefix score {float(sc['prefix'][-1].max()):.2f}): "
-                      "with smeared keys a single head can do the job (see below)."
-                      for name, sc in m.scores.items() if name in c.pairs
-                      and top_heads(sc['prefix'][-1], sc['prev_token'][-1])[1] is None
-                      and float(sc['prefix'][-1].max()) >= INDUCTION_THRESHOLD))
-
-
-def composition_table(c: Composition) -> pd.DataFrame | None:
-    """Per model: Q, K and V composition of its pair at the last snapshot, and the baseline."""
-    if c.focus is None or c.prev is None:
-        return None
-    rows = []
-    for name, ((l2, h2), p) in c.pairs.items():
-        r = {"model": name, "pair": f"L{p[0]}H{p[1]} → L{l2}H{h2}", "baseline": c.comp[name]["baseline"]}
-        for k in "QKV":
-            r[k] = float(c.comp[name][k][-1, p[0], p[1], l2, h2])
-        rows.append(r)
-    return pd.DataFrame(rows)
-
-
-def composition_display(ct: pd.DataFrame | None):
-    return None if ct is None else ct.style.format({k: "{:.3f}" for k in ["baseline", "Q", "K", "V"]}).hide(axis="index")
-
-
-def composition_text(ct: pd.DataFrame | None) -> str | None:
-    """In how many models K-composition is the largest and above the baseline."""
-    if ct is None:
-        return None
-    k_top = [r.model for r in ct.itertuples() if r.K > r.baseline and r.K >= max(r.Q, r.V)]
-    return (f"At the last snapshot, for each model's pair (top previous-token head → top layer-≥1 prefix-matching head): K-composition is above "
-            f"the random baseline and the largest of the three in {len(k_top)} of {len(ct)} models"
-            + (f" ({', '.join(f'`{name}`' for name in k_top)})" if k_top else "")
-            + ". The paper's circuit predicts exactly this: the induction head reads the previous-token head through its keys.")
 
 
 def same_token_circuit(m: Mechanism, c: Composition, n_tokens: int = 30) -> dict | None:

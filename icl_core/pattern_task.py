@@ -16,7 +16,8 @@ import torch
 from . import data as D
 from . import hooks as Hk
 from .heads import top_induction_head
-from .stats import bootstrap_ci, verdict
+from . import verdicts as V
+from .stats import bootstrap_ci
 from .runs import Run
 
 
@@ -164,11 +165,12 @@ def pattern_matching(run: Run, n_seqs: int = 64, n_items: int | None = None, ste
     lch = float(np.nanmean(lchance))
     summary = {"n_seqs": n_seqs, "n_items": K, "head": (l, h),
                "accuracy": a, "accuracy_lo": alo, "accuracy_hi": ahi, "accuracy_chance": 0.25,
-               "accuracy_verdict": verdict(alo, ahi, 0.25),
+               "accuracy_verdict": V.measurement(a, alo, ahi, 0.25, V.SHARE_MARGIN),
                "share": s + ch, "share_lo": slo + ch, "share_hi": shi + ch, "share_chance": ch,
-               "share_verdict": verdict(slo + ch, shi + ch, ch),
+               "share_verdict": V.measurement(s + ch, slo + ch, shi + ch, ch, V.SHARE_MARGIN),
                "label_share": ls_ + lch, "label_share_lo": lslo + lch, "label_share_hi": lshi + lch,
-               "label_share_chance": lch, "label_share_verdict": verdict(lslo + lch, lshi + lch, lch)}
+               "label_share_chance": lch,
+               "label_share_verdict": V.measurement(ls_ + lch, lslo + lch, lshi + lch, lch, V.SHARE_MARGIN)}
     return {"accuracy": acc, "share": share, "chance": chance, "label_share": lshare, "label_chance": lchance,
             "heads_gain": heads_gain.mean(0), "summary": summary, "task": task, "seconds": time.time() - t0}
 

@@ -101,7 +101,7 @@ def test_repeated_passage_is_bos_plus_two_copies():
 
 # --- a fake run with a known phase change: the whole Argument-1 row, end to end ------------------
 
-def _fake_run(n_layers, induction, seed=0, centre=2e5):
+def _fake_run(n_layers, induction, seed=0, centre=2e5, smeared=False):
     t = np.r_[0, np.geomspace(1e3, 1e7, 40)].round()
     lt = np.log(np.maximum(t, 1))
     icl = -0.02 - 0.4 * _sig((lt - np.log(centre)) * 4)
@@ -115,8 +115,10 @@ def _fake_run(n_layers, induction, seed=0, centre=2e5):
     ll = np.log(tt)
     tl = 7 - 3 * _sig((ll - np.log(3e3)) * 3) - 0.1 * (ll - ll[0]) - (0.3 * _sig((ll - np.log(centre)) * 4) if induction else 0)
     log = pd.DataFrame({"step": steps, "loss": tl, "tokens": tt})
-    cfg = SimpleNamespace(model=SimpleNamespace(n_layers=n_layers, attn_only=True), train=SimpleNamespace(seed=seed))
-    return SimpleNamespace(name=f"fake{n_layers}_{seed}", config=cfg, metrics=lambda: df, train_log=lambda: log)
+    cfg = SimpleNamespace(model=SimpleNamespace(n_layers=n_layers, attn_only=True, smeared_keys=smeared, d_model=8, n_heads=2),
+                          train=SimpleNamespace(seed=seed))
+    return SimpleNamespace(name=f"fake{n_layers}_{seed}{'_smeared' if smeared else ''}", config=cfg, metrics=lambda: df,
+                           train_log=lambda: log, steps=list(df["step"]))
 
 
 def test_cooccurrence_row_on_a_known_phase_change():
@@ -138,10 +140,12 @@ def test_cooccurrence_row_icl_without_induction_heads():
 
 
 def test_table_headline_and_verdicts():
-    tab = Co.cooccurrence_table({"1L": [_fake_run(1, False)], "2L": [_fake_run(2, True), _fake_run(2, True, 1)]})
-    assert list(tab["verdict"]) == ["ICL window without an induction-head jump", "co-occur", "co-occur"]
+    tab = Co.cooccurrence_table({"1L": [_fake_run(1, False)], "2L": [_fake_run(2, True, s) for s in range(3)]})
+    assert list(tab["verdict"]) == ["ICL window without an induction-head jump"] + ["co-occur"] * 3
     assert Co.headline(tab).startswith("**Reproduced")
-    assert "co-occur in 2 of 2 seeds" in Co.cooccurrence_verdicts(tab)
+    assert "co-occur in 3 of 3 seeds" in Co.cooccurrence_verdicts(tab)
+    two = tab.iloc[:3]  # two seeds only: the effect in every run, but fewer than MIN_RUNS runs
+    assert Co.headline(two).startswith("**Partly reproduced") and "at least 3" in Co.headline(two)
     shown = Co.display_table(tab)
     assert shown.index[-1][0].startswith("paper")
     assert Co.showcase_run(tab) == "fake2_0"
@@ -164,6 +168,8 @@ def _family(**over):
              top_layer_from_end=0, window_found=True, window_peak=1e5, verdict="co-occur"),
         dict(model="a3", layers=3, MLPs=False, corpus="c", final_icl=-0.42, final_prefix=0.7, top_layer=2,
              top_layer_from_end=0, window_found=True, window_peak=1.5e5, verdict="co-occur"),
+    dict(model="a4", layers=4, MLPs=False, corpus="c", final_icl=-0.41, final_prefix=0.7, top_layer=3,
+             top_layer_from_end=0, window_found=True, window_peak=1.2e5, verdict="co-occur"),
     ]
     df = pd.DataFrame(rows)
     for k, v in over.items():
@@ -174,7 +180,7 @@ def _family(**over):
 def test_claims_table_marks_reproduced_and_not():
     c = Ct.claims_table(_family())
     assert (c["verdict"] == "reproduced").all(), c
-    c2 = Ct.claims_table(_family(final_prefix=[0.03, 0.05, 0.6], verdict=["no ICL window", "no ICL window", "co-occur"]))
+    c2 = Ct.claims_table(_family(final_prefix=[0.03, 0.05, 0.6, 0.6], verdict=["no ICL window", "no ICL window", "co-occur", "co-occur"]))
     v = c2["verdict"]
     assert v.iloc[0] == "partly" and v.iloc[1] == "partly"
     assert "claims checked" in Ct.claims_sentence(c2)
@@ -183,7 +189,7 @@ def test_claims_table_marks_reproduced_and_not():
 def test_claims_index_pairs_rule():
     fam = _family()
     pairs = pd.DataFrame([{"run": r, "tokens": 1.0, "late": 250, "early": e, "early_paper": e, "icl": v}
-                          for e in (5, 25) for r, v in (("a1", -0.05), ("a2", -0.4), ("a3", -0.45))])
+                          for e in (5, 25) for r, v in (("a1", -0.05), ("a2", -0.4), ("a3", -0.45), ("a4", -0.42))])
     c = Ct.claims_table(fam, pairs)
     row = c.loc["The conclusion does not hang on the index pair"]
     assert row["verdict"] == "reproduced"

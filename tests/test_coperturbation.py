@@ -58,8 +58,11 @@ def test_pair_table_gain_is_vanilla_minus_smeared():
 
 
 def test_one_layer_verdict_requires_every_seed():
-    ok, s = C.one_layer_verdict(C.pair_table(one_layer_pairs()))
+    ok, s = C.one_layer_verdict(C.pair_table(one_layer_pairs((True, True, True))))
     assert ok is True and s.startswith("**Reproduced")
+    ok, s = C.one_layer_verdict(C.pair_table(one_layer_pairs()))  # every seed, but fewer than MIN_RUNS
+    assert ok == "partly" and s.startswith("**Partly reproduced") and "reproduced needs ≥ 3" in s
+    assert "partly reproduced" in C.summary_sentence(ok, "untested")
     ok, s = C.one_layer_verdict(C.pair_table(one_layer_pairs((True, False))))
     assert ok is False and "1 of 2" in s
     ok, _ = C.one_layer_verdict(C.pair_table({"2L": one_layer_pairs()["1L"]}).assign(layers=2))
@@ -146,7 +149,7 @@ def test_multi_layer_comparison_is_per_depth_then_combined():
     t = C.pair_table({"2L": [pair(2, W_NONE, early)], "3L": [pair(3, late, early)]})
     verdict, sentence = C.two_layer_comparison(t)
     assert verdict == "earlier"
-    assert "*2 layers:*" in sentence and "vanilla 2-layer model" in sentence and "*3 layers:* **Earlier.**" in sentence
+    assert "*2 layers:*" in sentence and "vanilla 2-layer model" in sentence and "*3 layers:* **Earlier**: partly (1 of 1 seeds; reproduced needs ≥ 3)." in sentence
     t2 = C.pair_table({"2L": [pair(2, early, late)], "3L": [pair(3, late, early)]})
     assert C.two_layer_comparison(t2)[0] == "mixed"
     t3 = C.pair_table({"2L": [pair(2, W_NONE, early)], "3L": [pair(3, W_NONE, early)]})

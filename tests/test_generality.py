@@ -43,11 +43,15 @@ def test_bootstrap_ci_brackets_mean_and_narrows():
 
 
 def test_verdict():
-    assert S.verdict(0.3, 0.5, 0.25) == "above chance"
-    assert S.verdict(0.2, 0.5, 0.25) == "at chance"
-    assert S.verdict(0.1, 0.2, 0.25) == "below chance"
-    assert S.verdict(0.1, 0.2, 0.25, higher_is_better=False) == "above chance"
-    assert S.verdict(float("nan"), 0.2, 0.25) == "undetermined"
+    """Known answers of icl_core.verdicts.measurement on both sides of the share margin."""
+    from icl_core import verdicts as V
+    m = V.SHARE_MARGIN
+    assert V.measurement(0.25 + m + 0.01, 0.25 + m / 2, 0.5, 0.25, m) == "above chance"
+    assert V.measurement(0.25 + m - 0.01, 0.25 + 0.001, 0.5, 0.25, m) == V.NULL  # interval clears, effect too small
+    assert V.measurement(0.3, 0.2, 0.5, 0.25, m) == V.NULL  # interval contains chance
+    assert V.measurement(0.15, 0.1, 0.2, 0.25, m) == "below chance"
+    assert V.measurement(0.15, 0.1, 0.2, 0.25, m, higher_is_better=False) == "above chance"
+    assert V.measurement(0.3, float("nan"), 0.2, 0.25, m) == "undetermined"
 
 
 def test_align_words_rules():
@@ -129,16 +133,19 @@ def test_same_label_shares_uniform_is_chance_and_focused_is_one():
 def test_behaviour_status_and_sentences():
     import pandas as pd
 
+    from icl_core import verdicts as V
+
     t = pd.DataFrame([
         {"model": "m", "behaviour": "literal copying", "verdict": "above chance"},
         {"model": "m", "behaviour": "literal copying", "verdict": "above chance"},
         {"model": "m", "behaviour": "fuzzy copying", "verdict": "above chance"},
-        {"model": "m", "behaviour": "fuzzy copying", "verdict": "at chance"},
-        {"model": "m", "behaviour": "abstract pattern matching", "verdict": "at chance"},
-    ])
-    st = G.behaviour_status(t).set_index("behaviour")["status"]
-    assert st["literal copying"] == "reproduced"
-    assert st["fuzzy copying"] == "partly"
-    assert st["abstract pattern matching"] == "not reproduced"
-    text = G.behaviour_sentences(G.behaviour_status(t))
-    assert "does not reproduce" in text and "**reproduces** in all 1 models" in text
+        {"model": "m", "behaviour": "fuzzy copying", "verdict": V.NULL},
+        {"model": "m", "behaviour": "abstract pattern matching", "verdict": V.NULL},
+    ]).assign(induction_head=True)
+    st = S.behaviour_status(t).set_index("behaviour")["status"]
+    assert st["literal copying"] == S.SHOWN
+    assert st["fuzzy copying"] == S.IN_PART
+    assert st["abstract pattern matching"] == V.NULL
+    text = S.behaviour_sentences(S.behaviour_status(t))
+    assert "**not distinguishable from chance** (0 of 1" in text
+    assert "**partly** (1 of 1 models with an induction head; reproduced needs ≥ 3)" in text

@@ -252,7 +252,7 @@ def plot_circuit_timing(scores: dict[str, dict], circuits: dict[str, dict], titl
 # --- the chapter's figures, from icl_core.mechanism's results (None where there is nothing to draw) ---
 
 def plot_focus_composition(c) -> plt.Figure | None:
-    """:func:`plot_composition_heatmaps` of the followed model (a ``mechanism.Composition``), last snapshot."""
+    """:func:`plot_composition_heatmaps` of the followed model (a ``circuits.Composition``), last snapshot."""
     if c.focus is None:
         return None
     (li, _), prev = c.induction, c.prev
