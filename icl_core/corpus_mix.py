@@ -50,11 +50,11 @@ def train_doc_tokens(corpus: D.Corpus) -> list[tuple[str, int]]:
     return _TRAIN_DOC_TOKENS[key]
 
 
-def token_shares(run) -> pd.DataFrame:
-    """One row per (split, source): tokens and share of the split, for the run's training stream
-    (every training document, re-tokenised and checked against the stored stream) and its fixed
-    evaluation windows (``n_ctx - 1`` text tokens each); ``kind`` is prose or code."""
-    corpus, cfg = run.corpus, run.config
+def token_shares(cfg, corpus: D.Corpus) -> pd.DataFrame:
+    """One row per (split, source): tokens and share of the split, for the training stream of a run
+    config ``cfg`` on ``corpus`` (every training document, re-tokenised and checked against the
+    stored stream) and its fixed evaluation windows (``n_ctx - 1`` text tokens each); ``kind`` is
+    prose or code. Needs the corpus, not a trained run."""
     rows = [{"split": "train", "doc": i, "tokens": n} for i, n in train_doc_tokens(corpus)]
     docs, _ = D.eval_window_sources(corpus, cfg.data.n_eval, cfg.model.n_ctx, cfg.data.eval_seed)
     rows += [{"split": "eval", "doc": corpus.val_ids[int(d)], "tokens": cfg.model.n_ctx - 1} for d in docs]
@@ -62,18 +62,22 @@ def token_shares(run) -> pd.DataFrame:
     t["source"], t["kind"] = t["doc"].map(source), t["doc"].map(kind)
     out = t.groupby(["split", "kind", "source"], sort=False)["tokens"].sum().reset_index()
     out["share"] = out["tokens"] / out.groupby("split")["tokens"].transform("sum")
-    out.attrs.update(run=run.name, n_eval=cfg.data.n_eval, n_ctx=cfg.model.n_ctx)
+    out.attrs.update(run=cfg.name, n_eval=cfg.data.n_eval, n_ctx=cfg.model.n_ctx)
     return out
 
 
 def run_shares(runs: dict) -> pd.DataFrame:
     """:func:`token_shares` of the first of ``runs`` ({name: Run}, e.g. a chapter's runs on one corpus)."""
-    return token_shares(next(iter(runs.values())))
+    run = next(iter(runs.values()))
+    return token_shares(run.config, run.corpus)
 
 
 def profile_shares(prof) -> pd.DataFrame:
-    """:func:`token_shares` of the first run of chapter 1 in profile ``prof`` (the book's main corpus)."""
-    return token_shares(prof.run(prof.chapter_params("01_cooccurrence")["runs"][0]))
+    """:func:`token_shares` of the first run of chapter 1 in profile ``prof`` (the book's main
+    corpus), from its config and corpus: the methods chapter needs no trained run."""
+    from .runs import cache_dir
+    cfg = prof.run_config(prof.chapter_params("01_cooccurrence")["runs"][0])
+    return token_shares(cfg, D.Corpus(cfg.data, cache_dir()))
 
 
 def shares_display(shares: pd.DataFrame) -> pd.DataFrame:
