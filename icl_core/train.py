@@ -309,12 +309,8 @@ class Trainer:
         man = self.manifest()
         if man.get("done"):
             return man
-        # peak memory of this run alone (a book worker trains several runs one after another).
-        # The unfused loss freed (N, V) fp32 logits buffers of 16 MB every step; glibc then raised
-        # its mmap threshold to 16 MB and served them from a fragmenting heap: 2.9 GB resident after
-        # 800 steps of the laptop's 2-layer model, 0.44 GB with the threshold pinned, and 0.47 GB with
-        # the chunked loss, which allocates no such buffer (benchmarks/results.md). Pinning it costs
-        # page faults on every large allocation, so the trainer does not.
+        # peak memory of this run alone (a book worker trains several runs one after another); why
+        # the chunked loss keeps it flat: benchmarks/cpu_trainer.md ("Memory")
         reset_peak_rss()
         model, opt, start, log = self._restore(man)
         ev = EvalData(cfg, self.corpus)
