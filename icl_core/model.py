@@ -296,11 +296,12 @@ CE_CHUNK_ROWS = 256
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits ``h @ W`` against ``targets``, with its gradient computed
     in the forward pass, one chunk of rows at a time (the fused "linear + cross-entropy" of
-    Liger-Kernel and Apple's cut-cross-entropy, written with plain torch ops): the fp32
-    log-probabilities of a chunk live only in cache, and the gradient of the logits,
-    (softmax - onehot) / N, is stored once in the matmuls' dtype. The unfused loss materialised
-    the (N, V) logits, an fp32 copy, log-softmax output, a zero-filled NLL gradient and the
-    log-softmax backward: 22% of a laptop training step for 2048 x 2048 logits (issue 25)."""
+    Liger-Kernel and Apple's cut-cross-entropy, which are Triton kernels for GPUs; here plain torch
+    ops that run on the CPU): the fp32 log-probabilities of a chunk live only in cache, and the
+    gradient of the logits, (softmax - onehot) / N, is stored once in the matmuls' dtype. The
+    unfused loss materialised the (N, V) logits, an fp32 copy, the log-softmax output, a zero-filled
+    NLL gradient and the log-softmax backward: about half of a laptop training step for 2048 x 2048
+    logits (benchmarks/cpu_trainer.md)."""
 
     @staticmethod
     def forward(ctx, h, W, targets):
