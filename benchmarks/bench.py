@@ -290,7 +290,7 @@ def logged_peak_rss(profile_name: str = "laptop") -> dict:
     for name in prof.runs:
         try:
             man = prof.run(name).manifest
-        except (FileNotFoundError, AttributeError):
+        except FileNotFoundError:
             continue
         if man.get("peak_rss_mb"):
             out[name] = man["peak_rss_mb"]

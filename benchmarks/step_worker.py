@@ -100,7 +100,7 @@ def _short(name: str) -> str:
     return "compiled elementwise (inductor)" if name.startswith("## Call CompiledFxGraph") else name[:60]
 
 
-def _peak_rss_mb():
+def _peak_rss_mb():  # as icl_core.train.peak_rss_mb, which older checkouts lack
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):

@@ -222,7 +222,7 @@ class Trainer:
         # torch.compile of the forward pass and loss: an execution option like the device (not part
         # of the run's hash); None = on unless ICL_COMPILE=0: always on CUDA (x1.6-2.2 on an H100,
         # benchmarks/gpu/), on the CPU for runs of at least CPU_COMPILE_MIN_STEPS steps, which repay
-        # the compile's seconds (benchmarks/results.md)
+        # the compile's seconds (benchmarks/cpu_trainer.md)
         if compile is None:
             compile = os.environ.get("ICL_COMPILE", "1") != "0" and (
                 self.cuda or cfg.total_steps >= CPU_COMPILE_MIN_STEPS)
