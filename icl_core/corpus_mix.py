@@ -1,15 +1,15 @@
-"""What the models read and what they are scored on: the corpus mix by tokens, and the BOS artefact.
-
-Two deviations from the paper that the book states (issue 22) rather than fixes (fixing them
-changes every number and needs a retrain):
+"""What the models read and what they are scored on: the corpus mix by tokens, and the first index.
 
 * :func:`token_shares`: the share of prose and code (and of each source, e.g. one Python package)
   among the *training* tokens and among the tokens of the fixed *evaluation* windows. The paper
-  trained on web text and books with about :data:`PAPER_CODE_SHARE` code; the evaluation windows are
-  drawn per token (long documents dominate, :func:`icl_core.data.eval_window_sources`).
-* :func:`bos_artefact`: every evaluation window starts with BOS (the EOS id) followed by text
-  from the middle of a document, which training never shows (EOS precedes only document starts),
-  so the loss at the first index is an artefact, often above ln(vocabulary), the loss of a uniform guess.
+  trained on web text and books with about :data:`PAPER_CODE_SHARE` code (a deviation the book
+  states); the evaluation windows are drawn per document, half prose and half code
+  (:func:`icl_core.data.eval_window_sources`; until issue 22 they were drawn per token, so long
+  sympy files made up 143 of 256 windows).
+* :func:`bos_artefact`: the loss at the first index. Windows now tile documents from their start
+  (a document's first window begins with its EOS, as in training; the others have no BOS); the
+  earlier rule put BOS before mid-document text, which training never shows, and its first-index
+  loss (about 9.5 nats) was above ln(vocabulary), the loss of a uniform guess.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def token_shares(cfg, corpus: D.Corpus) -> pd.DataFrame:
     prose or code. Needs the corpus, not a trained run."""
     rows = [{"split": "train", "doc": i, "tokens": n} for i, n in train_doc_tokens(corpus)]
     docs, _ = D.eval_window_sources(corpus, cfg.data.n_eval, cfg.model.n_ctx, cfg.data.eval_seed)
-    rows += [{"split": "eval", "doc": corpus.val_ids[int(d)], "tokens": cfg.model.n_ctx - 1} for d in docs]
+    rows += [{"split": "eval", "doc": corpus.val_ids[int(d)], "tokens": cfg.model.n_ctx} for d in docs]
     t = pd.DataFrame(rows)
     t["source"], t["kind"] = t["doc"].map(source), t["doc"].map(kind)
     out = t.groupby(["split", "kind", "source"], sort=False)["tokens"].sum().reset_index()
@@ -98,18 +98,19 @@ def mix_text(shares: pd.DataFrame) -> str:
     return (f"**Corpus mix (a deviation).** By tokens, the training stream is {code_share(shares, 'train'):.0%} Python "
             f"source code and the fixed evaluation windows are {code_share(shares, 'eval'):.0%} code (the largest source, "
             f"`{top.source}`, alone {top.share:.0%}); the paper trained on web text and books with about "
-            f"{PAPER_CODE_SHARE:.0%} code. Evaluation windows are drawn in proportion to each validation document's "
-            "length, so long files dominate"
-            + (": the book's ICL scores mostly measure in-context learning on code." if code_share(shares, "eval") > 0.5 else "."))
+            f"{PAPER_CODE_SHARE:.0%} code. The evaluation windows are drawn per document with equal shares of prose "
+            "and code, so the ICL scores weigh both alike; the training stream keeps the corpus's own mix.")
 
 
 def eval_rule_text(shares: pd.DataFrame) -> str:
     """The evaluation-window rule (:func:`icl_core.data.eval_window_sources`), with the profile's sizes."""
     a = shares.attrs
     return (f"**Evaluation windows.** {a['n_eval']} windows of {a['n_ctx']} tokens, the same for every model and "
-            "snapshot: a validation document is drawn with probability proportional to the number of windows it can "
-            "hold (long documents dominate), a start is drawn uniformly inside it, and BOS is put before the "
-            f"{a['n_ctx'] - 1} text tokens (shares computed for `{a['run']}`).")
+            "snapshot. Each validation document is cut into consecutive windows from its start (its first window "
+            "begins with the document's EOS, as in training; later ones start mid-document with no BOS). Prose and "
+            "code get equal numbers of windows; within each, documents are shuffled and dealt round-robin (every "
+            "document's first window, then every second one, ...), so each document counts rather than each token "
+            f"(shares computed for `{a['run']}`).")
 
 
 def bos_artefact(losses, vocab_size: int) -> dict:
@@ -120,12 +121,13 @@ def bos_artefact(losses, vocab_size: int) -> dict:
 
 
 def bos_text(art: dict | None = None) -> str:
-    """The BOS artefact, stated (with the measured first-index loss when ``art`` is given)."""
-    s = ("**BOS before mid-document text (a deviation).** Every evaluation window starts with the BOS/EOS token "
-         "followed by text from the middle of a document, but in training EOS only ever precedes the start of a "
-         "document. The first text token is therefore predicted from a misleading context")
+    """What the first index of the loss-by-index heatmaps shows (with the measured loss when ``art`` is given)."""
+    s = ("**The first index.** The first token of a window is predicted from one token of context (the document's "
+         "EOS for a window that starts a document, a mid-document token otherwise), so its loss is the model's "
+         "loss with almost no context")
     if art is not None:
-        s += (f": its loss is {art['first']:.2f} nats, against {art['uniform']:.2f} for a uniform guess over the "
+        s += (f": {art['first']:.2f} nats, against {art['uniform']:.2f} for a uniform guess over the "
               f"vocabulary (ln {math.exp(art['uniform']):.0f}) and {art['next']:.2f} at the next few indices")
-    return s + (". The first column of every loss-by-index heatmap is this artefact, not a property of in-context "
-                "learning; the ICL score (late minus early index) does not use it.")
+    return s + (". An earlier evaluation set put BOS before mid-document text, which training never shows, and its "
+                "first index scored worse than a uniform guess; the windows now follow the training stream. The ICL "
+                "score (late minus early index) does not use the first index.")

@@ -396,31 +396,54 @@ def train_batch(corpus: Corpus, batch_size: int, n_ctx: int, seed: int, step: in
 
 def eval_window_sources(corpus: Corpus, n: int, n_ctx: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(validation document index, start offset in ``corpus.val``) of each of :func:`eval_windows`'
-    ``n`` windows: documents drawn in proportion to their number of possible windows (so long
-    documents dominate), then a uniform start inside the drawn document."""
+    ``n`` windows, drawn per document and balanced between sources (issue 22).
+
+    Each validation document (its leading EOS included) is cut into consecutive non-overlapping
+    windows of ``n_ctx`` tokens from its start, so a document's first window begins with its EOS
+    exactly as in training and no BOS is put before mid-document text. Documents are grouped by
+    kind (the first part of their id: ``bible``, ``code``, ...); each group gets an equal share of
+    the ``n`` windows (a group with fewer windows gives its shortfall to the others). Inside a group
+    the documents are shuffled and dealt round-robin: every document's first window, then every
+    second window, ... -- so each document counts, not each token. The final order is shuffled, so
+    any prefix of the set keeps the mix."""
     off = corpus.val_offsets
-    lens = np.diff(off) - 1  # tokens after the leading EOS
-    need = n_ctx - 1
-    ok = np.nonzero(lens >= need)[0]
-    if len(ok) == 0:
-        raise ConfigError(f"no validation document has {need} tokens; lower model.n_ctx={n_ctx} "
-                          "or use a larger corpus")
+    n_chunks = (np.diff(off) // n_ctx).astype(np.int64)
+    groups: dict[str, list[int]] = {}
+    for i, doc_id in enumerate(corpus.val_ids):
+        if n_chunks[i] > 0:
+            groups.setdefault(doc_id.split("/")[0], []).append(i)
+    available = {k: int(n_chunks[v].sum()) for k, v in groups.items()}
+    if sum(available.values()) < n:
+        raise ConfigError(f"the validation documents hold only {sum(available.values())} windows of {n_ctx} tokens; "
+                          f"lower data.n_eval={n} or model.n_ctx={n_ctx}, or use a larger corpus")
     g = np.random.default_rng(seed)
-    weights = (lens[ok] - need + 1).astype(np.float64)
-    docs = g.choice(ok, size=n, p=weights / weights.sum())
-    starts = np.asarray([off[d] + 1 + g.integers(0, lens[d] - need + 1) for d in docs], dtype=np.int64)
+    quota, left, open_ = {k: 0 for k in groups}, n, sorted(groups)
+    while left:  # equal shares; a group that runs out passes the rest on
+        share = [left // len(open_) + (j < left % len(open_)) for j in range(len(open_))]
+        for k, q in zip(list(open_), share):
+            take = min(q, available[k] - quota[k])
+            quota[k] += take
+            left -= take
+            if quota[k] == available[k]:
+                open_.remove(k)
+    picked = []
+    for k in sorted(groups):
+        docs = np.asarray(groups[k])[g.permutation(len(groups[k]))]
+        deal = [(int(d), int(off[d]) + j * n_ctx) for j in range(int(n_chunks[docs].max()))
+                for d in docs if j < n_chunks[d]]
+        picked += deal[:quota[k]]
+    order = g.permutation(len(picked))
+    docs = np.asarray([picked[i][0] for i in order], dtype=np.int64)
+    starts = np.asarray([picked[i][1] for i in order], dtype=np.int64)
     return docs, starts
 
 
 def eval_windows(corpus: Corpus, n: int, n_ctx: int, seed: int) -> torch.Tensor:
-    """The fixed evaluation set: ``n`` windows of ``n_ctx`` tokens, each inside one validation document
-    and starting with EOS/BOS followed by n_ctx-1 document tokens (:func:`eval_window_sources`; the
-    text usually starts mid-document, where training never puts an EOS). Same for every model and snapshot."""
+    """The fixed evaluation set: ``n`` windows of ``n_ctx`` consecutive tokens of one validation
+    document each (:func:`eval_window_sources`: a document's first window starts with its EOS, the
+    others with mid-document text and no BOS, as training sees them). Same for every model and snapshot."""
     _, starts = eval_window_sources(corpus, n, n_ctx, seed)
-    out = np.empty((n, n_ctx), dtype=np.int64)
-    out[:, 0] = EOS_ID
-    for r, s in enumerate(starts):
-        out[r, 1:] = corpus.val[s:s + n_ctx - 1]
+    out = np.stack([np.asarray(corpus.val[s:s + n_ctx]) for s in starts]).astype(np.int64)
     return torch.from_numpy(out)
 
 

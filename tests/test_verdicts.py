@@ -205,13 +205,34 @@ def _fake_corpus(lengths, seed=0):
 def test_eval_window_sources_match_the_windows():
     from icl_core import data as D
     c = _fake_corpus([5, 40, 200, 90])
-    docs, starts = D.eval_window_sources(c, 16, 32, 7)
-    w = D.eval_windows(c, 16, 32, 7)
-    assert (w[:, 0] == D.EOS_ID).all()
+    docs, starts = D.eval_window_sources(c, 8, 32, 7)
+    w = D.eval_windows(c, 8, 32, 7)
     for r, (d, s) in enumerate(zip(docs, starts)):
-        assert c.val_offsets[d] < s and s + 31 <= c.val_offsets[d + 1]
-        assert torch.equal(w[r, 1:], torch.from_numpy(c.val[s:s + 31].astype(np.int64)))
+        assert (s - c.val_offsets[d]) % 32 == 0 and s + 32 <= c.val_offsets[d + 1]  # tiles the document
+        assert torch.equal(w[r], torch.from_numpy(c.val[s:s + 32].astype(np.int64)))
+        assert (w[r, 0] == D.EOS_ID) == (s == c.val_offsets[d])  # EOS only at a document start
     assert 0 not in set(docs.tolist())  # too short for a window
+    assert len(set(starts.tolist())) == 8  # no window twice
+
+
+def test_eval_windows_are_drawn_per_document_and_balanced():
+    """Old mistake: windows drawn per token, so one long file dominated (143 of 256 sympy windows)."""
+    from icl_core import data as D
+    lengths = [3000] + [70] * 6 + [70] * 6  # one long code file, six short code files, six prose documents
+    c = _fake_corpus(lengths)
+    c.val_ids = ["code/p/0"] + [f"code/p/{i}" for i in range(1, 7)] + [f"bible/x/{i}" for i in range(6)]
+    docs, _ = D.eval_window_sources(c, 24, 32, 0)
+    kinds = [c.val_ids[d].split("/")[0] for d in docs]
+    assert kinds.count("bible") == 12 and kinds.count("code") == 12  # equal shares
+    # round-robin: each short code file gives both its windows before the long file gives a third
+    assert sum(d == 0 for d in docs) <= 2
+    # a group that runs out passes its shortfall on
+    docs, _ = D.eval_window_sources(c, 40, 32, 0)
+    kinds = [c.val_ids[d].split("/")[0] for d in docs]
+    assert kinds.count("bible") == 12 and kinds.count("code") == 28
+    from icl_core.config import ConfigError
+    with pytest.raises(ConfigError, match="lower data.n_eval"):
+        D.eval_window_sources(c, 10_000, 32, 0)
 
 
 def test_corpus_kinds_and_bos_artefact():
