@@ -151,8 +151,13 @@ def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, 
         steps = sorted(set(A.select_steps(run, n)) | {s0, s1})
         r = A.ablations(run, steps, n_examples=n_examples, pattern_preserving=pp, pca_seed=pca_seed)
         cvec, avec = r["clean_vec"].numpy(), r["ablated_vec"].numpy()  # (S, N), (S, L*H, N)
-        u = M.before_after_vector(cvec[steps.index(s0)], cvec[steps.index(s1)])
+        a0, a1 = cvec[steps.index(s0)], cvec[steps.index(s1)]
+        u = M.before_after_vector(a0, a1)
+        uc = M.before_after_vector(a0, a1, centred=True)  # the global loss shift projected out (issue 22)
         proj = np.stack([M.before_after_projection(u, cvec[i], avec[i]) for i in range(len(steps))])
+        projc = np.stack([M.before_after_projection(uc, cvec[i], avec[i]) for i in range(len(steps))])
+        out[f"projection_centred_{mode}"] = projc.reshape(len(steps), n_layers, n_heads)
+        out[f"global_share_{mode}"] = M.global_shift_share(a0, a1)
         out[f"steps_{mode}"] = np.array(steps)
         out[f"tokens_{mode}"] = r["tokens"].numpy()
         out[f"clean_icl_{mode}"] = r["clean_icl"].numpy()
@@ -168,6 +173,7 @@ def per_head_summary(res: dict, labels: np.ndarray, small: float = 0.02) -> dict
     many non-induction heads leave ICL within ``small`` nats or improve it."""
     d = res["delta_icl_pp"][-1]
     p = res["projection_pp"][-1]
+    pc = res["projection_centred_pp"][-1]
     ind, non = labels == "induction", labels != "induction"
     return {"n_induction": int(ind.sum()), "n_other": int(non.sum()),
             "induction_delta": d[ind].tolist(), "induction_proj": p[ind].tolist(),
@@ -175,7 +181,10 @@ def per_head_summary(res: dict, labels: np.ndarray, small: float = 0.02) -> dict
             "other_max_delta": float(d[non].max()) if non.any() else float("nan"),
             "top_head": tuple(int(x) for x in np.unravel_index(np.argmax(d), d.shape)),
             "top_delta": float(d.max()), "most_negative_proj": float(p.min()),
-            "most_negative_proj_head": tuple(int(x) for x in np.unravel_index(np.argmin(p), p.shape))}
+            "most_negative_proj_head": tuple(int(x) for x in np.unravel_index(np.argmin(p), p.shape)),
+            "induction_proj_centred": pc[ind].tolist(), "most_negative_centred": float(pc.min()),
+            "most_negative_centred_head": tuple(int(x) for x in np.unravel_index(np.argmin(pc), pc.shape)),
+            "global_share": float(res["global_share_pp"])}
 
 
 # --- final-snapshot table --------------------------------------------------------------------------
@@ -344,6 +353,56 @@ def ablation_verdict(run_name: str, t: dict, threshold: float = REMOVAL_THRESHOL
                 f"({'pattern-preserving' if mode == 'pp' else 'full'}) {amount}; {rtxt}. {crit}")
 
 
+def seed_spread(overview: pd.DataFrame, tables: dict[str, dict], mode: str = "pp", level: float = 0.95) -> pd.DataFrame:
+    """One row per model (kind and depth) with two or more seeds: the share of ICL that ablating the
+    induction heads removes in each seed, its mean and a t-interval over the seeds (``level``), and in
+    how many seeds the run's test (:func:`ablation_verdict`) passes. A seed without an induction head
+    or without ICL counts as a seed where the test does not apply."""
+    from scipy import stats as st
+
+    rows = []
+    for (kind, layers), g in overview.groupby(["kind", "layers"], sort=False):
+        names = [n for n in g.index if n in tables]
+        if len(names) < 2:
+            continue
+        fr, passed = {}, 0
+        for n in names:
+            ok, _ = ablation_verdict(n, tables[n], mode=mode)
+            d = tables[n][mode]
+            if ok is not None:
+                fr[n] = float(fraction_removed(d["clean"], d["induction"]))
+            passed += bool(ok)
+        v = np.asarray(list(fr.values()))
+        mean = float(v.mean()) if len(v) else float("nan")
+        half = float(st.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        rows.append({"model": f"{layers}L {kind}", "seeds": len(names), "tested": len(v),
+                     "removed per seed": ", ".join(f"`{n}` {fr[n]:.0%}" if n in fr else f"`{n}` n/a" for n in names),
+                     "mean removed": mean, "interval low": mean - half, "interval high": mean + half,
+                     "test passes": passed})
+    out = pd.DataFrame(rows)
+    out.attrs.update(level=level, mode=mode)
+    return out
+
+
+def seed_spread_text(a: "Ablation") -> str:
+    """The ablation result over seeds, with its interval (issue 22: no claim on one run)."""
+    t = seed_spread(a.overview, a.tables)
+    if t.empty:
+        return "No model in this profile has two seeds in this chapter, so there is no spread over seeds to report."
+    lines = []
+    for r in t.to_dict("records"):
+        if not r["tested"]:
+            lines.append(f"- **{r['model']}** ({r['seeds']} seeds): no seed has an induction head and ICL to remove.")
+            continue
+        iv = (f"; {t.attrs['level']:.0%} t-interval over the {r['tested']} tested seeds "
+              f"[{r['interval low']:.0%}, {r['interval high']:.0%}]" if r["tested"] > 1 else "")
+        lines.append(f"- **{r['model']}** ({r['seeds']} seeds): ablating the induction heads (pattern-preserving) "
+                     f"removes {r['mean removed']:.0%} of the ICL score on average ({r['removed per seed']}{iv}); "
+                     f"the test passes in {r['test passes']} of {r['seeds']} seeds.")
+    return ("**Over seeds.** The same table's induction-head row, per model with several seeds (a seed counts as tested "
+            "when it has an induction head and ICL to remove):\n\n" + "\n".join(lines))
+
+
 # --- the chapter: load -> plot -> say ---------------------------------------------------------------
 
 @dataclass
@@ -450,16 +509,42 @@ def projection_windows_text(a: Ablation) -> str:
     return "\n".join(f"- `{name}`: u is taken between {r['ba_label']}." for name, r in a.over_training.items())
 
 
+def projection_specific(s: dict, labels: np.ndarray) -> bool | None:
+    """Is the before-and-after projection specific to induction heads? True when the most negative
+    *centred* projection (global loss shift removed) belongs to an induction head; None without one."""
+    if not s["n_induction"]:
+        return None
+    return bool(labels[s["most_negative_centred_head"]] == "induction")
+
+
 def projection_text(a: Ablation) -> str:
-    """Per run: the most negative projection at the last snapshot, and its induction heads'."""
-    lines = []
+    """Per run: the most negative projection at the last snapshot onto the paper's vector and onto the
+    centred one (the window's mean loss change removed), and whether the centred one singles out an
+    induction head; then how many runs with induction heads it does."""
+    lines, spec = [], []
     for name, r in a.over_training.items():
         s = per_head_summary(r, a.labels[name])
         l, h = s["most_negative_proj_head"]
-        lines.append(f"- `{name}`: the most negative projection at the last snapshot is L{l}H{h} "
-                     f"({a.labels[name][l, h]}, {s['most_negative_proj']:+.3f})"
-                     + ("; induction heads: " + ", ".join(f"{p:+.3f}" for p in s["induction_proj"]) if s["n_induction"] else ""))
-    return "\n".join(lines)
+        lc, hc = s["most_negative_centred_head"]
+        ok = projection_specific(s, a.labels[name])
+        if ok is not None and name in a.main_runs:
+            spec.append(ok)
+        lines.append(f"- `{name}` ({s['global_share']:.0%} of the change's squared length is the uniform shift): "
+                     f"most negative projection L{l}H{h} ({a.labels[name][l, h]}, {s['most_negative_proj']:+.3f})"
+                     + ("; induction heads " + ", ".join(f"{p:+.3f}" for p in s["induction_proj"]) if s["n_induction"] else "")
+                     + f". Centred: L{lc}H{hc} ({a.labels[name][lc, hc]}, {s['most_negative_centred']:+.3f})"
+                     + ("; induction heads " + ", ".join(f"{p:+.3f}" for p in s["induction_proj_centred"]) if s["n_induction"] else ""))
+    head = ("**Is the vector specific to induction heads?** Over the phase-change window the loss also falls on "
+            "tokens that induction cannot help, so the paper's vector mixes the induction effect with a global "
+            "shift. Centring it (subtracting the mean change before normalising) removes the uniform part; a head "
+            "whose ablation raises the loss everywhere then no longer looks like it undoes the phase change. ")
+    if spec:
+        vd = V.count_verdict(sum(spec), len(spec), null=V.NOT_REPRODUCED)
+        head += (f"On the centred vector, the most negative projection belongs to an induction head in {vd.k} of "
+                 f"{vd.n} main-evidence runs: that the vector singles out induction heads is {vd.bold}.")
+    else:
+        head += "No main-evidence run has an induction head, so specificity cannot be tested here."
+    return head + "\n\n" + "\n".join(lines)
 
 
 def verdicts(a: Ablation) -> dict[str, tuple[bool | None, str]]:

@@ -446,13 +446,24 @@ def loss_pca(vectors: dict[str, np.ndarray], n_components: int = 2):
     return pca, {k: pca.transform(v) for k, v in vectors.items()}
 
 
-def before_after_vector(loss_start: np.ndarray, loss_end: np.ndarray) -> np.ndarray:
-    """u = normalise(L_end - L_start) across the phase change."""
+def before_after_vector(loss_start: np.ndarray, loss_end: np.ndarray, centred: bool = False) -> np.ndarray:
+    """u = normalise(L_end - L_start) across the phase change. ``centred``: the mean change is
+    subtracted first, so a loss that falls everywhere by the same amount (the global loss shift of
+    the window) has no component along u, and only *which* tokens improved more than average counts."""
     d = np.asarray(loss_end, dtype=np.float64) - np.asarray(loss_start, dtype=np.float64)
+    if centred:
+        d = d - d.mean()
     n = np.linalg.norm(d)
     if n == 0:
         raise ValueError("loss vectors before and after are identical; no before-and-after direction")
     return d / n
+
+
+def global_shift_share(loss_start: np.ndarray, loss_end: np.ndarray) -> float:
+    """The share of the squared length of L_end - L_start that is its mean (a uniform loss shift):
+    N * mean^2 / |d|^2, 1 when every token changed by the same amount, 0 when the change averages out."""
+    d = np.asarray(loss_end, dtype=np.float64) - np.asarray(loss_start, dtype=np.float64)
+    return float(len(d) * d.mean() ** 2 / max(float(d @ d), 1e-300))
 
 
 def before_after_projection(u: np.ndarray, clean: np.ndarray, ablated: np.ndarray) -> np.ndarray:

@@ -136,3 +136,56 @@ def test_before_after_uses_the_window_or_falls_back_labelled():
     # a window holding less than min_share of the run's ICL change is not taken as the phase change
     s0, s1, label = AB.before_after_steps(run, min_share=0.999)
     assert (s0, s1) == (0, 64) and "under 100%" in label
+
+
+def _table(clean, ind, rnd):
+    return {"induction": [(1, 0)], "random_sets": [[(0, 1)]] * len(rnd), "exhaustive": False, "interval": 0.95,
+            "pp": {"clean": clean, "induction": ind, "random": np.asarray(rnd), "random_mean": float(np.mean(rnd)),
+                   "random_interval": (min(rnd), max(rnd))}}
+
+
+def test_seed_spread_reports_every_seed_with_an_interval():
+    """Old mistake: Argument 3 rested on one run (attn3); its other seeds were never ablated."""
+    import pandas as pd
+    ov = pd.DataFrame([{"run": r, "kind": "attention-only", "layers": 2} for r in ("a", "b", "c")]
+                      + [{"run": "m", "kind": "with MLPs", "layers": 2}]).set_index("run")
+    tabs = {"a": _table(-0.4, -0.04, [-0.39, -0.38]), "b": _table(-0.4, -0.1, [-0.4, -0.37]),
+            "c": _table(-0.4, -0.2, [-0.4, -0.38]), "m": _table(-0.3, 0.0, [-0.3])}
+    t = AB.seed_spread(ov, tabs)
+    assert len(t) == 1  # the one-seed MLP model has no spread
+    r = t.iloc[0]
+    assert r["seeds"] == 3 and r["tested"] == 3
+    assert r["mean removed"] == pytest.approx((0.9 + 0.75 + 0.5) / 3)
+    assert r["interval low"] < 0.5 < 0.9 < r["interval high"]  # three seeds give a wide t-interval
+    assert r["test passes"] == 2  # c removes only 50% < REMOVAL_THRESHOLD
+    # a seed without an induction head is not tested and not averaged
+    tabs["c"]["induction"] = []
+    r = AB.seed_spread(ov, tabs).iloc[0]
+    assert r["tested"] == 2 and r["mean removed"] == pytest.approx(0.825) and "`c` n/a" in r["removed per seed"]
+
+
+def test_centred_before_after_vector_ignores_a_global_loss_shift():
+    """Old mistake: in attn3 the most negative projection was a non-induction head (L0H1, -6.85 vs the
+    induction head's -6.22) because the window's vector is mostly the loss falling everywhere."""
+    rng = np.random.default_rng(0)
+    n = 128
+    start = rng.normal(5, 1, n)
+    rep = np.zeros(n, bool)
+    rep[::4] = True  # tokens induction can help
+    end = start - 1.0 - 0.6 * rep  # everything falls by 1 nat, repeated tokens by 0.6 more
+    assert M.global_shift_share(start, end) > 0.8
+    assert M.global_shift_share(start, start + rng.normal(0, 1, n) - rng.normal(0, 1, n).mean()) < 0.2
+    u, uc = M.before_after_vector(start, end), M.before_after_vector(start, end, centred=True)
+    assert abs(uc.sum()) < 1e-9 and np.linalg.norm(uc) == pytest.approx(1)
+    clean = end
+    generic = clean + 0.8  # a head whose ablation raises the loss everywhere
+    induction = clean + 0.6 * rep  # the induction head: undoes exactly the repeated tokens' gain
+    ablated = np.stack([generic, induction])
+    raw = M.before_after_projection(u, clean, ablated)
+    cen = M.before_after_projection(uc, clean, ablated)
+    assert raw[0] < raw[1]  # the paper's vector ranks the generic head first (the old mistake)
+    assert cen[1] < cen[0] and cen[0] == pytest.approx(0, abs=1e-9)  # centred: only the induction head
+    labels = np.array([["other", "induction"]])
+    s = {"n_induction": 1, "most_negative_centred_head": (0, int(np.argmin(cen)))}
+    assert AB.projection_specific(s, labels) is True
+    assert AB.projection_specific({"n_induction": 0}, labels) is None
