@@ -33,6 +33,21 @@ def select_steps(run: Run, n: int | None = None) -> list[int]:
     return [steps[i] for i in sorted(set(pos.tolist()) | {0, len(steps) - 1})]
 
 
+def story_steps(run: Run, n: int) -> list[int]:
+    """``n``-ish checkpoints that tell a run's story: :func:`select_steps`'s first, last and log-spaced
+    ones, plus the snapshots nearest the start, steepest point and end of its phase-change window
+    (:func:`icl_core.heads.phase_change_window`) when one is found, so a head that forms late in a
+    long run is seen forming rather than only before and after."""
+    from .heads import phase_change_window
+
+    w = phase_change_window(run)
+    if not w.found:
+        return select_steps(run, n)
+    tps = run.config.tokens_per_step
+    near = {min(run.steps, key=lambda s: abs(s * tps - t)) for t in (w.start, w.peak, w.end)}
+    return sorted(set(select_steps(run, max(2, n - len(near)))) | near)
+
+
 def cached(run: Run, name: str, params: dict, compute) -> dict[str, torch.Tensor]:
     """``compute()`` (a dict of tensors), stored once in ``run/analysis/`` under ``name`` and a key of
     ``params``; later calls with the same ``params`` load it (a corrupt file is recomputed, never used).

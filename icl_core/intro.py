@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .analysis import select_steps
+from .analysis import story_steps
 from .config import icl_indices
 from .heads import top_head
 from .profiles import Profile, available_profiles, load_profile
@@ -38,12 +38,12 @@ class Intro:
 
 def compute(prof: Profile, run_name: str, n_checkpoints: int = 6) -> Intro:
     """Load ``run_name`` of ``prof`` and its attention patterns on one repeated random sequence at
-    ``n_checkpoints`` checkpoints (:func:`icl_core.analysis.select_steps`)."""
+    ``n_checkpoints`` checkpoints (:func:`icl_core.analysis.story_steps`)."""
     run = prof.run(run_name)
     df = run.metrics()
     late, early = icl_indices(run.config.model.n_ctx)
     rep = run.eval_data.rep[:1]
-    steps = select_steps(run, n_checkpoints)  # the book's one checkpoint rule (first, last, log-spaced)
+    steps = story_steps(run, n_checkpoints)  # first, last, log-spaced, and the phase-change window's edges
     patterns = {s: next(M.attention_patterns(run.load(s), rep))[1][0].numpy() for s in steps}
     final_prefix = np.asarray(df.prefix.iloc[-1])
     return Intro(prof, run, df, late, early, steps, rep, patterns, final_prefix,

@@ -52,3 +52,19 @@ def test_phase_change_window_can_require_an_induction_head():
     assert heads.phase_change_window(without).found  # the ICL curve alone has a window
     w = heads.phase_change_window(without, require_induction_head=True)
     assert not w.found and "without an induction head" in w.reason
+
+
+def test_story_steps_add_the_window_edges(monkeypatch):
+    """The intro's checkpoints: log-spaced ones miss a head that forms late in a long run."""
+    from types import SimpleNamespace
+
+    from icl_core import analysis as A
+    from icl_core import curves, heads
+    steps = [0, 1, 3, 10, 30, 100, 1000, 2000, 4000, 8000, 16000]
+    run = SimpleNamespace(steps=steps, config=SimpleNamespace(tokens_per_step=10))
+    win = curves.Window(start=20000.0, end=79000.0, peak=41000.0, found=True)
+    monkeypatch.setattr(heads, "phase_change_window", lambda r: win)
+    got = A.story_steps(run, 6)
+    assert {0, 16000, 2000, 4000, 8000} <= set(got)  # first, last, and the snapshots nearest the window
+    monkeypatch.setattr(heads, "phase_change_window", lambda r: curves.Window(start=float("nan"), end=float("nan"), peak=float("nan"), found=False, reason="none"))
+    assert A.story_steps(run, 6) == A.select_steps(run, 6)
