@@ -25,7 +25,9 @@ The summary folder (``--summary``) gets ``provenance.json`` (commit, dirty flag,
 command, seconds per stage, per-run training seconds from the run manifests, per-chapter seconds),
 ``results.json`` (every small results JSON file the chapters wrote, merged) and ``build.log``;
 never weights or notebooks. ``--site-archive PATH`` also packs the HTML site (to look at; not to
-commit). A failed stage still writes the summary, with ``status: failed`` and the error.
+commit). A failed stage still writes the summary, with ``status: failed`` and the error; so does
+SIGTERM; ``--budget-s S`` writes it after S seconds as it stands, in case the command is killed at
+a hard time limit (the device tool's 10 minutes).
 
 Exit status: 0 built; 1 a stage failed; 2 bad input (no GPU with ``--require-gpu``, a missing or
 corrupt corpus folder or carry archive, an unknown profile or chapter), reported in one line.
@@ -37,6 +39,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
@@ -53,6 +56,14 @@ CURVE_KEYS = ("loss", "icl", "prefix_max", "prev_token_max")  # logged at every 
 
 class BadInput(Exception):
     """Reported in one line, exit status 2."""
+
+
+class Terminated(Exception):
+    """SIGTERM (a time limit): the stage fails and the summary is still written."""
+
+
+def _terminated(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
 
 
 # --- setup: the carried archives ------------------------------------------------------------------
@@ -364,6 +375,8 @@ def parse(argv):
     ap.add_argument("--force", action="store_true", help="re-execute chapters even if up to date")
     ap.add_argument("--no-strict", action="store_true", help="render without -W")
     ap.add_argument("--site-archive", default=None, help="also write the HTML site as this .tar.gz")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="write a partial summary after this many seconds (before a hard time limit kills the command)")
     return ap.parse_args(argv)
 
 
@@ -390,6 +403,62 @@ def main(argv=None) -> int:
     trained_wall: dict[str, float] = {}
     profile = names = paths = None
     stage = "setup"
+    lock = threading.Lock()
+
+    def write_summary():
+        """provenance.json and results.json from what is known now (also mid-build: --budget-s)."""
+        with lock:
+            prov.setdefault("device", device_info() if "torch" in sys.modules else {"gpu": "unknown"})
+            if "git" not in prov:
+                try:
+                    sys.path.insert(0, str(ROOT))
+                    prov["git"] = git_info()
+                except Exception as e:
+                    prov["git"] = {"commit": None, "error": str(e)}
+            total = time.time() - t_start
+            on_gpu = prov["device"].get("gpu") not in ("cpu", "unknown")
+            for st in list(stages.values()):  # the machine's GPU is held for the whole command
+                st["gpu_s"] = st["wall_s"] if on_gpu else 0.0
+            prov["wall_s"] = round(total, 2)
+            prov["gpu_s"] = round(total, 2) if on_gpu else 0.0
+            prov["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            if profile is not None and names is not None:
+                try:
+                    prov["runs"] = run_records(profile, names, dict(trained_wall))
+                    tr = [r["train_s"] for r in prov["runs"].values() if r.get("trained_here") and "train_s" in r]
+                    prov["train_process_s"] = round(sum(tr), 2)  # GPU-process seconds when workers share the GPU
+                except Exception as e:
+                    prov["runs_error"] = str(e)
+            if paths is not None:
+                ex = paths.executed(profile.name)
+                prov["chapters"] = chapter_records(ex)
+                merged, skipped = collect_results(paths.build, profile.name)
+                prov["results"] = {"n_files": len(merged), "files": sorted(merged), "skipped": skipped}
+                if not merged:
+                    prov["results"]["note"] = (f"no results JSON files found under {ex}/results, "
+                                               f"{paths.build}/results or {ex}/*.results.json")
+                write_json(summary / "results.json", {"profile": profile.name, "commit": prov["git"].get("commit"),
+                                                      "files": merged})
+            write_json(summary / "provenance.json", prov)
+
+    def at_budget():
+        """--budget-s passed: write the summary as it stands, so that it comes back even if the
+        command is then killed at the device's limit; the build goes on, and a normal end rewrites it."""
+        with lock:
+            if prov["status"] != "running":  # the build has just ended: its own summary follows
+                return
+            prov["status"] = f"still running at --budget-s {a.budget_s:g} (stage {stage}); killed before the end if no later status"
+        try:
+            write_summary()
+            log(f"[summary] --budget-s {a.budget_s:g} reached during {stage}: partial summary written")
+        except Exception as e:  # never disturb the build
+            print(f"warning: partial summary failed: {e}", file=sys.stderr)
+
+    watchdog = threading.Timer(a.budget_s, at_budget) if a.budget_s else None
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         t = time.time()
         if a.carry:
@@ -461,38 +530,9 @@ def main(argv=None) -> int:
         prov.update(status="failed", failed_stage=stage, error=msg[-4000:])
         code = 1
     finally:
-        prov.setdefault("device", device_info() if "torch" in sys.modules else {"gpu": "unknown"})
-        if "git" not in prov:
-            try:
-                sys.path.insert(0, str(ROOT))
-                prov["git"] = git_info()
-            except Exception as e:
-                prov["git"] = {"commit": None, "error": str(e)}
-        total = time.time() - t_start
-        on_gpu = prov["device"].get("gpu") not in ("cpu", "unknown")
-        for s in stages.values():  # the machine's GPU is held for the whole command
-            s["gpu_s"] = s["wall_s"] if on_gpu else 0.0
-        prov["wall_s"] = round(total, 2)
-        prov["gpu_s"] = round(total, 2) if on_gpu else 0.0
-        prov["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        if profile is not None and names is not None:
-            try:
-                prov["runs"] = run_records(profile, names, trained_wall)
-                tr = [r["train_s"] for r in prov["runs"].values() if r.get("trained_here") and "train_s" in r]
-                prov["train_process_s"] = round(sum(tr), 2)  # GPU-process seconds when workers share the GPU
-            except Exception as e:
-                prov["runs_error"] = str(e)
-        if paths is not None:
-            ex = paths.executed(profile.name)
-            prov["chapters"] = chapter_records(ex)
-            merged, skipped = collect_results(paths.build, profile.name)
-            prov["results"] = {"n_files": len(merged), "files": sorted(merged), "skipped": skipped}
-            if not merged:
-                prov["results"]["note"] = (f"no results JSON files found under {ex}/results, "
-                                           f"{paths.build}/results or {ex}/*.results.json")
-            write_json(summary / "results.json", {"profile": profile.name, "commit": prov["git"].get("commit"),
-                                                  "files": merged})
-        write_json(summary / "provenance.json", prov)
+        if watchdog is not None:
+            watchdog.cancel()
+        write_summary()
         log(f"[summary] {summary}/provenance.json: status {prov['status']}, {prov['wall_s']:.1f}s")
         log_file.close()
     return code
