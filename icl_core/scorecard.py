@@ -332,7 +332,7 @@ def table(rows: list[Row] | list[dict]) -> pd.DataFrame:
     """The rows as a chapter shows them: claim, the paper's number, this build's, its runs, the verdict."""
     ds = [r.to_dict() if isinstance(r, Row) else r for r in rows]
     return pd.DataFrame([{"claim": d["claim"], "paper": d["paper"], "this build": d["build"],
-                          "runs (seeds)": d["runs"], "verdict": d["verdict"]} for d in ds]).set_index("claim")
+                          "runs (seeds)": d["runs"], "verdict": d["verdict"]} for d in ds])
 
 
 def record(profile: str, rows: list[Row], directory: str | Path | None = None):
@@ -351,7 +351,7 @@ def record(profile: str, rows: list[Row], directory: str | Path | None = None):
     path = Path(directory) if directory else results_dir(profile)
     atomic_write_json(path / f"{chapter}.json", {"schema": SCHEMA, "profile": profile, "chapter": chapter,
                                                  "rows": [r.to_dict() for r in rows]})
-    return table(rows).style.set_properties(**{"text-align": "left"})
+    return table(rows).style.set_properties(**{"text-align": "left"}).hide(axis="index")
 
 
 ROW_FIELDS = ("id", "argument", "chapter", "claim", "paper", "section", "anchor", "build", "runs", "n", "status", "verdict")
@@ -423,9 +423,10 @@ def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] |
     built = sorted({r["chapter"] for r in rows if r["status"] != NOT_BUILT})
     lines = [f'<p class="scorecard-profile">Built with the <strong>{e(profile)}</strong> profile: {len(rows)} claims '
              f'from the results files of {len(built)} of {len(CHAPTERS)} argument chapters ({e(tally)}).</p>',
-             "", '<table class="table scorecard" id="scorecard-table">',
-             "<thead><tr><th>Argument</th><th>Claim</th><th>Paper</th><th>This build</th><th>Runs (seeds)</th>"
-             "<th>Verdict</th><th>Shown in</th></tr></thead>", "<tbody>"]
+             "", '<div class="scorecard" style="overflow-x: auto; font-size: 0.85em">',
+             '<table class="table scorecard" id="scorecard-table">',
+             "<thead><tr><th>Claim (argument, and the section that shows it)</th><th>Paper</th><th>This build</th>"
+             "<th>Runs (seeds)</th><th>Verdict</th></tr></thead>", "<tbody>"]
     for r in rows:
         ids = (sections or {}).get(r["chapter"])
         target = r["anchor"]
@@ -435,9 +436,9 @@ def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] |
         rest = r["verdict"][len(r["status"]):] if r["verdict"].startswith(r["status"]) else f": {r['verdict']}"
         lines.append(
             f'<tr data-claim="{e(r["id"])}" data-chapter="{e(r["chapter"])}" data-status="{e(r["status"])}">'
-            f"<td>{int(r['argument'])}</td><td>{e(r['claim'])}</td><td>{e(r['paper'])}</td>"
-            f"<td>{e(r['build'])}</td><td>{e(r['runs'])}</td>"
-            f'<td class="verdict"><strong>{e(r["status"])}</strong>{e(rest)}</td>'
-            f'<td><a class="scorecard-link" href="{e(href)}">{e(r["section"])}</a></td></tr>')
-    lines += ["</tbody>", "</table>"]
+            f"<td>{e(r['claim'])}<br><small>Argument {int(r['argument'])}: "
+            f'<a class="scorecard-link" href="{e(href)}">{e(r["section"])}</a></small></td>'
+            f"<td>{e(r['paper'])}</td><td>{e(r['build'])}</td><td>{e(r['runs'])}</td>"
+            f'<td class="verdict"><strong>{e(r["status"])}</strong>{e(rest)}</td></tr>')
+    lines += ["</tbody>", "</table>", "</div>"]
     return "\n".join(lines)

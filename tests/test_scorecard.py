@@ -202,7 +202,7 @@ def _rows():
 
 def test_record_then_load_round_trip_and_not_built_rows(tmp_path):
     shown = SC.record("smoke", _rows(), tmp_path)
-    assert list(shown.data.columns) == ["paper", "this build", "runs (seeds)", "verdict"] and len(shown.data) == 4
+    assert list(shown.data.columns) == ["claim", "paper", "this build", "runs (seeds)", "verdict"] and len(shown.data) == 4
     d = json.loads((tmp_path / "01_cooccurrence.json").read_text())
     assert d["profile"] == "smoke" and d["chapter"] == "01_cooccurrence" and d["schema"] == SC.SCHEMA
     rows = SC.load(tmp_path, "smoke")
