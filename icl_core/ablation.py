@@ -571,16 +571,21 @@ def verdicts_text(a: Ablation) -> str:
     return intro + "\n".join(lines)
 
 
+def causal_verdict(a: Ablation) -> V.Verdict:
+    """The causal argument's verdict (:func:`chapter_summary`): :func:`icl_core.verdicts.count_verdict` of
+    the runs of the main evidence whose :func:`ablation_verdict` passes; not testable without such runs."""
+    v = verdicts(a)
+    return V.count_verdict(sum(bool(v[n][0]) for n in a.main_runs), len(a.main_runs), null=V.NOT_REPRODUCED)
+
+
 def chapter_summary(a: Ablation) -> str:
     """Is the causal argument reproduced, and what the ablations cost."""
-    v = verdicts(a)
     main_runs = a.main_runs
-    main_ok = [v[n][0] for n in main_runs]
     if not main_runs:
         summary = ("No run in this profile has an induction head by the threshold, so the central test of this "
                    "argument cannot be run here; the per-head results above show which heads matter most.")
     else:  # icl_core.verdicts: "reproduced" needs the test to pass in every run of the main evidence, and >= MIN_RUNS
-        vd = V.count_verdict(sum(bool(x) for x in main_ok), len(main_runs), null=V.NOT_REPRODUCED)
+        vd = causal_verdict(a)
         summary = (f"The causal test (ablating the induction heads removes at least {REMOVAL_THRESHOLD:.0%} of the ICL score "
                    f"while as many random heads remove far less) passes in {vd.k} of {vd.n} runs of the main evidence "
                    f"({', '.join(f'`{n}`' for n in main_runs)}): the paper's causal argument is {vd.bold} at this scale.")

@@ -243,6 +243,14 @@ def composition_display(ct: pd.DataFrame | None):
     return None if ct is None else ct.style.format({k: "{:.3f}" for k in ["baseline", "Q", "K", "V"]} | {"prefix": "{:.2f}"}).hide(axis="index")
 
 
+def composition_verdict(ct: pd.DataFrame | None) -> V.Verdict:
+    """:func:`icl_core.verdicts.count_verdict` of the models whose pair K-composes
+    (:func:`composition_table`'s ``K-circuit``); not testable without a multi-layer pair."""
+    if ct is None:
+        return V.Verdict(V.NOT_TESTABLE, 0, 0, "models")
+    return V.count_verdict(int(ct["K-circuit"].sum()), len(ct), unit="models")
+
+
 def composition_text(ct: pd.DataFrame | None) -> str | None:
     """In how many models the pair K-composes (:func:`icl_core.verdicts.composition_ok`), as a
     verdict over the models (:func:`icl_core.verdicts.count_verdict`)."""
@@ -250,7 +258,7 @@ def composition_text(ct: pd.DataFrame | None) -> str | None:
         return None
     k_top = ct[ct["K-circuit"]]["model"].tolist()
     no_ih = ct[ct["prefix"] < INDUCTION_THRESHOLD]["model"].tolist()
-    v = V.count_verdict(len(k_top), len(ct), unit="models")
+    v = composition_verdict(ct)
     return (f"At the last snapshot, for each model's pair (top previous-token head → top layer-≥1 prefix-matching head), "
             f"the paper's K-composition counts when the later head is an induction head (prefix score ≥ {INDUCTION_THRESHOLD}), "
             f"K is the largest of the three and at least {V.COMPOSITION_MIN_RATIO}× the random baseline *[book choice]*: "

@@ -34,7 +34,7 @@ from .curves import (BUMP_TOL, PREFIX_MIN_RISE, Window, convex_gap, initial_fall
 from .curves import phase_change_window as curve_window
 from .heads import INDUCTION_THRESHOLD, is_control, phase_change_window
 from .prose import fmt, fmt_tokens, join
-from .verdicts import MIN_RUNS, NOT_REPRODUCED, REPEAT_GAIN_MIN, REPRODUCED, count_verdict
+from .verdicts import MIN_RUNS, NOT_REPRODUCED, PARTLY, REPEAT_GAIN_MIN, REPRODUCED, Verdict, count_verdict
 from .runs import Run
 
 #: The paper's Argument 1 numbers (../shared/PAPER.md), in the book's sign convention
@@ -180,24 +180,53 @@ def cooccurrence_verdicts(table: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def headline(table: pd.DataFrame) -> str:
-    """One sentence: does the book reproduce co-occurrence at this scale? The count of ≥2-layer runs
-    whose induction head forms inside the ICL window goes through :func:`icl_core.verdicts.count_verdict`
-    ("reproduced" also needs every vanilla one-layer run to stay without an induction head). Only vanilla
-    1-layer runs without an induction head (:func:`icl_core.heads.is_control`) are called controls."""
+def cooccurrence_verdict(table: pd.DataFrame) -> Verdict:
+    """The chapter's co-occurrence verdict (:func:`headline`): the count of ≥2-layer runs whose
+    induction head forms inside the ICL window goes through :func:`icl_core.verdicts.count_verdict`;
+    "reproduced" also needs every vanilla one-layer run to stay without an induction head (else it
+    is "partly")."""
     multi = table[table["layers"] >= 2]
+    v = count_verdict(int(multi["verdict"].str.startswith("co-occur").sum()), len(multi), null=NOT_REPRODUCED)
+    if v.status == REPRODUCED and one_layer_induction_heads(table):
+        return Verdict(PARTLY, v.k, v.n)
+    return v
+
+
+def one_layer_induction_heads(table: pd.DataFrame) -> int:
+    """How many vanilla 1-layer runs form an induction head (smeared ones are under test, not controls)."""
     single = table[table["layers"] == 1]
-    co = multi["verdict"].str.startswith("co-occur")
-    v = count_verdict(int(co.sum()), len(multi), null=NOT_REPRODUCED)
-    one_ih = int(single[~single["smeared"]]["induction_head"].sum())  # vanilla 1-layer runs; smeared ones are under test
-    if v.status == REPRODUCED and not one_ih:
+    return int(single[~single["smeared"]]["induction_head"].sum())
+
+
+def control_verdict(table: pd.DataFrame) -> Verdict:
+    """The paper's "1-layer models do not": :func:`icl_core.verdicts.count_verdict` of the vanilla
+    1-layer runs that form no induction head (not testable without such runs)."""
+    single = table[(table["layers"] == 1) & ~table["smeared"]]
+    return count_verdict(int((~single["induction_head"]).sum()), len(single), null=NOT_REPRODUCED)
+
+
+def bump_verdict(table: pd.DataFrame) -> Verdict:
+    """The loss bump: :func:`icl_core.verdicts.count_verdict` of the ≥2-layer runs whose
+    :func:`run_verdict` is "co-occur" (the induction-head jump *and* a loss bump inside the window)."""
+    multi = table[table["layers"] >= 2]
+    return count_verdict(int((multi["verdict"] == "co-occur").sum()), len(multi), null=NOT_REPRODUCED)
+
+
+def headline(table: pd.DataFrame) -> str:
+    """One sentence: does the book reproduce co-occurrence at this scale (:func:`cooccurrence_verdict`)?
+    Only vanilla 1-layer runs without an induction head (:func:`icl_core.heads.is_control`) are called
+    controls."""
+    single = table[table["layers"] == 1]
+    v = cooccurrence_verdict(table)
+    one_ih = one_layer_induction_heads(table)
+    if v.status == REPRODUCED:
         s = (f"**Reproduced at this scale** ({v.k} of {v.n} runs): in every run with two or more layers the ICL "
              "window, the induction-head jump and the loss bump line up (see the table for the bump), "
              "and no vanilla one-layer run forms an induction head.")
     elif v.k:
         s = (f"**Partly reproduced at this scale:** induction heads form inside the ICL window in "
              f"{v.k} of {v.n} runs with two or more layers"
-             + (f" (reproduced needs all of them, and at least {MIN_RUNS})" if v.status != REPRODUCED else "")
+             + (f" (reproduced needs all of them, and at least {MIN_RUNS})" if v.k < v.n or v.n < MIN_RUNS else "")
              + (f"; {one_ih} vanilla one-layer run{'s' if one_ih > 1 else ''} form{'' if one_ih > 1 else 's'} an induction head" if one_ih else "") + ".")
     else:
         s = ("**Not reproduced at this scale:** no run with two or more layers forms an induction head "

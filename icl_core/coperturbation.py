@@ -114,6 +114,16 @@ def pair_table(pairs: dict[str, list[tuple[Curves, Curves]]],
     return pd.DataFrame(rows)
 
 
+def one_layer_counts(table: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD,
+                     icl_gain: float = ICL_GAIN) -> V.Verdict:
+    """The 1-layer claim as a :class:`icl_core.verdicts.Verdict` over seeds (:func:`one_layer_verdict`
+    states it): a seed counts when its smeared model has top prefix score > ``prefix_threshold`` and ICL
+    better by >= ``icl_gain`` nats than its vanilla twin; reproduced needs >= MIN_RUNS seeds."""
+    t = table[table["layers"] == 1]
+    k = int(((t["smeared top prefix"] > prefix_threshold) & (t["ICL gain (smeared)"] >= icl_gain)).sum())
+    return V.count_verdict(k, len(t), null=V.NOT_REPRODUCED, unit="seeds")
+
+
 def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_THRESHOLD,
                       icl_gain: float = ICL_GAIN) -> tuple[bool | None, str]:
     """(passed, sentence) for the 1-layer claim: for every seed the smeared model has top prefix
@@ -124,17 +134,15 @@ def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_T
     t = table[table["layers"] == 1]
     if t.empty:
         return None, "There is no 1-layer pair in this profile, so the 1-layer claim is not tested."
-    ok_prefix = t["smeared top prefix"] > prefix_threshold
-    ok_gain = t["ICL gain (smeared)"] >= icl_gain
     van_none = ~t["vanilla induction head"]
-    n, k = len(t), int((ok_prefix & ok_gain).sum())
+    v = one_layer_counts(table, prefix_threshold, icl_gain)
+    n, k = v.n, v.k
     per_seed = "; ".join(
         f"seed {r.seed}: top prefix score {r['smeared top prefix']:.2f} (smeared) vs "
         f"{r['vanilla top prefix']:.2f} (vanilla), ICL gain {r['ICL gain (smeared)']:+.2f} nats"
         for _, r in t.iterrows())
     crit = (f"top prefix-matching score above {prefix_threshold:g} and an ICL score at least "
             f"{icl_gain:g} nats better than its vanilla twin")
-    v = V.count_verdict(k, n, null=V.NOT_REPRODUCED, unit="seeds")  # icl_core.verdicts: >= MIN_RUNS seeds to reproduce
     if k == n:
         s = (f"**{'Reproduced' if v.status == V.REPRODUCED else 'Partly reproduced'} at this scale** ({v.text}). "
              f"For all {n} seeds the smeared 1-layer model has a {crit} ({per_seed}).")
@@ -143,6 +151,26 @@ def one_layer_verdict(table: pd.DataFrame, prefix_threshold: float = INDUCTION_T
         return (True if v.status == V.REPRODUCED else V.PARTLY), s
     return False, (f"**{v.status[0].upper() + v.status[1:]} at this scale.** Only {k} of {n} smeared 1-layer models have a {crit} "
                    f"({per_seed}).")
+
+
+def two_layer_verdict(table: pd.DataFrame) -> V.Verdict:
+    """:func:`two_layer_comparison`'s verdict as a :class:`icl_core.verdicts.Verdict` over the seeds of
+    the pairs with 2 or more layers: 'earlier' (with or without overlapping windows) is
+    :func:`icl_core.verdicts.count_verdict` of every seed, as the chapter states it; 'later' is not
+    reproduced; 'mixed' counts the seeds whose smeared window starts first; 'not resolved' (a twin
+    without a window) and 'untested' are not testable."""
+    verdict, _ = two_layer_comparison(table)
+    t = table[table["layers"] >= 2]
+    both = t[t["vanilla window start"].notna() & t["smeared window start"].notna()]
+    n = len(both)
+    if verdict.startswith("earlier"):
+        return V.count_verdict(n, n, unit="seeds")
+    if verdict == "later":
+        return V.Verdict(V.NOT_REPRODUCED, 0, n, "seeds")
+    if verdict == "mixed":
+        k = int((both["smeared window start"] < both["vanilla window start"]).sum())
+        return V.count_verdict(k, n, unit="seeds")
+    return V.Verdict(V.NOT_TESTABLE, 0, 0, "seeds")
 
 
 def window_interval(start: float, end: float) -> str:

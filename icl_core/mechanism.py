@@ -36,7 +36,7 @@ from . import circuits as Ci
 from . import metrics as M
 from .circuits import Composition
 from .heads import INDUCTION_THRESHOLD, classify_heads, phase_change_window, top_heads
-from .verdicts import ONE_HEAD_MIN_BORROWED, ONE_HEAD_MIN_DIAG_Z
+from .verdicts import ONE_HEAD_MIN_BORROWED, ONE_HEAD_MIN_DIAG_Z, Verdict, count_verdict
 from .model import Transformer
 from .runs import Run
 
@@ -129,6 +129,16 @@ def agreement(scores: dict[str, dict], prefix_threshold: float = INDUCTION_THRES
         row[k] = sum(r[k] for r in rows)
     rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ov_copying_verdict(agr: pd.DataFrame) -> Verdict:
+    """The paper's "the induction head's OV circuit copies", from :func:`agreement`:
+    :func:`icl_core.verdicts.count_verdict` of the models with induction heads in which every induction
+    head has a positive OV-eigenvalue copying score."""
+    per = agr[agr["model"] != "all models (pooled)"]
+    per = per[per["induction heads"] > 0]
+    return count_verdict(int((per["with OV > 0"] == per["induction heads"]).sum()), len(per),
+                         unit="models with an induction head")
 
 
 def rise_token(tokens, values, frac: float = 0.5) -> float:

@@ -280,3 +280,47 @@ def test_make_publish_pushes_the_built_site_to_a_bare_remote(site, tmp_path):
     executed = OUT / "_build" / "executed"
     assert any(executed.rglob("*.key.json"))  # what must stay behind exists beside the site ...
     assert not [f for f in files if f.endswith((".key.json", ".failed.ipynb")) or "executed" in f]  # ... and stays
+
+
+# --- the reproduction scorecard (issue 21): the landing page's table ---------------------------------
+
+_SCORECARD_ROWS = """() => Array.from(document.querySelectorAll('#scorecard-table tbody tr')).map(tr => ({
+    id: tr.dataset.claim, chapter: tr.dataset.chapter, status: tr.dataset.status,
+    verdict: tr.querySelector('td.verdict').innerText.trim(),
+    href: tr.querySelector('a.scorecard-link').getAttribute('href')}))"""
+
+
+def test_landing_scorecard_links_every_claim_and_shows_the_chapters_verdicts(site, server, browser):
+    """Opened in Chromium (offline): one row per claim, at least ten; every row's link, followed, lands
+    on an existing anchor of its chapter's page; every verdict is the one in the results file the
+    chapter wrote (and the chapter's own page shows it too); the table names the profile."""
+    from icl_core import scorecard as SC
+
+    rows = SC.load(OUT / "_build" / "executed" / "smoke" / "results", "smoke")
+    page = browser.new_page()
+    external = []
+    page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(server)
+               else (external.append(r.request.url), r.abort()))
+    page.goto(f"{server}/index.html", wait_until="load")
+    shown = page.evaluate(_SCORECARD_ROWS)
+    assert len(shown) >= 10 and len({s["id"] for s in shown}) == len(shown)
+    assert [s["id"] for s in shown] == [r["id"] for r in rows]
+    assert "smoke" in page.inner_text(".scorecard-profile")
+    for s, r in zip(shown, rows):
+        assert s["status"] == r["status"] != SC.NOT_BUILT, s
+        assert s["verdict"] == r["verdict"], s
+    for s in shown:
+        path, _, anchor = s["href"].partition("#")
+        assert path == f"chapters/{s['chapter']}.html" and anchor, s
+        page.goto("about:blank")  # a fresh navigation each time (a hash change alone returns no response)
+        resp = page.goto(f"{server}/{s['href']}", wait_until="load")
+        assert resp is not None and resp.ok, s
+        assert page.evaluate("(id) => !!document.getElementById(id)", anchor), s
+    for chapter in sorted({r["chapter"] for r in rows}):
+        page.goto(f"{server}/chapters/{chapter}.html", wait_until="load")
+        text = page.inner_text("body")
+        for r in rows:
+            if r["chapter"] == chapter:
+                assert r["verdict"] in text, (chapter, r["id"])
+    assert not external, external
+    page.close()

@@ -1,7 +1,8 @@
 """Train the runs a build needs, then execute the chapters with papermill (one kernel per chapter).
 
 Executed notebooks go to ``<out>/_build/executed/<profile>/<chapter>.ipynb`` with their up-to-date
-key beside them (:mod:`icl_core.book.chapters`); a failed chapter keeps its partial output as
+key beside them (:mod:`icl_core.book.chapters`), and each chapter's scorecard rows to
+``results/<chapter>.json`` there (:mod:`icl_core.scorecard`, through ``$ICL_RESULTS_DIR``); a failed chapter keeps its partial output as
 ``<chapter>.failed.ipynb`` and is reported with its cell (:class:`ChapterFailed`).
 """
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 from ..profiles import PROFILES_DIR, Profile, load_profile
 from .chapters import (PROJECT_ROOT, BookError, ChapterFailed, Paths, chapter_key, chapter_notebooks, chapter_parameters,
                        is_up_to_date, profile_hash, runs_named_in, select_chapters, source_hash)
+
+#: where a chapter's kernel writes its scorecard rows: :data:`icl_core.scorecard.RESULTS_ENV` (not
+#: imported, so that the build's process does not load torch; tests/test_scorecard.py checks they agree)
+RESULTS_ENV = "ICL_RESULTS_DIR"
 
 
 def _device() -> str:
@@ -127,10 +132,14 @@ def execute_chapter(chapter: str, nb_path: Path, out_dir: Path, params: dict, ke
     failed = out_dir / f"{chapter}.failed.ipynb"
     stamp = final.with_suffix(".key.json")
     tmp = out_dir / f".{chapter}.running.ipynb"
+    results = out_dir / "results"  # the chapter's scorecard rows (icl_core.scorecard.record) land here
+    (results / f"{chapter}.json").unlink(missing_ok=True)  # never a stale file beside a new execution
     t = time.time()
     # the kernel imports icl_core from this project even when it is not pip-installed
     env_path = os.environ.get("PYTHONPATH", "")
+    env_results = os.environ.get(RESULTS_ENV)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env_path] if env_path else []))
+    os.environ[RESULTS_ENV] = str(results)
     try:
         pm.execute_notebook(str(nb_path), str(tmp), parameters=params, kernel_name="python3",
                             progress_bar=False, cwd=str(cwd or nb_path.parent),
@@ -139,7 +148,7 @@ def execute_chapter(chapter: str, nb_path: Path, out_dir: Path, params: dict, ke
         cell, first, err = _error_cell(tmp) if tmp.exists() else (None, "", "")
         if tmp.exists():
             os.replace(tmp, failed)
-        for p in (final, stamp):
+        for p in (final, stamp, results / f"{chapter}.json"):
             p.unlink(missing_ok=True)
         if not err:
             err = f"{type(e).__name__}: {getattr(e, 'evalue', e)}"
@@ -147,12 +156,14 @@ def execute_chapter(chapter: str, nb_path: Path, out_dir: Path, params: dict, ke
         raise ChapterFailed(chapter, cell, f"chapter {chapter} ({nb_path}) failed in {where}: {err}\n"
                             f"  partial output: {failed}") from None
     finally:
-        if env_path:
-            os.environ["PYTHONPATH"] = env_path
-        else:
-            os.environ.pop("PYTHONPATH", None)
+        for var, old in (("PYTHONPATH", env_path), (RESULTS_ENV, env_results)):
+            if old:
+                os.environ[var] = old
+            else:
+                os.environ.pop(var, None)
     errors = _error_cell(tmp)
     if errors[0] is not None:  # an error output in a cell tagged raises-exception is still an error
+        (results / f"{chapter}.json").unlink(missing_ok=True)
         os.replace(tmp, failed)
         raise ChapterFailed(chapter, errors[0], f"chapter {chapter} ({nb_path}) has an error output in cell "
                             f"{errors[0]} ({errors[1]!r}): {errors[2]}\n  partial output: {failed}")

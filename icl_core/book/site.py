@@ -29,6 +29,38 @@ def _banner_markdown(profile: Profile) -> str:
     return " ".join(lines)
 
 
+#: where the landing page (the toc's root) shows the scorecard (:func:`scorecard_block`)
+SCORECARD_MARKER = "{{ scorecard }}"
+
+
+def scorecard_block(profile: Profile, paths: Paths, log=print) -> str:
+    """The landing page's scorecard from the chapters' results files of this profile
+    (``executed/<profile>/results``, :func:`icl_core.scorecard.load`), each row linked to the section
+    of the page that shows it (:func:`icl_core.scorecard.section_ids` of the executed notebooks)."""
+    from .. import scorecard as SC
+
+    executed = paths.executed(profile.name)
+    try:
+        rows = SC.load(executed / "results", profile.name)
+    except SC.ScorecardError as e:
+        raise BookError(f"scorecard: {e}") from None
+    missing = sorted({r["chapter"] for r in rows if r["status"] == SC.NOT_BUILT})
+    if missing:
+        log(f"[render] warning: no scorecard results for {', '.join(missing)} (profile {profile.name!r}); "
+            "their rows say 'not built'")
+    sections = {}
+    for chapter in SC.CHAPTERS.values():
+        nb = executed / f"{chapter}.ipynb"
+        nb = nb if nb.exists() else paths.root / "chapters" / f"{chapter}.ipynb"
+        if nb.exists():
+            sections[chapter] = SC.section_ids(nb)
+    for r in rows:
+        if r["chapter"] in sections and r["anchor"] not in sections[r["chapter"]]:
+            log(f"[render] warning: scorecard claim {r['id']!r}: {r['chapter']} has no section {r['section']!r}; "
+                "the row links to the chapter's scorecard section")
+    return SC.landing_html(rows, profile.name, sections)
+
+
 def assemble_source(profile: Profile, paths: Paths, log=print) -> Path:
     """Write the Jupyter Book source: config, toc, pages, executed notebooks, vendored JS."""
     root, src = paths.root, paths.src
@@ -63,6 +95,9 @@ def assemble_source(profile: Profile, paths: Paths, log=print) -> Path:
                         "its page shows code without outputs")
             else:
                 files[rel] = p.read_bytes()
+                if f == toc_files(root)[0] and SCORECARD_MARKER.encode() in files[rel]:
+                    files[rel] = files[rel].replace(SCORECARD_MARKER.encode(),
+                                                    scorecard_block(profile, paths, log).encode())
     # chapter assets (images, data next to the pages); never notebooks or md outside the toc
     for p in (root / "chapters").rglob("*"):
         if p.is_file() and p.suffix not in (".ipynb", ".md", ".py") and ".ipynb_checkpoints" not in p.parts \
