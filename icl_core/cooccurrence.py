@@ -50,6 +50,16 @@ def train_loss_curve(run: Run, n_grid: int = 200, width: float = 0.1) -> tuple[n
     return smooth_log_curve(df["tokens"].to_numpy(), df["loss"].to_numpy(), n_grid, width)
 
 
+def top_layer(df: pd.DataFrame, score: str) -> int | None:
+    """The layer of the head with the highest per-head ``score`` ('prefix' or 'prev_token', logged as
+    (layers, heads) lists) at the last snapshot; None when the metrics lack per-head scores."""
+    v = df[score].iloc[-1] if score in df else None
+    if v is None:
+        return None
+    a = np.asarray(v, dtype=float)
+    return int(np.unravel_index(np.argmax(a), a.shape)[0])
+
+
 def cooccurrence_row(run: Run, label: str | None = None, bump_tol: float = BUMP_TOL) -> dict:
     """One run's Argument-1 numbers: ICL window, ICL and top prefix score before/after it, the
     fraction of the final ICL gained inside it, where the prefix score jumps, and the loss bump
@@ -67,6 +77,9 @@ def cooccurrence_row(run: Run, label: str | None = None, bump_tol: float = BUMP_
            "MLPs": not run.config.model.attn_only, "seed": run.config.train.seed,
            "tokens": int(t[-1]), "initial_icl": float(icl[0]), "final_icl": float(icl[-1]),
            "final_icl_single": float(df["icl_single"].iloc[-1]) if "icl_single" in df else np.nan,
+           # where the circuit sits at the end: the layers of the top prefix-matching (induction) head
+           # and of the top previous-token head (the circuit needs the second before the first)
+           "top_prefix_layer": top_layer(df, "prefix"), "top_prev_layer": top_layer(df, "prev_token"),
            "final_prefix": float(pm[-1]), "window_found": w.found, "window_reason": w.reason,
            "window_start": w.start, "window_peak": w.peak, "window_end": w.end,
            "icl_before": np.nan, "icl_after": np.nan, "frac_icl_in_window": np.nan,
@@ -473,7 +486,9 @@ def prefix_summary(table: pd.DataFrame) -> str:
         f"- `{r['run']}`: "
         + (f"top prefix score {fmt(r['prefix_before'], '.2f')} → {fmt(r['prefix_after'], '.2f')} across the ICL window, "
            if r['window_found'] else "no ICL window; top prefix score ")
-        + f"{fmt(r['final_prefix'], '.2f')} at the end; "
+        + f"{fmt(r['final_prefix'], '.2f')} at the end"
+        + (f" (layer {r['top_prefix_layer']}; the top previous-token head is in layer {r['top_prev_layer']})"
+           if r.get("top_prefix_layer") is not None and r.get("top_prev_layer") is not None else "") + "; "
         + (f"it rises fastest at {fmt_tokens(r['prefix_jump_peak'])} tokens, "
            f"{'inside' if r['prefix_jump_in_window'] else 'outside'} the ICL window"
            + (f", and {fmt(r['frac_prefix_in_window'], '.0%')} of its rise happens inside it" if r['window_found'] else "")

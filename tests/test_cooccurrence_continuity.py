@@ -129,6 +129,17 @@ def test_cooccurrence_row_on_a_known_phase_change():
     assert r["icl_before"] > r["icl_after"]
     assert 0 < r["frac_icl_in_window"] <= 1
     assert r["verdict"] == "co-occur"
+    assert r["top_prefix_layer"] is None  # the fake run logs no per-head scores
+
+
+def test_top_layer_finds_the_circuit():
+    import pandas as pd
+    df = pd.DataFrame({"prefix": [None, [[0.02, 0.01], [0.05, 0.44]]], "prev_token": [None, [[0.1, 0.46], [0.3, 0.2]]]})
+    assert Co.top_layer(df, "prefix") == 1 and Co.top_layer(df, "prev_token") == 0
+    assert Co.top_layer(df.drop(columns="prefix"), "prefix") is None
+    row = {"run": "x", "window_found": False, "final_prefix": 0.44, "top_prefix_layer": 1, "top_prev_layer": 0,
+           "prefix_jump_found": False}
+    assert "layer 1; the top previous-token head is in layer 0" in Co.prefix_summary(pd.DataFrame([row]))
 
 
 def test_cooccurrence_row_icl_without_induction_heads():
