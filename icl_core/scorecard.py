@@ -408,6 +408,63 @@ def compare(dir_a: str | Path, profile_a: str, dir_b: str | Path, profile_b: str
                         ).rename(columns={"a": f"a: {profile_a}", "b": f"b: {profile_b}"}).set_index("claim")
 
 
+# --- the faithful scale (issue 23): a GPU build's committed results beside every build --------------
+
+#: Where a GPU build's small results are committed (benchmarks/gpu/run_profile.py writes them):
+#: ``results.json`` (the chapters' results files, merged) and ``provenance.json``.
+FAITHFUL_DIR = PROJECT_ROOT / "results" / "gpu"
+
+
+def faithful_rows(directory: str | Path = FAITHFUL_DIR) -> tuple[dict[str, dict], dict | None]:
+    """({claim id: row}, provenance) of the committed GPU build, or ({}, None) when nothing is
+    committed; a file that is there but unreadable is a :class:`ScorecardError` (one line)."""
+    d = Path(directory)
+    res, prov = d / "results.json", d / "provenance.json"
+    if not res.exists():
+        return {}, None
+    try:
+        merged = json.loads(res.read_text()).get("files", {})  # benchmarks/gpu/run_profile.py's layout
+        provenance = json.loads(prov.read_text()) if prov.exists() else {}
+    except (ValueError, AttributeError) as e:
+        raise ScorecardError(f"{res.parent}: not a results folder of run_profile.py ({e})") from None
+    rows = {}
+    for name, f in sorted(merged.items()):
+        if not isinstance(f, dict) or f.get("schema") != SCHEMA or not isinstance(f.get("rows"), list):
+            raise ScorecardError(f"{res}: entry {name!r} is not a scorecard file of schema {SCHEMA}")
+        rows.update({r["id"]: r for r in f["rows"]})
+    return rows, provenance
+
+
+def faithful_table(profile: str, directory: str | Path | None = None,
+                   faithful: str | Path = FAITHFUL_DIR) -> pd.DataFrame:
+    """One row per claim: this build's number and verdict (the results files in ``directory``, default
+    :func:`results_dir`) beside the committed GPU build's ("at the faithful scale"); the column says
+    "not run yet" for every claim when no GPU build is committed."""
+    here = load(directory or results_dir(profile), profile)
+    there, prov = faithful_rows(faithful)
+    missing = "not run yet" if prov is None else "not in the GPU build"
+    return pd.DataFrame([{"claim": r["claim"], f"this build ({profile})": f"{r['build']} — {r['status']}",
+                          "at the faithful scale (gpu)": (f"{there[r['id']]['build']} — {there[r['id']]['status']}"
+                                                          if r["id"] in there else missing)}
+                         for r in here]).set_index("claim")
+
+
+def faithful_text(faithful: str | Path = FAITHFUL_DIR) -> str:
+    """Where the faithful-scale column comes from: the committed GPU build's provenance, or that none is."""
+    rows, prov = faithful_rows(faithful)
+    if prov is None:
+        return ("**At the faithful scale.** The `gpu` profile (the paper's Shortformer positions and 512-token "
+                "contexts, about a billion tokens over its runs) has not been trained yet: it needs a lent GPU, and "
+                "its one command is `benchmarks/gpu/run_profile.py` (`benchmarks/gpu/README.md`). When a GPU build's "
+                f"`results.json` and `provenance.json` are committed under `{Path(faithful).relative_to(PROJECT_ROOT) if Path(faithful).is_relative_to(PROJECT_ROOT) else faithful}/`, "
+                "the column above fills in from them, in every profile's build.")
+    commit = str((prov.get("git") or {}).get("commit") or "unknown")[:10]
+    gpu = (prov.get("device") or {}).get("gpu", "an unknown device")
+    return (f"**At the faithful scale.** The column above is read from a committed `{prov.get('profile', 'gpu')}` build "
+            f"(`benchmarks/gpu/run_profile.py`): commit `{commit}` on {gpu}, started {prov.get('started_utc', '?')}, "
+            f"status {prov.get('status', '?')}, {float(prov.get('wall_s', float('nan'))):.0f} s of wall time; {len(rows)} claims.")
+
+
 # --- the landing page -------------------------------------------------------------------------------
 
 def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] | None = None) -> str:

@@ -334,3 +334,30 @@ def test_execute_sets_the_results_folder_and_drops_a_stale_file(tmp_path):
     with pytest.raises(book.ChapterFailed):
         book.execute(prof, paths, profiles_dir=tmp_path, log=lambda *a: None)
     assert not out.exists()  # a failed chapter leaves no results behind
+
+
+def test_faithful_scale_column_reads_a_committed_gpu_build(tmp_path):
+    """Issue 23: every build shows the committed GPU build's verdicts beside its own, or says none exists."""
+    here = tmp_path / "here"
+    row = SC.row("one_layer", "0 of 2 runs form one", "`attn1`, `attn1_s1`", V.count_verdict(2, 2)).to_dict()
+    SC.atomic_write_json(here / "01_cooccurrence.json", {"schema": SC.SCHEMA, "profile": "laptop",
+                                                         "chapter": "01_cooccurrence", "rows": [row]})
+    gpu = tmp_path / "gpu"
+    t = SC.faithful_table("laptop", here, gpu)
+    assert set(t["at the faithful scale (gpu)"]) == {"not run yet"}
+    assert "has not been trained yet" in SC.faithful_text(gpu)
+    g = dict(row, build="0 of 3 runs form one", status=V.REPRODUCED)
+    gpu.mkdir()
+    (gpu / "results.json").write_text(json.dumps({"profile": "gpu", "files": {"executed/gpu/results/01_cooccurrence.json": {
+        "schema": SC.SCHEMA, "profile": "gpu", "chapter": "01_cooccurrence", "rows": [g]}}}))
+    (gpu / "provenance.json").write_text(json.dumps({"profile": "gpu", "git": {"commit": "abcdef123456"},
+                                                     "device": {"gpu": "NVIDIA H200"}, "started_utc": "2026-12-02",
+                                                     "status": "built", "wall_s": 512.0}))
+    t = SC.faithful_table("laptop", here, gpu)
+    assert t.loc[row["claim"], "at the faithful scale (gpu)"] == f"0 of 3 runs form one — {V.REPRODUCED}"
+    assert "not in the GPU build" in set(t["at the faithful scale (gpu)"])  # claims of chapters 2-6
+    txt = SC.faithful_text(gpu)
+    assert "abcdef1234" in txt and "NVIDIA H200" in txt and "512 s" in txt
+    (gpu / "results.json").write_text("{")
+    with pytest.raises(SC.ScorecardError, match="not a results folder"):
+        SC.faithful_rows(gpu)
