@@ -467,12 +467,14 @@ def faithful_text(faithful: str | Path = FAITHFUL_DIR) -> str:
 
 # --- the landing page -------------------------------------------------------------------------------
 
-def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] | None = None) -> str:
+def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] | None = None,
+                 faithful: dict[str, dict] | None = None) -> str:
     """The landing page's scorecard (an HTML block for the Markdown page): a sentence naming the
     profile and counting the verdicts, then one table row per claim with a link to the section that
     shows it. ``sections``: {chapter: ids of the sections on its page} (:func:`section_ids`); a row
     whose section is missing links to the chapter's :data:`SCORECARD_HEADING` section instead (or to
-    the page, when that is missing too)."""
+    the page, when that is missing too). ``faithful``: {claim id: row} of a committed GPU build
+    (:func:`faithful_rows`); its verdicts fill the last column, which says "not run yet" without one."""
     e = html.escape
     counts = pd.Series([r["status"] for r in rows]).value_counts()
     order = [*V.STATUSES, NOT_BUILT]
@@ -483,7 +485,7 @@ def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] |
              "", '<div class="scorecard" style="overflow-x: auto; font-size: 0.85em">',
              '<table class="table scorecard" id="scorecard-table">',
              "<thead><tr><th>Claim (argument, and the section that shows it)</th><th>Paper</th><th>This build</th>"
-             "<th>Runs (seeds)</th><th>Verdict</th></tr></thead>", "<tbody>"]
+             "<th>Runs (seeds)</th><th>Verdict</th><th>At the faithful scale (gpu)</th></tr></thead>", "<tbody>"]
     for r in rows:
         ids = (sections or {}).get(r["chapter"])
         target = r["anchor"]
@@ -496,6 +498,7 @@ def landing_html(rows: list[dict], profile: str, sections: dict[str, set[str]] |
             f"<td>{e(r['claim'])}<br><small>Argument {int(r['argument'])}: "
             f'<a class="scorecard-link" href="{e(href)}">{e(r["section"])}</a></small></td>'
             f"<td>{e(r['paper'])}</td><td>{e(r['build'])}</td><td>{e(r['runs'])}</td>"
-            f'<td class="verdict"><strong>{e(r["status"])}</strong>{e(rest)}</td></tr>')
+            f'<td class="verdict"><strong>{e(r["status"])}</strong>{e(rest)}</td>'
+            f'<td class="faithful">{e(faithful[r["id"]]["status"]) if faithful and r["id"] in faithful else ("not in the GPU build" if faithful else "not run yet")}</td></tr>')
     lines += ["</tbody>", "</table>", "</div>"]
     return "\n".join(lines)

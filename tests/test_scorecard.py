@@ -361,3 +361,11 @@ def test_faithful_scale_column_reads_a_committed_gpu_build(tmp_path):
     (gpu / "results.json").write_text("{")
     with pytest.raises(SC.ScorecardError, match="not a results folder"):
         SC.faithful_rows(gpu)
+
+
+def test_landing_table_has_a_faithful_scale_column():
+    row = SC.row("one_layer", "0 of 2 runs form one", "`attn1`", V.count_verdict(2, 2)).to_dict()
+    assert '<td class="faithful">not run yet</td>' in SC.landing_html([row], "laptop")
+    g = dict(row, status=V.REPRODUCED)
+    assert f'<td class="faithful">{V.REPRODUCED}</td>' in SC.landing_html([row], "laptop", faithful={"one_layer": g})
+    assert '<td class="faithful">not in the GPU build</td>' in SC.landing_html([row], "laptop", faithful={"x": g})

@@ -58,7 +58,7 @@ def scorecard_block(profile: Profile, paths: Paths, log=print) -> str:
         if r["chapter"] in sections and r["anchor"] not in sections[r["chapter"]]:
             log(f"[render] warning: scorecard claim {r['id']!r}: {r['chapter']} has no section {r['section']!r}; "
                 "the row links to the chapter's scorecard section")
-    return SC.landing_html(rows, profile.name, sections)
+    return SC.landing_html(rows, profile.name, sections, SC.faithful_rows()[0])  # the committed GPU build, if any
 
 
 def assemble_source(profile: Profile, paths: Paths, log=print) -> Path:
