@@ -32,7 +32,7 @@ from .config import icl_indices
 from .curves import (BUMP_TOL, PREFIX_MIN_RISE, Window, convex_gap, initial_fall_end, inside, loss_bump, overlaps,
                      rise_window, smooth_log_curve)
 from .curves import phase_change_window as curve_window
-from .heads import INDUCTION_THRESHOLD, is_control, phase_change_window
+from .heads import INDUCTION_THRESHOLD, is_control, phase_change_window, top_head
 from .prose import fmt, fmt_tokens, join
 from .verdicts import MIN_RUNS, NOT_REPRODUCED, PARTLY, REPEAT_GAIN_MIN, REPRODUCED, Verdict, count_verdict
 from .runs import Run
@@ -56,8 +56,7 @@ def top_layer(df: pd.DataFrame, score: str) -> int | None:
     v = df[score].iloc[-1] if score in df else None
     if v is None:
         return None
-    a = np.asarray(v, dtype=float)
-    return int(np.unravel_index(np.argmax(a), a.shape)[0])
+    return top_head(v)[0]
 
 
 def cooccurrence_row(run: Run, label: str | None = None, bump_tol: float = BUMP_TOL) -> dict:

@@ -53,7 +53,7 @@ def train_doc_tokens(corpus: D.Corpus) -> list[tuple[str, int]]:
 def token_shares(cfg, corpus: D.Corpus) -> pd.DataFrame:
     """One row per (split, source): tokens and share of the split, for the training stream of a run
     config ``cfg`` on ``corpus`` (every training document, re-tokenised and checked against the
-    stored stream) and its fixed evaluation windows (``n_ctx - 1`` text tokens each); ``kind`` is
+    stored stream) and its fixed evaluation windows (``n_ctx`` tokens each); ``kind`` is
     prose or code. Needs the corpus, not a trained run."""
     rows = [{"split": "train", "doc": i, "tokens": n} for i, n in train_doc_tokens(corpus)]
     docs, _ = D.eval_window_sources(corpus, cfg.data.n_eval, cfg.model.n_ctx, cfg.data.eval_seed)
