@@ -91,9 +91,18 @@ def zero_heads(model: Transformer, mask: torch.Tensor) -> Iterator[None]:
 
 @contextlib.contextmanager
 def force_patterns(model: Transformer, patterns: torch.Tensor) -> Iterator[None]:
-    """Replace every layer's attention pattern with ``patterns`` (B, L, H, T, T)."""
-    fns = {}
-    for l in range(model.cfg.n_layers):
-        fns[f"blocks.{l}.attn.hook_pattern"] = (lambda x, l=l: patterns[:, l].to(x.dtype))
-    with hooks(model, fns):
+    """Replace every layer's attention pattern with ``patterns`` (B, L, H, T, T).
+
+    The forced layers skip their queries' rotation, scores and softmax (the pattern-preserving
+    ablations' ablated passes spent about a third of their time computing patterns they then
+    replaced), so ``hook_attn_scores`` does not fire there; ``hook_pattern`` hooks see the forced
+    pattern."""
+    if patterns.dim() != 5 or patterns.shape[1] != model.cfg.n_layers:
+        raise ValueError(f"forced patterns have shape {tuple(patterns.shape)}, expected (B, {model.cfg.n_layers}, H, T, T)")
+    before = dict(model._forced_patterns)
+    model._forced_patterns.update({l: patterns[:, l] for l in range(model.cfg.n_layers)})
+    try:
         yield
+    finally:
+        model._forced_patterns.clear()
+        model._forced_patterns.update(before)

@@ -18,7 +18,7 @@ import torch
 
 from . import hooks as H
 from .config import icl_indices
-from .model import Transformer, loss_fn
+from .model import Transformer, token_losses
 
 
 def _autocast(model: Transformer, precision: str):
@@ -56,8 +56,7 @@ def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int |
         x = tokens[i:i + batch_size].to(dev)
         ctx = H.zero_heads(model, head_mask) if head_mask is not None else contextlib.nullcontext()
         with ctx, _autocast(model, precision):
-            logits = model(x)
-        out.append(loss_fn(logits, x, reduction="none").float().cpu())
+            out.append(token_losses(model.residual(x), model.W_U, x).cpu())
     return torch.cat(out)
 
 
@@ -86,10 +85,9 @@ def losses_and_previous_token_scores(model: Transformer, tokens: torch.Tensor, n
     for i in range(0, n_prev, batch_size):
         x = tokens[i:min(i + batch_size, n_prev)].to(dev)
         with H.cache_patterns(model) as c, _autocast(model, precision):
-            logits = model(x)
+            losses.append(token_losses(model.residual(x), model.W_U, x).cpu())
         # the score is a mean over windows and positions: sum each batch's mean, weighted by its size
         pt_sum = pt_sum + previous_token_scores_from_patterns(H.stack_patterns(model, c).float()) * len(x)
-        losses.append(loss_fn(logits, x, reduction="none").float().cpu())
     if len(tokens) > n_prev:
         losses.append(per_token_losses(model, tokens[n_prev:], batch_size, precision))
     return torch.cat(losses), pt_sum / n_prev
@@ -152,7 +150,7 @@ def attention_patterns(model: Transformer, tokens: torch.Tensor, batch_size: int
     for i in range(0, len(tokens), batch_size):
         x = tokens[i:i + batch_size].to(dev)
         with H.cache_patterns(model) as c, _autocast(model, precision):
-            model(x)
+            model.residual(x)  # the patterns are all that is kept: no logits
         yield x, H.stack_patterns(model, c).float()
 
 
@@ -382,7 +380,7 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
         pats = None
         if pattern_preserving:
             with H.cache_patterns(model) as c, _autocast(model, precision):
-                model(x)
+                model.residual(x)
             pats = H.stack_patterns(model, c)  # (B, L, H, T, T)
         xr = x.repeat(A, 1)  # (A*B, T): ablation-major
         m = masks.repeat_interleave(B, 0)  # (A*B, L, H)
@@ -392,8 +390,7 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
         with contextlib.ExitStack() as st:
             for cm in ctx:
                 st.enter_context(cm)
-            logits = model(xr)
-        out[:, i:i + B] = loss_fn(logits, xr, reduction="none").view(A, B, -1).float()
+            out[:, i:i + B] = token_losses(model.residual(xr), model.W_U, xr).view(A, B, -1)
     return out
 
 

@@ -123,6 +123,27 @@ class Attention(nn.Module):
         out = s * k + (1 - s) * prev
         return torch.cat([k[:, :, :1], out[:, :, 1:]], dim=2)
 
+    def _queries_keys(self, q, k):
+        """Queries and keys (B, H, T, dh) as the scores use them: rotated (RoPE), keys smeared."""
+        cfg, model = self.cfg, self._model[0]
+        if cfg.positional == "rope":
+            q = apply_rope(q, model.rope_cos, model.rope_sin)
+            k = apply_rope(k, model.rope_cos, model.rope_sin)
+        if cfg.smeared_keys:
+            k = self.smear(k)
+        return q, k
+
+    def _pattern(self, q, k, name: str):
+        """The attention pattern (B, H, T, T), after the ``hook_attn_scores`` hooks."""
+        model = self._model[0]
+        B, H, T, dh = q.shape
+        # one kernel for scale, QK^T and the causal mask: the mask is additive (0 / -inf, cached),
+        # so its backward is free, and q is scaled before the product (B*H*T*dh, not T*T, values)
+        scores = torch.baddbmm(model._causal_mask(T, q.device), (q * (1.0 / math.sqrt(dh))).reshape(B * H, T, dh),
+                               k.reshape(B * H, T, dh).transpose(1, 2)).view(B, H, T, T)
+        scores = model._hook(f"{name}.hook_attn_scores", scores)
+        return scores.softmax(-1)
+
     def forward(self, x, pos=None):
         """x: (B, T, D) normalised residual; pos: (B, T, D) normalised residual + W_pos, the
         query/key input for shortformer positions (None otherwise)."""
@@ -146,25 +167,23 @@ class Attention(nn.Module):
             qkv = qkv.view(B, T, 3, H, dh)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
-        if cfg.positional == "rope":
-            q = apply_rope(q, model.rope_cos, model.rope_sin)
-            k = apply_rope(k, model.rope_cos, model.rope_sin)
-        if cfg.smeared_keys:
-            k = self.smear(k)
         name = f"blocks.{self.layer}.attn"
-        # measured on the project's CPU: with bf16 autocast the explicit path is ~1.2x faster than
-        # SDPA at head size 32; in fp32 SDPA is ~1.4x faster (benchmarks/bench.py)
-        cpu_bf16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        explicit = model._wants(name) or not model.use_sdpa or cpu_bf16
-        if not explicit:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
-            return self._out(z.transpose(1, 2).reshape(B, T, H * dh))
-        # one kernel for scale, QK^T and the causal mask: the mask is additive (0 / -inf, cached),
-        # so its backward is free, and q is scaled before the product (B*H*T*dh, not T*T, values)
-        scores = torch.baddbmm(model._causal_mask(T, x.device), (q * (1.0 / math.sqrt(dh))).reshape(B * H, T, dh),
-                               k.reshape(B * H, T, dh).transpose(1, 2)).view(B, H, T, T)
-        scores = model._hook(f"{name}.hook_attn_scores", scores)
-        pattern = scores.softmax(-1)
+        forced = model._forced_patterns.get(self.layer)  # hooks.force_patterns: (B, H, T, T) or None
+        if forced is not None:
+            # the pattern is given, so rotated queries and keys, scores and softmax are not
+            # computed; it enters in the dtype the softmax would have produced (bitwise the same
+            # as replacing the softmax's output; tests/test_model.py)
+            auto = torch.is_autocast_enabled(x.device.type)
+            pattern = forced.to(torch.get_autocast_dtype(x.device.type) if auto else q.dtype)
+        else:
+            q, k = self._queries_keys(q, k)
+            # measured on the project's CPU: with bf16 autocast the explicit path is ~1.2x faster
+            # than SDPA at head size 32; in fp32 SDPA is ~1.4x faster (benchmarks/bench.py)
+            cpu_bf16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            if not (model._wants(name) or not model.use_sdpa or cpu_bf16):
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+                return self._out(z.transpose(1, 2).reshape(B, T, H * dh))
+            pattern = self._pattern(q, k, name)
         pattern = model._hook(f"{name}.hook_pattern", pattern)  # (B, H, T, T)
         z = (pattern.to(v.dtype) @ v)  # (B, H, T, dh)
         if not model._wants(f"{name}.hook_result"):
@@ -222,6 +241,7 @@ class Transformer(nn.Module):
         self.W_U = nn.Parameter(torch.randn(cfg.d_model, cfg.d_vocab) * cfg.init_std)
         self._hooks: dict[str, list[HookFn]] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._forced_patterns: dict[int, torch.Tensor] = {}  # layer -> (B, H, T, T), hooks.force_patterns
         self.use_sdpa = True
 
     def _causal_mask(self, T: int, device) -> torch.Tensor:
@@ -291,6 +311,30 @@ def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean")
 # rows of logits per chunk of linear_cross_entropy: 256 x 2048 fp32 logits (2 MB) stay in a core's
 # L2 cache between the matmul, the log-softmax and the gradient (chunks of 128-512 measured alike)
 CE_CHUNK_ROWS = 256
+
+
+@torch.no_grad()
+def token_losses(h: torch.Tensor, W_U: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) fp32 per-token losses of the logits ``h @ W_U`` (h: (B, T, d_model), the final
+    normalised residual), bitwise equal to ``loss_fn(h @ W_U, tokens, reduction="none")`` (tested)
+    but computed :data:`CE_CHUNK_ROWS` rows at a time, so no (tokens x vocab) logits, fp32 copy or
+    log-softmax output is stored whole. For evaluation (no gradient): the snapshot metrics and the
+    ablations spent about half their time in one log-softmax over 2048 x 2048 fp32 logits, which
+    runs several times slower per row than over chunks that stay in cache (benchmarks/cpu_trainer.md).
+    Under autocast the matmul runs in its dtype, as ``h @ W_U`` would."""
+    B, T, D = h.shape
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, W_U = h.to(dtype), W_U.to(dtype)
+    rows = h.reshape(B * T, D)
+    # the target of a window's last position is a placeholder (its loss is dropped below)
+    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], 1).reshape(B * T, 1)
+    out = torch.empty(B * T, dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, B * T, CE_CHUNK_ROWS):
+            logp = torch.log_softmax((rows[s:s + CE_CHUNK_ROWS] @ W_U).float(), -1)
+            out[s:s + CE_CHUNK_ROWS] = logp.gather(1, targets[s:s + CE_CHUNK_ROWS]).squeeze(1).neg_()
+    return out.view(B, T)[:, :-1]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -1,10 +1,12 @@
 """Model and hooks: known answers, not pinned floats."""
+import contextlib
+
 import pytest
 import torch
 
 from icl_core import hooks as H
 from icl_core import model as model_module
-from icl_core.model import Transformer, linear_cross_entropy, loss_fn
+from icl_core.model import Transformer, linear_cross_entropy, loss_fn, token_losses
 from icl_core.config import ModelConfig
 from tests.conftest import tiny_model
 
@@ -118,6 +120,44 @@ def test_force_patterns_to_clean_ones_changes_nothing():
     assert torch.allclose(clean, forced, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kw", [dict(positional="rope"), dict(positional="shortformer", attn_only=False),
+                                dict(smeared_keys=True, positional="rope")])
+def test_forced_patterns_skip_the_scores_bitwise(precision, kw):
+    """Forcing patterns skips the scores and softmax; the output is bit for bit what replacing the
+    softmax's output with a hook gives (the earlier implementation), with heads zeroed as in the
+    pattern-preserving ablations; the forced patterns are gone after the block."""
+    m = tiny_model(**kw)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 50, (3, 30), generator=g)
+    other = torch.randint(0, 50, (3, 30), generator=g)  # patterns of another input: forcing must matter
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    mask = torch.zeros(m.cfg.n_layers, m.cfg.n_heads, dtype=torch.bool)
+    mask[0, 1] = True
+    with torch.no_grad(), ctx(), H.cache_patterns(m) as c:
+        m(other)
+    pats = H.stack_patterns(m, c)
+    replace = {f"blocks.{l}.attn.hook_pattern": (lambda p, l=l: pats[:, l].to(p.dtype)) for l in range(m.cfg.n_layers)}
+    with torch.no_grad(), ctx(), H.zero_heads(m, mask):
+        with H.hooks(m, replace):
+            want = m(x)
+        with H.force_patterns(m, pats):
+            assert m._forced_patterns
+            got = m(x)
+        plain = m(x)
+    assert not m._forced_patterns
+    assert torch.equal(got, want)
+    assert not torch.equal(got, plain)
+
+
+def test_forced_patterns_of_the_wrong_shape_are_refused():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="forced patterns have shape"):
+        with H.force_patterns(m, torch.zeros(2, 3, 2, 5, 5)):
+            pass
+    assert not m._forced_patterns
+
+
 def test_hooks_are_removed_after_context():
     m = tiny_model()
     with H.cache_patterns(m):
@@ -178,6 +218,23 @@ def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradients(chunk, mon
     assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-12)
     assert torch.allclose(got_h, want_h, atol=1e-12) and torch.allclose(got_W, want_W, atol=1e-12)
     assert got_h[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+@pytest.mark.parametrize("chunk", [5, 64, 10_000])  # uneven chunks, chunks of whole windows, one chunk
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_token_losses_are_bitwise_the_losses_of_the_logits(chunk, precision, monkeypatch):
+    """The evaluation's chunked per-token loss is loss_fn(model(x), reduction='none'), bit for bit,
+    in fp32 and under bf16 autocast (the snapshot metrics and ablations moved to it without
+    changing a logged number), on real-sized logits (vocabulary 2048)."""
+    monkeypatch.setattr(model_module, "CE_CHUNK_ROWS", chunk)
+    m = tiny_model(d_vocab=2048, d_model=64)
+    x = torch.randint(0, 2048, (3, 64), generator=torch.Generator().manual_seed(2))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        want = loss_fn(m(x), x, reduction="none")
+        got = token_losses(m.residual(x), m.W_U, x)
+    assert got.shape == (3, 63) and got.dtype == torch.float32
+    assert torch.equal(got, want)
 
 
 def test_model_training_loss_matches_logits_loss_in_fp32_and_bf16():
