@@ -350,44 +350,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, targets):
         n = h.shape[0]
-        rows = CE_CHUNK_ROWS
+        grad = torch.empty(n, W.shape[1], dtype=h.dtype, device=h.device)
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 log-softmax of bf16 logits
         total = torch.zeros((), dtype=acc, device=h.device)
-        minus_one = torch.full((min(rows, n), 1), -1.0, dtype=acc, device=h.device)
-        # eager, each chunk's gradient is written into one buffer; compiled, the chunks are
-        # concatenated, so the graph saves one tensor (writes into slices of a buffer made inductor
-        # save the chunks and glue them together again in the backward with a scalar kernel: ~10%
-        # of a compiled laptop step; same bits either way, benchmarks/cpu_trainer.md)
-        compiling = torch.compiler.is_compiling()
-        grad = None if compiling else torch.empty(n, W.shape[1], dtype=h.dtype, device=h.device)
-        chunks = []
-        for s in range(0, n, rows):
-            tgt = targets[s:s + rows, None]
-            logp = torch.log_softmax((h[s:s + rows] @ W).to(acc), -1)  # (rows, V)
+        minus_one = torch.full((min(CE_CHUNK_ROWS, n), 1), -1.0, dtype=acc, device=h.device)
+        for s in range(0, n, CE_CHUNK_ROWS):
+            tgt = targets[s:s + CE_CHUNK_ROWS, None]
+            logp = torch.log_softmax((h[s:s + CE_CHUNK_ROWS] @ W).to(acc), -1)  # (rows, V)
             total -= logp.gather(1, tgt).sum()
             p = logp.exp_()  # softmax, in place
             p.scatter_add_(1, tgt, minus_one[: len(tgt)])  # softmax - onehot
-            if compiling:
-                chunks.append(p.mul_(1.0 / n).to(h.dtype))
-            else:
-                grad[s:s + rows] = p.mul_(1.0 / n)
-        if compiling:
-            grad = torch.cat(chunks)
+            grad[s:s + CE_CHUNK_ROWS] = p.mul_(1.0 / n)
         ctx.save_for_backward(h, W, grad)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
         h, W, grad = ctx.saved_tensors
+        # eager on the CPU, skip the pass over the gradient for the usual loss.backward(); compiled,
+        # always scale (reading the value would break the graph) and let inductor fuse it
+        if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or float(grad_out) != 1.0:
+            grad = grad * grad_out.to(grad.dtype)
         grad_h = grad @ W.t() if ctx.needs_input_grad[0] else None
         grad_W = h.t() @ grad if ctx.needs_input_grad[1] else None
-        # the upstream gradient scales the matmuls' outputs ((N + V) x d_model values), not the
-        # (N, V) gradient of the logits; eager on the CPU, the usual loss.backward() (1.0) skips it;
-        # compiled, always scale (reading the value would break the graph)
-        if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-            scale = grad_out.to(grad.dtype)
-            grad_h = grad_h * scale if grad_h is not None else None
-            grad_W = grad_W * scale if grad_W is not None else None
         return grad_h, grad_W, None
 
 
