@@ -83,3 +83,21 @@ def test_side_by_side_of_two_checkouts(tmp_path):
     text = "\n".join(bench.side_by_side_lines(res))
     assert "| attn1 | fp32 |" in text and "two 1-thread runs side by side train more tokens" in text
     assert "largest 400" in text
+
+
+def test_evaluation_side_by_side_of_two_checkouts(tmp_path, monkeypatch):
+    """benchmarks/eval_ab.py: the committed evaluation unpacked from git and this checkout's, on a
+    trained run (smoke attn1), in fresh processes: every measurement, its bits compared, a table."""
+    import eval_ab
+    from icl_core.profiles import load_profile
+    from icl_core.runs import get_or_train
+
+    get_or_train(load_profile("smoke").run_config("attn1"), root=tmp_path / "runs", progress=False)
+    monkeypatch.setenv("ICL_RUNS_DIR", str(tmp_path / "runs"))
+    base = bench.unpack_commit("HEAD", tmp_path / "base")
+    rows = eval_ab.side_by_side(base, ["attn1"], rounds=1, profile_name="smoke")
+    assert [r["what"] for r in rows] == list(eval_ab.WHAT)
+    for r in rows:
+        assert r["baseline_s"] > 0 and r["current_s"] > 0 and r["rss"]["current"] > 0
+        assert r["same_bits"]  # HEAD's evaluation and this checkout's compute the same bits
+    assert "| attn1 | ablation_pp |" in eval_ab.table(rows, "HEAD")

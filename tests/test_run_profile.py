@@ -113,7 +113,7 @@ def test_gpu_profile_fits_its_budget():
 
     prof = load_profile("gpu")
     total = sum(c.train.total_tokens for c in prof.runs.values())
-    assert total <= 1.2e9, f"{total / 1e6:.0f}M tokens: resize benchmarks/gpu/README.md's arithmetic first"
+    assert total <= 1.3e9, f"{total / 1e6:.0f}M tokens: resize benchmarks/gpu/README.md's arithmetic first"
     assert {"attn2", "attn2_s1", "attn2_s2"} <= set(prof.chapter_params("01_cooccurrence")["models"]["2L attn-only"])
     for c in prof.runs.values():
         assert c.model.n_ctx == 512 and c.model.positional == "shortformer"
