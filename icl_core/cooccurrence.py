@@ -2,20 +2,20 @@
 
 For each run: where its ICL improves fastest (the phase-change window, :mod:`icl_core.heads`),
 where its top prefix-matching score jumps and where its loss curve bumps (:mod:`icl_core.curves`),
-and whether the three line up; and a passage that repeats itself. The paper's other views of the
-same runs have their own modules: :mod:`icl_core.loss_by_index` (heatmaps) and
-:mod:`icl_core.loss_pca` (per-token-loss PCA). Returns arrays, dicts and DataFrames for
+and whether the three line up. The paper's other views of the same runs have their own modules:
+:mod:`icl_core.passage` (a passage that repeats itself), :mod:`icl_core.loss_by_index` (heatmaps)
+and :mod:`icl_core.loss_pca` (per-token-loss PCA). Returns arrays, dicts and DataFrames for
 :mod:`icl_core.plots.cooccurrence`, and the chapter's sentences, generated from the numbers so
 they stay true under every profile.
 
 Load
     :func:`compute` -> :class:`Cooccurrence` (the runs, their windows, :func:`cooccurrence_table`:
-    one :func:`cooccurrence_row` per run, with its :func:`run_verdict`); :func:`passage`.
+    one :func:`cooccurrence_row` per run, with its :func:`run_verdict`).
 Figure data (the first seed stands for a model)
-    :func:`loss_curve_data`, :func:`icl_curve_data`, :func:`head_curve_data`, :func:`passage_change`.
+    :func:`loss_curve_data`, :func:`icl_curve_data`, :func:`head_curve_data`.
 Say
     :func:`models_table`, :func:`definitions`, :func:`verdict_summary`, :func:`verdict_rule`,
-    :func:`bump_rule`, :func:`bump_summary`, :func:`prefix_summary`, :func:`passage_summary`.
+    :func:`bump_rule`, :func:`bump_summary`, :func:`prefix_summary`.
 """
 from __future__ import annotations
 
@@ -24,17 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
-from . import analysis as A
-from . import metrics as M
 from .config import icl_indices
 from .curves import (BUMP_TOL, PREFIX_MIN_RISE, Window, convex_gap, initial_fall_end, inside, loss_bump, overlaps,
                      rise_window, smooth_log_curve)
 from .curves import phase_change_window as curve_window
 from .heads import INDUCTION_THRESHOLD, is_control, phase_change_window, top_head
 from .prose import fmt, fmt_tokens, join
-from .verdicts import MIN_RUNS, NOT_REPRODUCED, PARTLY, REPEAT_GAIN_MIN, REPRODUCED, Verdict, count_verdict
+from .verdicts import MIN_RUNS, NOT_REPRODUCED, PARTLY, REPRODUCED, Verdict, count_verdict
 from .runs import Run
 
 #: The paper's Argument 1 numbers (../shared/PAPER.md), in the book's sign convention
@@ -259,66 +256,6 @@ def headline(table: pd.DataFrame) -> str:
     return s
 
 
-def repeated_passage(run: Run, example: int = 0) -> torch.Tensor:
-    """(1, T): BOS, then the first ⌊(n_ctx−1)/2⌋ text tokens of eval window ``example``, twice."""
-    x = run.eval_data.tokens[example]
-    half = (len(x) - 1) // 2
-    p = x[1:1 + half]
-    return torch.cat([x[:1], p, p])[None]
-
-
-def passage_losses(run: Run, example: int = 0) -> dict:
-    """Per-token loss on :func:`repeated_passage` at every snapshot (cached): losses (S, T-1)."""
-    x = repeated_passage(run, example)
-
-    def compute():
-        out = torch.stack([M.per_token_losses(run.load(s), x)[0] for s in run.steps])
-        return {"losses": out, "steps": torch.tensor(run.steps), "passage": x[0]}
-
-    res = A.cached(run, "passage_losses", {"example": example, "steps": run.steps}, compute)
-    res["tokens"] = res["steps"] * run.config.tokens_per_step
-    return res
-
-
-def passage_change(run: Run, window: Window, example: int = 0) -> dict:
-    """Per-token loss change on the repeated passage from the snapshot at the window's start to the
-    one at its end, and two tokens chosen by rule:
-
-    - *helped*: in the second copy, the token whose loss fell the most across the window;
-    - *hurt*: anywhere in the passage from the early ICL index on (the first tokens have almost no
-      context), the token whose loss rose the most (or, if none rose, fell the least).
-
-    Without a window (``window.found`` False) the change is taken over the whole of training.
-    """
-    res = passage_losses(run, example)
-    t = res["tokens"].numpy().astype(np.float64)
-    losses = res["losses"].numpy()
-    x = res["passage"].numpy()
-    if window.found and (t <= window.start).any() and (t >= window.end).any():
-        i0 = int(np.nonzero(t <= window.start)[0][-1])
-        i1 = int(np.nonzero(t >= window.end)[0][0])
-        span = "window"
-    else:
-        i0, i1 = 0, len(t) - 1
-        span = "whole training"
-    delta = losses[i1] - losses[i0]  # column c predicts token x[c+1]
-    half = (len(x) - 1) // 2
-    col = np.arange(len(delta))
-    second = col >= half  # columns predicting tokens of the second copy
-    helped = int(np.flatnonzero(second)[np.argmin(delta[second])])
-    _, early = icl_indices(run.config.model.n_ctx)
-    cand = np.flatnonzero(col >= early - 1)
-    hurt = int(cand[np.argmax(delta[cand])])
-    tok = run.corpus.token_str
-    return {"delta": delta, "half": half, "tokens": t, "losses": losses, "i_before": i0, "i_after": i1, "span": span,
-            "helped": helped, "hurt": hurt,
-            "helped_token": tok(int(x[helped + 1])), "hurt_token": tok(int(x[hurt + 1])),
-            "helped_context": run.corpus.decode(x[max(1, helped - 6):helped + 2]),
-            "hurt_context": run.corpus.decode(x[max(1, hurt - 6):hurt + 2]),
-            "mean_delta_first": float(delta[~second].mean()), "mean_delta_second": float(delta[second].mean()),
-            "seconds": float(res["seconds"])}
-
-
 def loss_curve_data(models: dict[str, list[Run]]) -> tuple[dict, dict, dict]:
     """({label: (tokens, smoothed train loss)}, {label: Window}, {label: (tokens, convex gap)}) for
     the first run of each model; the gap is computed after the initial fall (:func:`loss_bump`)."""
@@ -493,52 +430,3 @@ def prefix_summary(table: pd.DataFrame) -> str:
            + (f", and {fmt(r['frac_prefix_in_window'], '.0%')} of its rise happens inside it" if r['window_found'] else "")
            if r['prefix_jump_found'] else f"it never rises by {PREFIX_MIN_RISE}")
         + "." for r in table.to_dict("records"))
-
-
-@dataclass
-class Passage:
-    """The repeated passage of the chapter's showcase run (:func:`passage`)."""
-    run: str
-    window: Window  # the window the change is taken across
-    own_window: bool  # the run's own window (else the reference window or the whole of training)
-    change: dict  # passage_change(...)
-
-    @property
-    def span_label(self) -> str:
-        return "ICL window" if self.change["span"] == "window" else "whole of training"
-
-    @property
-    def shaded_window(self) -> Window | None:
-        """The window to shade on the token curves (None when the change spans the whole of training)."""
-        return self.window if self.change["span"] == "window" else None
-
-
-def passage(res: Cooccurrence, example: int = 0) -> Passage:
-    """:func:`passage_change` of :func:`showcase_run` across its own window (or the reference window
-    of the ≥2-layer runs when it has none)."""
-    from .loss_pca import reference_window
-
-    show = showcase_run(res.table)
-    own = res.windows[show]
-    win = own if own.found else reference_window(res.table)
-    return Passage(show, win, win is own, passage_change(res.runs[show], win, example))
-
-
-def passage_summary(p: Passage) -> str:
-    """The mean loss change on each copy, and a helped and a hurt token."""
-    change = p.change
-    return (
-        f"Run `{p.run}`, snapshots at {fmt_tokens(change['tokens'][change['i_before']])} and "
-        f"{fmt_tokens(change['tokens'][change['i_after']])} tokens ("
-        + ("its own ICL window" if p.own_window and change["span"] == "window" else
-           "the reference window of the ≥2-layer runs" if change["span"] == "window" else "no window: first and last snapshot")
-        + f"). Mean loss change: {change['mean_delta_first']:+.2f} nats on the first copy, "
-        f"{change['mean_delta_second']:+.2f} on the second"
-        + (f" — the repeat gains {change['mean_delta_first'] - change['mean_delta_second']:.2f} nats more, as induction predicts."
-           if change['mean_delta_second'] <= change['mean_delta_first'] - REPEAT_GAIN_MIN
-           else f" — the repeat does not gain at least {REPEAT_GAIN_MIN} nats more than the first copy *[book choice: threshold]*: "
-                "no clear sign of induction on this passage.")
-        + f" Helped token: {change['helped_token']!r} in …{change['helped_context']!r} "
-        f"({change['delta'][change['helped']]:+.2f} nats); hurt token: {change['hurt_token']!r} in …{change['hurt_context']!r} "
-        f"({change['delta'][change['hurt']]:+.2f} nats)."
-    )

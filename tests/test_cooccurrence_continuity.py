@@ -9,6 +9,7 @@ import torch
 
 from icl_core import continuity as Ct
 from icl_core import cooccurrence as Co
+from icl_core import passage as PS
 from icl_core import curves as Cu
 from icl_core.config import ModelConfig
 from icl_core.model import Transformer
@@ -92,7 +93,7 @@ def test_model_size_counts_non_embedding_parameters():
 def test_repeated_passage_is_bos_plus_two_copies():
     x = torch.arange(100, 165)[None]  # (1, 65): "BOS" then 64 tokens
     run = SimpleNamespace(eval_data=SimpleNamespace(tokens=x))
-    p = Co.repeated_passage(run, 0)[0]
+    p = PS.repeated_passage(run, 0)[0]
     half = 32
     assert p.shape[0] == 1 + 2 * half
     assert p[0] == 100
