@@ -23,6 +23,8 @@ import statistics
 import sys
 import time
 
+from step_worker import _peak_rss_mb  # benchmarks/: the reader older checkouts lack
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,15 +68,6 @@ def main(argv=None):
     print(json.dumps({"tree": a.tree, "run": a.run, "what": a.what, "seconds": statistics.median(times),
                       "peak_rss_mb": _peak_rss_mb(), "sha256": digest,
                       "tokens": int(sum(x.numel() for x in out[:1]))}))
-
-
-def _peak_rss_mb():
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
