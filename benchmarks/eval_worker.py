@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from step_worker import _peak_rss_mb  # benchmarks/: the reader older checkouts lack
+from step_worker import peak_rss_mb  # benchmarks/: the reader older checkouts lack
 
 
 def main(argv=None):
@@ -66,8 +66,7 @@ def main(argv=None):
         times.append(time.perf_counter() - t)
     digest = hashlib.sha256(b"".join(x.float().contiguous().numpy().tobytes() for x in out)).hexdigest()[:16]
     print(json.dumps({"tree": a.tree, "run": a.run, "what": a.what, "seconds": statistics.median(times),
-                      "peak_rss_mb": _peak_rss_mb(), "sha256": digest,
-                      "tokens": int(sum(x.numel() for x in out[:1]))}))
+                      "peak_rss_mb": peak_rss_mb(), "sha256": digest}))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def main(argv=None):
     out = {"tree": a.tree, "run": a.run, "precision": a.precision, "threads": a.threads, "compiled": compile,
            "warmup_s": warmup_s, "tok_s": {"median": statistics.median(tok_s), "min": min(tok_s), "max": max(tok_s),
                                            "n": len(tok_s)},
-           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": _peak_rss_mb()}
+           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb()}
     if a.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
@@ -100,7 +100,7 @@ def _short(name: str) -> str:
     return "compiled elementwise (inductor)" if name.startswith("## Call CompiledFxGraph") else name[:60]
 
 
-def _peak_rss_mb():  # as icl_core.train.peak_rss_mb, which older checkouts lack
+def peak_rss_mb():  # as icl_core.train.peak_rss_mb, which older checkouts lack
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):

@@ -18,7 +18,7 @@ import torch
 
 from . import hooks as H
 from .config import icl_indices
-from .model import Transformer, token_losses
+from .model import Transformer
 
 
 def _autocast(model: Transformer, precision: str):
@@ -56,7 +56,7 @@ def per_token_losses(model: Transformer, tokens: torch.Tensor, batch_size: int |
         x = tokens[i:i + batch_size].to(dev)
         ctx = H.zero_heads(model, head_mask) if head_mask is not None else contextlib.nullcontext()
         with ctx, _autocast(model, precision):
-            out.append(token_losses(model.residual(x), model.W_U, x).cpu())
+            out.append(model.token_losses(x).cpu())
     return torch.cat(out)
 
 
@@ -85,7 +85,7 @@ def losses_and_previous_token_scores(model: Transformer, tokens: torch.Tensor, n
     for i in range(0, n_prev, batch_size):
         x = tokens[i:min(i + batch_size, n_prev)].to(dev)
         with H.cache_patterns(model) as c, _autocast(model, precision):
-            losses.append(token_losses(model.residual(x), model.W_U, x).cpu())
+            losses.append(model.token_losses(x).cpu())
         # the score is a mean over windows and positions: sum each batch's mean, weighted by its size
         pt_sum = pt_sum + previous_token_scores_from_patterns(H.stack_patterns(model, c).float()) * len(x)
     if len(tokens) > n_prev:
@@ -390,7 +390,7 @@ def ablation_losses(model: Transformer, tokens: torch.Tensor, heads: list[tuple[
         with contextlib.ExitStack() as st:
             for cm in ctx:
                 st.enter_context(cm)
-            out[:, i:i + B] = token_losses(model.residual(xr), model.W_U, xr).view(A, B, -1)
+            out[:, i:i + B] = model.token_losses(xr).view(A, B, -1)
     return out
 
 

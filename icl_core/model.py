@@ -273,6 +273,11 @@ class Transformer(nn.Module):
             return linear_cross_entropy(h, self.W_U, tokens)
         return h @ self.W_U
 
+    def token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> (B, T-1) fp32 per-token losses, no gradient (:func:`token_losses` of the
+        residual: the logits are never stored whole). Evaluation's forward pass."""
+        return token_losses(self.residual(tokens), self.W_U, tokens)
+
     def residual(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int -> the final normalised residual stream (B, T, d_model), the input of W_U."""
         B, T = tokens.shape
