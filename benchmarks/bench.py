@@ -320,6 +320,7 @@ def main(argv=None):
     ap.add_argument("--metrics-run", default="attn3", help="the laptop run whose metric cost is measured")
     ap.add_argument("--baseline", metavar="REF", help="an older commit whose trainer to measure side by side")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the side-by-side comparison")
+    ap.add_argument("--precisions", default="bf16,fp32", help="precisions of the side-by-side comparison")
     ap.add_argument("--only-side-by-side", action="store_true",
                     help="only the matmul peak and the --baseline comparison (with thread scaling and logged memory)")
     a = ap.parse_args(argv)
@@ -334,7 +335,7 @@ def main(argv=None):
             base = unpack_commit(a.baseline, Path(d) / "baseline")
             runs = ["attn2", "attn2_wide"] if a.quick else ["attn2", "attn3", "attn2_wide"]
             res["side_by_side"] = {"baseline": a.baseline, "current": _git_head(), "rows": side_by_side(
-                base, runs, ["bf16", "fp32"], a.rounds, steps=8 if a.quick else 20)}
+                base, runs, a.precisions.split(","), a.rounds, steps=8 if a.quick else 20)}
         res["threads_scaling"] = thread_scaling(rounds=a.rounds)
         res["logged_peak_rss_mb"] = logged_peak_rss()
     if a.only_side_by_side:

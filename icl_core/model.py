@@ -60,8 +60,12 @@ def apply_rope(x, cos, sin):
     elementwise passes (measured +8% training throughput on the laptop's 3-layer model, bf16)."""
     T = x.shape[-2]
     cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
-    swapped = x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)
-    return x * cos + swapped * sin
+    return x * cos + swap_pairs(x) * sin
+
+
+def swap_pairs(x):
+    """Swap each pair of dimensions (even, odd) of the last axis: RoPE's partner of each value."""
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -123,10 +127,11 @@ class Attention(nn.Module):
         out = s * k + (1 - s) * prev
         return torch.cat([k[:, :, :1], out[:, :, 1:]], dim=2)
 
-    def _queries_keys(self, q, k):
-        """Queries and keys (B, H, T, dh) as the scores use them: rotated (RoPE), keys smeared."""
+    def _queries_keys(self, q, k, rotated: bool = False):
+        """Queries and keys (B, H, T, dh) as the scores use them: rotated (RoPE, unless
+        ``rotated`` says the projection did it), keys smeared."""
         cfg, model = self.cfg, self._model[0]
-        if cfg.positional == "rope":
+        if cfg.positional == "rope" and not rotated:
             q = apply_rope(q, model.rope_cos, model.rope_sin)
             k = apply_rope(k, model.rope_cos, model.rope_sin)
         if cfg.smeared_keys:
@@ -150,6 +155,14 @@ class Attention(nn.Module):
         cfg, model = self.cfg, self._model[0]
         B, T, D = x.shape
         H, dh = cfg.n_heads, cfg.d_head
+        name = f"blocks.{self.layer}.attn"
+        forced = model._forced_patterns.get(self.layer)  # hooks.force_patterns: (B, H, T, T) or None
+        # RoPE folded into the projection: the pair-swapped queries and keys, swap_pairs(x @ W_Q),
+        # are x @ swap_pairs(W_Q) (a permutation of W's columns), so one matmul yields q, k, v and
+        # their partners and the rotation is two elementwise products. The swap applied to the
+        # (B, T, H, dh) activations kept the compiled backward in a scalar loop (~10% of a laptop
+        # training step; benchmarks/cpu_trainer.md); on the weights it moves 2 x D x D values.
+        folded = pos is None and cfg.positional == "rope" and forced is None
         W = self.W_qkv.reshape(D, 3 * H * dh)
         if pos is not None:  # shortformer: positions enter queries and keys only
             xp = pos  # the caller passes LN(resid) + W_pos as the query/key input
@@ -160,6 +173,16 @@ class Attention(nn.Module):
                 qk, v = qk + b[: 2 * H * dh], v + b[2 * H * dh:]
             qk, v = qk.view(B, T, 2, H, dh), v.view(B, T, H, dh)
             q, k = qk[:, :, 0], qk[:, :, 1]
+        elif folded:
+            Wf = torch.cat([self.W_qkv, swap_pairs(self.W_qkv[:, :2])], 1).reshape(D, 5 * H * dh)
+            qkv = x @ Wf
+            if cfg.attn_bias:
+                qkv = qkv + torch.cat([self.b_qkv, swap_pairs(self.b_qkv[:2])]).reshape(5 * H * dh)
+            qkv = qkv.view(B, T, 5, H, dh)
+            cos, sin = (t[:T, None].to(qkv.dtype) for t in (model.rope_cos, model.rope_sin))  # (T, 1, dh)
+            q = qkv[:, :, 0] * cos + qkv[:, :, 3] * sin  # as apply_rope(q): q cos + swap(q) sin
+            k = qkv[:, :, 1] * cos + qkv[:, :, 4] * sin
+            v = qkv[:, :, 2]
         else:
             qkv = x @ W
             if cfg.attn_bias:
@@ -167,8 +190,6 @@ class Attention(nn.Module):
             qkv = qkv.view(B, T, 3, H, dh)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
-        name = f"blocks.{self.layer}.attn"
-        forced = model._forced_patterns.get(self.layer)  # hooks.force_patterns: (B, H, T, T) or None
         if forced is not None:
             # the pattern is given, so rotated queries and keys, scores and softmax are not
             # computed; it enters in the dtype the softmax would have produced (bitwise the same
@@ -176,7 +197,7 @@ class Attention(nn.Module):
             auto = torch.is_autocast_enabled(x.device.type)
             pattern = forced.to(torch.get_autocast_dtype(x.device.type) if auto else q.dtype)
         else:
-            q, k = self._queries_keys(q, k)
+            q, k = self._queries_keys(q, k, rotated=folded)
             # measured on the project's CPU: with bf16 autocast the explicit path is ~1.2x faster
             # than SDPA at head size 32; in fp32 SDPA is ~1.4x faster (benchmarks/bench.py)
             cpu_bf16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -343,41 +364,52 @@ def token_losses(h: torch.Tensor, W_U: torch.Tensor, tokens: torch.Tensor) -> to
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits ``h @ W`` against ``targets``, with its gradient computed
-    in the forward pass, one chunk of rows at a time (the fused "linear + cross-entropy" of
-    Liger-Kernel and Apple's cut-cross-entropy, which are Triton kernels for GPUs; here plain torch
-    ops that run on the CPU): the fp32 log-probabilities of a chunk live only in cache, and the
-    gradient of the logits, (softmax - onehot) / N, is stored once in the matmuls' dtype. The
-    unfused loss materialised the (N, V) logits, an fp32 copy, the log-softmax output, a zero-filled
-    NLL gradient and the log-softmax backward: about half of a laptop training step for 2048 x 2048
-    logits (benchmarks/cpu_trainer.md)."""
+    """Mean cross-entropy of the logits ``h @ W`` against ``targets``, with both its gradients
+    computed in the forward pass, one chunk of rows at a time (the fused "linear + cross-entropy"
+    of Liger-Kernel and Apple's cut-cross-entropy, which are Triton kernels for GPUs; here plain
+    torch ops that run on the CPU): a chunk's fp32 log-probabilities and its logit gradient
+    ``(softmax - onehot) / N`` live only in cache, where they go straight into the chunk's share of
+    the residual's gradient (``g @ W.T``) and of W's (``h.T @ g``, summed over chunks in fp32).
+    Nothing of size (N, V) is stored: the unfused loss materialised the logits, an fp32 copy, the
+    log-softmax output, a zero-filled NLL gradient and the log-softmax backward (about half of a
+    laptop training step for 2048 x 2048 logits), and the previous version of this function the
+    (N, V) logit gradient, which the compiled backward glued back together from its chunks in a
+    scalar loop (~10% of the step; benchmarks/cpu_trainer.md)."""
 
     @staticmethod
     def forward(ctx, h, W, targets):
         n = h.shape[0]
-        grad = torch.empty(n, W.shape[1], dtype=h.dtype, device=h.device)
+        want_h, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 log-softmax of bf16 logits
         total = torch.zeros((), dtype=acc, device=h.device)
         minus_one = torch.full((min(CE_CHUNK_ROWS, n), 1), -1.0, dtype=acc, device=h.device)
+        grad_h, grad_W, W_t = [], None, W.t()
         for s in range(0, n, CE_CHUNK_ROWS):
-            tgt = targets[s:s + CE_CHUNK_ROWS, None]
-            logp = torch.log_softmax((h[s:s + CE_CHUNK_ROWS] @ W).to(acc), -1)  # (rows, V)
+            tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
+            logp = torch.log_softmax((rows @ W).to(acc), -1)  # (rows, V)
             total -= logp.gather(1, tgt).sum()
+            if not (want_h or want_W):
+                continue
             p = logp.exp_()  # softmax, in place
             p.scatter_add_(1, tgt, minus_one[: len(tgt)])  # softmax - onehot
-            grad[s:s + CE_CHUNK_ROWS] = p.mul_(1.0 / n)
-        ctx.save_for_backward(h, W, grad)
+            g = p.mul_(1.0 / n).to(h.dtype)  # the logits' gradient, in the matmuls' dtype
+            if want_h:
+                grad_h.append(g @ W_t)
+            if want_W:
+                part = (rows.t() @ g).to(acc)
+                grad_W = part if grad_W is None else grad_W + part
+        ctx.save_for_backward(torch.cat(grad_h) if want_h else None,
+                              grad_W.to(W.dtype) if want_W else None)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, W, grad = ctx.saved_tensors
-        # eager on the CPU, skip the pass over the gradient for the usual loss.backward(); compiled,
+        grad_h, grad_W = ctx.saved_tensors
+        # eager on the CPU, skip the pass over the gradients for the usual loss.backward(); compiled,
         # always scale (reading the value would break the graph) and let inductor fuse it
         if torch.compiler.is_compiling() or grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-            grad = grad * grad_out.to(grad.dtype)
-        grad_h = grad @ W.t() if ctx.needs_input_grad[0] else None
-        grad_W = h.t() @ grad if ctx.needs_input_grad[1] else None
+            grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+            grad_W = None if grad_W is None else grad_W * grad_out.to(grad_W.dtype)
         return grad_h, grad_W, None
 
 

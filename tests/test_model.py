@@ -274,3 +274,48 @@ def test_training_gradients_are_repeatable_with_two_threads():
             assert all(torch.equal(ref[n], g[n]) for n in ref), [n for n in ref if not torch.equal(ref[n], g[n])]
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kw", [{}, {"attn_bias": True}, {"smeared_keys": True}])
+def test_rope_folded_into_the_projection_is_bitwise_apply_rope(precision, kw):
+    """The forward pass rotates queries and keys with swap_pairs folded into W_Q and W_K (one
+    matmul gives q, k, v and the swapped q and k); the attention patterns are bit for bit those of
+    apply_rope on x @ W_Q and x @ W_K, in fp32 and under bf16 autocast, with biases and smeared keys."""
+    from icl_core.model import apply_rope
+
+    m = tiny_model(positional="rope", n_layers=1, **kw)
+    x = torch.randint(0, m.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    att, cfg = m.blocks[0].attn, m.cfg
+    with torch.no_grad(), ctx, H.cache(m, ["blocks.0.attn.hook_pattern"]) as c:
+        m(x)
+        h = m.blocks[0].ln1(_embed(m, x))
+        qkv = h @ att.W_qkv.reshape(cfg.d_model, -1)
+        if cfg.attn_bias:
+            qkv = qkv + att.b_qkv.reshape(-1)
+        qkv = qkv.view(2, 12, 3, cfg.n_heads, cfg.d_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, dh)
+        q = apply_rope(qkv[0], m.rope_cos, m.rope_sin)
+        k = apply_rope(qkv[1], m.rope_cos, m.rope_sin)
+        if cfg.smeared_keys:
+            k = att.smear(k)
+        want = att._pattern(q, k, "reference")
+    assert torch.equal(c["blocks.0.attn.hook_pattern"], want)
+
+
+def _embed(m, x):
+    return torch.nn.functional.embedding(x, m.W_E)
+
+
+@pytest.mark.parametrize("which", ["h", "W"])
+def test_linear_cross_entropy_gradient_of_one_input(which):
+    """Only the gradients asked for are computed in the forward pass; each equals the plain loss's."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(20, 8, generator=g, dtype=torch.float64, requires_grad=which == "h")
+    W = torch.randn(8, 13, generator=g, dtype=torch.float64, requires_grad=which == "W")
+    tokens = torch.randint(0, 13, (2, 11), generator=g)
+    hh = h.view(2, 10, 8)
+    want = torch.nn.functional.cross_entropy((hh @ W)[:, :-1].reshape(-1, 13), tokens[:, 1:10].reshape(-1))
+    got = linear_cross_entropy(hh, W, tokens[:, :10])
+    x = h if which == "h" else W
+    assert torch.allclose(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0], atol=1e-12)
