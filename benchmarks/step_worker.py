@@ -21,7 +21,10 @@ import statistics
 import sys
 import time
 
-MATRIX_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::matmul_out", "aten::linear")
+MATRIX_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::matmul_out", "aten::linear",
+              # the same ATen kernels called from inductor's C++ wrapper (train.make_loss, cpp_wrapper)
+              "aoti_torch_cpu_mm_out", "aoti_torch_cpu_bmm_out", "aoti_torch_cpu_baddbmm_out",
+              "aoti_torch_cpu_addmm_out")
 
 
 def main(argv=None):
@@ -46,6 +49,12 @@ def main(argv=None):
     from icl_core.runs import cache_dir
 
     torch.set_num_threads(a.threads)
+    if a.profile_steps:
+        # name inductor's C++ kernels and the matmuls its C++ wrapper calls in torch.profiler (a
+        # checkout that compiles with cpp_wrapper records its matmuls only so); off, a guard per kernel
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     cfg = load_profile(a.profile_name).run_config(a.run)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=a.precision))
     min_steps = getattr(T, "CPU_COMPILE_MIN_STEPS", None)  # checkouts before it never compiled on the CPU
@@ -88,16 +97,24 @@ def main(argv=None):
         ka = p.key_averages()
         total = sum(k.self_cpu_time_total for k in ka)
         matrix = sum(k.self_cpu_time_total for k in ka if k.key in MATRIX_OPS)
-        top = sorted(ka, key=lambda k: -k.self_cpu_time_total)[:8]
+        by_op: dict[str, float] = {}
+        for k in ka:
+            by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total
+        top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
         out["profile"] = {"step_ms": total / a.profile_steps / 1e3, "matrix_share": matrix / total,
-                          "top": [{"op": _short(k.key), "ms": k.self_cpu_time_total / a.profile_steps / 1e3,
-                                   "share": k.self_cpu_time_total / total} for k in top]}
+                          "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
     print(json.dumps(out))
 
 
 def _short(name: str) -> str:
     """Inductor's compiled graphs are named by a hash: one label for all of them."""
-    return "compiled elementwise (inductor)" if name.startswith("## Call CompiledFxGraph") else name[:60]
+    if name.startswith("graph_") and "_cpp_fused" in name:
+        return "compiled elementwise kernels (inductor)"
+    if name.startswith("## Call CompiledFxGraph"):
+        return "compiled graph's wrapper (inductor)"
+    if name.startswith("aoti_torch_cpu_") and name.endswith("_out"):  # the C++ wrapper's ATen calls
+        return "aten::" + name[len("aoti_torch_cpu_"):-len("_out")]
+    return name[:60]
 
 
 def peak_rss_mb():  # as icl_core.train.peak_rss_mb, which older checkouts lack
