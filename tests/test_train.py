@@ -338,3 +338,21 @@ def test_train_cli_reports_a_bad_config_in_one_line(tmp_path, capsys, text, name
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and names in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_fast_cpu_exp_keeps_softmax_exact_enough_and_masked_scores_zero():
+    """train.fast_cpu_exp makes inductor's C++ kernels use ATen's exp_u20: a compiled causal softmax
+    (bf16 scores, fp32 softmax, as the trainer's attention) stays within a few fp32 ulp of eager
+    and gives exactly 0 to every masked (-inf) score, and the compiled loss still matches eager."""
+    import torch
+
+    from icl_core.train import fast_cpu_exp
+
+    assert fast_cpu_exp() is True  # this PyTorch has the hook
+    mask = torch.full((64, 64), float("-inf")).triu(1)
+    x = (torch.randn(6, 64, 64, generator=torch.Generator().manual_seed(0)) * 4 + mask).bfloat16()
+    f = torch.compile(lambda s: s.float().softmax(-1), dynamic=False)
+    got, want = f(x), x.float().softmax(-1)
+    assert torch.equal(got[:, mask.isinf()], torch.zeros_like(got[:, mask.isinf()]))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(got, want)  # the fast exp is in use (Sleef's 1-ulp exp would match eager)
