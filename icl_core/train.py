@@ -101,8 +101,9 @@ def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str
     if dev_type == "cuda":
         return torch.compile(loss_of, dynamic=False, mode=mode)
     fast_cpu_exp()
-    # a C++ wrapper around the compiled kernels instead of inductor's Python one: its per-call
-    # overhead (~70 kernel and matmul calls a laptop step) was ~7% of the step (cpu_trainer.md)
+    # a C++ wrapper around the compiled kernels instead of inductor's Python one, which was ~7% of a
+    # laptop step under the profiler (~70 kernel and matmul calls); the gain measured inside the
+    # noise, and it cost no compile time, so it stays (cpu_trainer.md)
     options = None if mode else {"cpp_wrapper": True}
     compiled = torch.compile(fused_loss_of, dynamic=False, mode=mode, options=options)
     return _EagerFallback(compiled, fused_loss_of)
