@@ -85,7 +85,7 @@ def main(argv=None):
     out = {"tree": a.tree, "run": a.run, "precision": a.precision, "threads": a.threads, "compiled": compile,
            "warmup_s": warmup_s, "tok_s": {"median": statistics.median(tok_s), "min": min(tok_s), "max": max(tok_s),
                                            "n": len(tok_s)},
-           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb()}
+           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb(), "bf16_matmul": _bf16_kernel()}
     if a.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
@@ -113,6 +113,15 @@ def _short(name: str) -> str:
     if name.startswith("aoti_torch_cpu_") and name.endswith("_out"):  # the C++ wrapper's ATen calls
         return "aten::" + name[len("aoti_torch_cpu_"):-len("_out")]
     return name[:60]
+
+
+def _bf16_kernel() -> str:
+    """What computed the checkout's bf16 products (checkouts before icl_core.precision: PyTorch's own)."""
+    try:
+        from icl_core import precision
+    except ImportError:
+        return "native bf16"
+    return precision.bf16_matmul_kernel()
 
 
 def peak_rss_mb():  # as icl_core.train.peak_rss_mb, which older checkouts lack

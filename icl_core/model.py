@@ -24,7 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import precision
+from .precision import lowp_matmul
 from .config import ModelConfig
+
+# bf16 products at fp32 speed on CPUs without bf16 matrix kernels (icl_core.precision)
+precision.install()
 
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
@@ -358,7 +363,7 @@ def token_losses(h: torch.Tensor, W_U: torch.Tensor, tokens: torch.Tensor) -> to
     out = torch.empty(B * T, dtype=torch.float32, device=h.device)
     with torch.autocast(h.device.type, enabled=False):
         for s in range(0, B * T, CE_CHUNK_ROWS):
-            logp = torch.log_softmax((rows[s:s + CE_CHUNK_ROWS] @ W_U).float(), -1)
+            logp = torch.log_softmax(lowp_matmul(rows[s:s + CE_CHUNK_ROWS], W_U).float(), -1)
             out[s:s + CE_CHUNK_ROWS] = logp.gather(1, targets[s:s + CE_CHUNK_ROWS]).squeeze(1).neg_()
     return out.view(B, T)[:, :-1]
 
@@ -386,7 +391,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_W, W_t = [], None, W.t()
         for s in range(0, n, CE_CHUNK_ROWS):
             tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
-            logp = torch.log_softmax((rows @ W).to(acc), -1)  # (rows, V)
+            logp = torch.log_softmax(lowp_matmul(rows, W).to(acc), -1)  # (rows, V)
             total -= logp.gather(1, tgt).sum()
             if not (want_h or want_W):
                 continue
@@ -394,9 +399,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p.scatter_add_(1, tgt, minus_one[: len(tgt)])  # softmax - onehot
             g = p.mul_(1.0 / n).to(h.dtype)  # the logits' gradient, in the matmuls' dtype
             if want_h:
-                grad_h.append(g @ W_t)
+                grad_h.append(lowp_matmul(g, W_t))
             if want_W:
-                part = (rows.t() @ g).to(acc)
+                part = lowp_matmul(rows.t(), g).to(acc)
                 grad_W = part if grad_W is None else grad_W + part
         ctx.save_for_backward(torch.cat(grad_h) if want_h else None,
                               grad_W.to(W.dtype) if want_W else None)

@@ -22,6 +22,7 @@ import torch
 from . import data as D
 from .data import EvalData
 from . import metrics as M
+from . import precision
 from .config import RunConfig, ConfigError
 from .io import (CorruptFileError, atomic_write_json, load_tensors, read_json_checked, save_tensors)
 from .model import Transformer, loss_fn
@@ -467,6 +468,8 @@ class Trainer:
         man["compiled"] = bool(self.compile) and not getattr(loss_of, "fell_back", False)
         # this process's peak resident memory over the (last resumed part of the) run
         man["peak_rss_mb"] = peak_rss_mb()
+        if self.cfg.train.precision == "bf16" and self.device.startswith("cpu"):
+            man["bf16_matmul"] = precision.bf16_matmul_kernel()  # icl_core.precision
         atomic_write_json(self.dir / "manifest.json", man)
         for f in self.dir.glob("resume_*.safetensors"):
             f.unlink(missing_ok=True)

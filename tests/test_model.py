@@ -225,14 +225,21 @@ def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradients(chunk, mon
 def test_token_losses_are_bitwise_the_losses_of_the_logits(chunk, precision, monkeypatch):
     """The evaluation's chunked per-token loss is loss_fn(model(x), reduction='none'), bit for bit,
     in fp32 and under bf16 autocast (the snapshot metrics and ablations moved to it without
-    changing a logged number), on real-sized logits (vocabulary 2048)."""
+    changing a logged number), on real-sized logits (vocabulary 2048). One thread, as the trainer's
+    snapshot metrics run: with two, MKL's fp32 GEMM on an AVX2-only CPU (Zen 2) splits the whole
+    product across the threads and sums some logits in another order than the 5-row chunks."""
     monkeypatch.setattr(model_module, "CE_CHUNK_ROWS", chunk)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     m = tiny_model(d_vocab=2048, d_model=64)
     x = torch.randint(0, 2048, (3, 64), generator=torch.Generator().manual_seed(2))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        want = loss_fn(m(x), x, reduction="none")
-        got = token_losses(m.residual(x), m.W_U, x)
+    try:
+        with torch.no_grad(), ctx:
+            want = loss_fn(m(x), x, reduction="none")
+            got = token_losses(m.residual(x), m.W_U, x)
+    finally:
+        torch.set_num_threads(threads)
     assert got.shape == (3, 63) and got.dtype == torch.float32
     assert torch.equal(got, want)
 
