@@ -333,8 +333,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from icl_core import precision
+    cpu, flags = cpu_info()
     res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads,
-                       "torch": torch.__version__, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+                       "torch": torch.__version__, "cpu": cpu, "cpu_flags": flags,
                        "bf16_matmul": precision.bf16_matmul_kernel()}}
     res["peak_gflops"] = {"fp32": matmul_peak(torch.float32, repeats=a.repeats),
                           "bf16": matmul_peak(torch.bfloat16, repeats=a.repeats)}
@@ -393,26 +394,17 @@ def main(argv=None):
     return write_results(res, rows, a)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and the flags that decide its matrix kernels (AVX2 / AVX-512 / AVX-512
+    bf16 / AMX), from Linux's /proc/cpuinfo; elsewhere the platform's processor string and no flags."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide the matrix kernels: AVX2 / AVX-512 / AVX-512 bf16 / AMX."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
+        return platform.processor() or "unknown", []
+    field = lambda key: next((l.split(":", 1)[1].strip() for l in lines if l.startswith(key)), "")  # noqa: E731
+    have = set(field("flags").split())
+    flags = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
+    return field("model name") or platform.processor() or "unknown", flags
 
 
 def _git_head() -> str:

@@ -61,8 +61,8 @@ def bf16_matmul_kernel() -> str:
 
 
 def lowp_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for tensors already in the product's dtype, outside autocast: in bf16 on a CPU
-    that :func:`emulating`, the fp32 product rounded to bf16."""
+    """``a @ b`` for tensors already in the product's dtype, outside autocast: in bf16 on the CPU,
+    while the emulation is installed (:func:`install`), the fp32 product rounded to bf16."""
     if a.dtype == torch.bfloat16 and a.device.type == "cpu" and _library is not None:
         return (a.float() @ b.float()).to(torch.bfloat16)
     return a @ b
@@ -72,9 +72,9 @@ def _emulated(op):
     excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
     def kernel(*args, **kwargs):
-        # as autocast would: floating tensors rounded to bf16 (those already bf16 unchanged); then
-        # exact fp32 products of those values, rounded once to bf16
-        # (fp64 stays fp64, as autocast leaves it); autocast to another dtype runs natively
+        # as autocast would, floating tensors are rounded to bf16 (fp64 left alone); the product of
+        # those values is taken in fp32 (exact) and rounded once to bf16. Autocast to another dtype
+        # than bf16 (unused by the project) runs in that dtype, as PyTorch's own kernel would
         dtype = torch.get_autocast_dtype("cpu")
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             if dtype != torch.bfloat16:
