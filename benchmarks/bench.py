@@ -408,7 +408,9 @@ def cpu_info() -> tuple[str, list[str]]:
 
 
 def _git_head() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    """The checkout's commit, with ``-dirty`` where tracked files differ from it (what was measured)."""
+    out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True,
+                         text=True)
     return out.stdout.strip() or "unknown"
 
 

@@ -8,7 +8,9 @@ unpacked), builds the laptop profile's run ``--run`` at ``--precision``, and tim
 step as that checkout's trainer takes it: its optimizer and loss, and ``torch.compile`` where that
 checkout's Trainer would compile a run of this length on this device. Prints one JSON line:
 tokens/s (median and min-max over the timed steps), the process's peak resident memory, whether
-the loss was compiled, and with ``--profile-steps N`` a ``torch.profiler`` breakdown of N steps
+the loss was compiled, the minor page faults per timed step (the checkout's trainer's allocator
+policy applied: icl_core.train.reuse_freed_memory where it exists; ``ICL_MALLOC=default`` measures
+without it), and with ``--profile-steps N`` a ``torch.profiler`` breakdown of N steps
 (share of the step in matrix products, the top ops). Only calls that exist in every checkout
 since the benchmarks began (init_model, make_loss, make_optimizer, Corpus, train_batch) are used.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import sys
 import time
@@ -47,6 +50,9 @@ def main(argv=None):
     from icl_core.runs import cache_dir
 
     torch.set_num_threads(a.threads)
+    # the checkout's trainer's allocator policy, where it has one (icl_core.train.reuse_freed_memory;
+    # ICL_MALLOC=default measures without it)
+    malloc_reuse = bool(getattr(T, "reuse_freed_memory", lambda: False)())
     if a.profile_steps:
         # name inductor's C++ kernels and the matmuls its C++ wrapper calls in torch.profiler (a
         # checkout that compiles with cpp_wrapper records its matmuls only so); off, a guard per kernel
@@ -76,16 +82,19 @@ def main(argv=None):
         step(batches[i % len(batches)])
     warmup_s = time.perf_counter() - t0
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for x in batches:
         t = time.perf_counter()
         step(x)
         times.append(time.perf_counter() - t)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # page faults of the timed steps
     n_tok = batches[0].numel()
     tok_s = [n_tok / t for t in times]
     out = {"tree": a.tree, "run": a.run, "precision": a.precision, "threads": a.threads, "compiled": compile,
            "warmup_s": warmup_s, "tok_s": {"median": statistics.median(tok_s), "min": min(tok_s), "max": max(tok_s),
                                            "n": len(tok_s)},
-           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb(), "bf16_matmul": _bf16_kernel()}
+           "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb(), "bf16_matmul": _bf16_kernel(),
+           "malloc_reuse": malloc_reuse, "minor_faults_per_step": faults / len(times)}
     if a.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
