@@ -19,7 +19,7 @@
 6. with ``--baseline REF``: the trainer of an older commit and of this checkout side by side, each
    measurement in a fresh process (benchmarks/step_worker.py) and the two alternating, so a noisy
    machine slows both alike: tokens/s, their ratio, the share of the step in matrix products
-   (``torch.profiler``), peak resident memory; and this checkout at 1 and 2 threads (is one
+   (``torch.profiler``), peak resident memory, page faults per step; and this checkout at 1 and 2 threads (is one
    2-thread run faster than two 1-thread runs side by side?);
 7. the peak resident memory the trainer logged for each run of a trained profile.
 
@@ -259,20 +259,24 @@ def side_by_side(baseline: Path, runs, precisions, rounds: int, steps: int, prof
     for run in runs:
         for precision in precisions:
             got = {"baseline": [], "current": []}
-            prof, rss = {}, {}
+            prof, rss, faults = {}, {}, {"baseline": [], "current": []}
             for r in range(rounds):
                 for side, tree in (("baseline", baseline), ("current", ROOT)):
                     res = worker(tree, run, precision, steps=steps, profile_steps=profile_steps if r == 0 else 0,
                                  profile_name=profile_name)
                     got[side].append(res["tok_s"]["median"])
                     rss[side] = max(rss.get(side, 0), res["peak_rss_mb"] or 0)
+                    if res.get("minor_faults_per_step") is not None:
+                        faults[side].append(res["minor_faults_per_step"])
                     if "profile" in res:
                         prof[side] = res["profile"]
                         prof[side]["compiled"] = res["compiled"]
             row = {"run": run, "precision": precision, "rounds": rounds,
                    "baseline_tok_s": stats(got["baseline"]), "current_tok_s": stats(got["current"]),
                    "speedup": statistics.median(got["current"]) / statistics.median(got["baseline"]),
-                   "profile": prof, "peak_rss_mb": rss, "flops_per_token": res["flops_per_token"]}
+                   "profile": prof, "peak_rss_mb": rss, "flops_per_token": res["flops_per_token"],
+                   # page faults per timed step (the allocator's cost; cpu_trainer.md "Fourth pass")
+                   "faults_per_step": {k: statistics.median(v) for k, v in faults.items() if v}}
             rows.append(row)
             print("side by side", run, precision, f"x{row['speedup']:.2f}",
                   {k: f"{v['matrix_share']:.0%} matrix" for k, v in prof.items()}, flush=True)
@@ -425,8 +429,9 @@ def side_by_side_lines(res: dict) -> list[str]:
              "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps); % of peak against "
              "this machine's matmul peak in the same precision and thread count.", "",
              "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
-             "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) "
+             "| page faults per step (baseline → current) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sb["rows"]:
         b, c = r["baseline_tok_s"], r["current_tok_s"]
         peak = pk[r["precision"]]["median"]
@@ -436,7 +441,9 @@ def side_by_side_lines(res: dict) -> list[str]:
         lines.append(f"| {r['run']} | {r['precision']} | {b['median']:.0f} ({b['min']:.0f}-{b['max']:.0f}) | "
                      f"{c['median']:.0f} ({c['min']:.0f}-{c['max']:.0f}) | x{r['speedup']:.2f} | {share} | "
                      f"{fb:.1%} → {fc:.1%} | {pr.get('current', {}).get('compiled', '-')} | "
-                     f"{r['peak_rss_mb'].get('baseline', 0):.0f} → {r['peak_rss_mb'].get('current', 0):.0f} |")
+                     f"{r['peak_rss_mb'].get('baseline', 0):.0f} → {r['peak_rss_mb'].get('current', 0):.0f} | "
+                     + " → ".join(f"{r.get('faults_per_step', {})[k]:.0f}" if k in r.get("faults_per_step", {}) else "-"
+                                  for k in ("baseline", "current")) + " |")
     for r in sb["rows"]:
         for side in ("baseline", "current"):
             p = r["profile"].get(side)

@@ -77,11 +77,13 @@ def test_side_by_side_of_two_checkouts(tmp_path):
     for side in ("baseline", "current"):
         p = row["profile"][side]
         assert 0 < p["matrix_share"] < 1 and p["top"] and row["peak_rss_mb"][side] > 0
+        assert row["faults_per_step"][side] >= 0  # step_worker counts them for any checkout
     res = {"peak_gflops": {"fp32": {"median": 100.0}}, "side_by_side": {"baseline": "abc", "current": "def", "rows": rows},
            "threads_scaling": {"run": "attn1", "tok_s_1_thread": 100.0, "tok_s_2_threads": 150.0, "ratio": 1.5},
            "logged_peak_rss_mb": {"attn1": 400.0}}
     text = "\n".join(bench.side_by_side_lines(res))
     assert "| attn1 | fp32 |" in text and "two 1-thread runs side by side train more tokens" in text
+    assert text.count("page faults per step") == 1 and "| - → - |" not in text
     assert "largest 400" in text
 
 
