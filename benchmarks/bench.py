@@ -436,14 +436,13 @@ def side_by_side_lines(res: dict) -> list[str]:
         b, c = r["baseline_tok_s"], r["current_tok_s"]
         peak = pk[r["precision"]]["median"]
         fb, fc = (frac_of_peak(x["median"], r["flops_per_token"], peak) for x in (b, c))
-        pr = r["profile"]
+        pr, faults = r["profile"], r.get("faults_per_step", {})
         share = " → ".join(f"{pr[k]['matrix_share']:.0%}" if k in pr else "-" for k in ("baseline", "current"))
         lines.append(f"| {r['run']} | {r['precision']} | {b['median']:.0f} ({b['min']:.0f}-{b['max']:.0f}) | "
                      f"{c['median']:.0f} ({c['min']:.0f}-{c['max']:.0f}) | x{r['speedup']:.2f} | {share} | "
                      f"{fb:.1%} → {fc:.1%} | {pr.get('current', {}).get('compiled', '-')} | "
                      f"{r['peak_rss_mb'].get('baseline', 0):.0f} → {r['peak_rss_mb'].get('current', 0):.0f} | "
-                     + " → ".join(f"{r.get('faults_per_step', {})[k]:.0f}" if k in r.get("faults_per_step", {}) else "-"
-                                  for k in ("baseline", "current")) + " |")
+                     + " → ".join(f"{faults[k]:.0f}" if k in faults else "-" for k in ("baseline", "current")) + " |")
     for r in sb["rows"]:
         for side in ("baseline", "current"):
             p = r["profile"].get(side)

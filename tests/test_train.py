@@ -405,7 +405,7 @@ print(tuned, faults, digest)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux (glibc) only")
 def test_reused_freed_memory_removes_page_faults_and_changes_no_bit():
     """reuse_freed_memory (glibc mallopt) makes a laptop-sized training step reuse the heap instead of
-    faulting in fresh pages for its 4-8 MB attention buffers; the weights after ten steps are the
+    faulting in fresh pages for its 4-8 MB attention buffers; the weights after 24 steps are the
     same bytes with and without it (only where the memory lives changes)."""
     import subprocess
     import sys
