@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench  # noqa: E402
 import gpu_bench  # noqa: E402
 
@@ -103,3 +104,58 @@ def test_evaluation_side_by_side_of_two_checkouts(tmp_path, monkeypatch):
         assert r["baseline_s"] > 0 and r["current_s"] > 0 and r["rss"]["current"] > 0
         assert r["same_bits"]  # HEAD's evaluation and this checkout's compute the same bits
     assert "| attn1 | ablation_pp |" in eval_ab.table(rows, "HEAD")
+
+
+def test_grad_fidelity_compare_known_answers():
+    import torch
+
+    import grad_fidelity
+    g = {"b0/loss": torch.tensor([2.0], dtype=torch.float64),
+         "b0/blocks.0.attn.W_qkv": torch.tensor([3.0, 4.0], dtype=torch.float64),
+         "b0/embed": torch.tensor([0.0, 0.0], dtype=torch.float64)}
+    same = grad_fidelity.compare(g, g)["b0"]
+    assert same["rel_err"] == 0 and same["cos"] == pytest.approx(1) and same["loss_diff"] == 0
+    doubled = grad_fidelity.compare(g, {k: 2 * v for k, v in g.items()})["b0"]
+    assert doubled["rel_err"] == pytest.approx(1) and doubled["norm_ratio"] == pytest.approx(2)
+    assert doubled["cos"] == pytest.approx(1) and doubled["loss_diff"] == pytest.approx(2)
+    assert doubled["attn_rel_err"] == {"blocks.0.attn.W_qkv": pytest.approx(1)}
+
+
+def test_grad_fidelity_worker_bf16_against_fp64(tmp_path):
+    # the smoke attn3 model at its initial weights: the fp64 gradient against itself is exact, the
+    # trainer's bf16 one is off by bf16's rounding (~0.4% per value), neither 0 nor large
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import grad_fidelity
+    from icl_core import train as T
+    from icl_core.profiles import load_profile
+    cfg = load_profile("smoke").run_config("attn3")
+    save_file(T.init_model(cfg).state_dict(), str(tmp_path / "w.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    save_file({"b0": torch.randint(0, cfg.model.d_vocab, (2, cfg.model.n_ctx), generator=g)}, str(tmp_path / "x.safetensors"))
+    for path in ("fp64", "eager"):
+        assert grad_fidelity.main(["--worker", "--tree", str(ROOT), "--path", path, "--run", "attn3",
+                                   "--profile-name", "smoke", "--weights", str(tmp_path / "w.safetensors"),
+                                   "--batch-file", str(tmp_path / "x.safetensors"),
+                                   "--out", str(tmp_path / f"{path}.safetensors")]) == 0
+    ref, got = (load_file(str(tmp_path / f"{p}.safetensors")) for p in ("fp64", "eager"))
+    assert grad_fidelity.compare(ref, ref)["b0"]["rel_err"] == 0
+    row = grad_fidelity.compare(ref, got)["b0"]
+    assert 1e-4 < row["rel_err"] < 0.05 and row["cos"] > 0.999
+    assert set(row["attn_rel_err"]) == {f"blocks.{i}.attn.W_{w}" for i in range(3) for w in ("qkv", "O_")}
+
+
+def test_grad_fidelity_systematic_error_known_answers():
+    import torch
+
+    import grad_fidelity
+    ref = {f"b{i}/{n}": torch.tensor(v, dtype=torch.float64) for i in range(2)
+           for n, v in [("loss", [1.0]), ("w", [1.0, 0.0])]}
+    # errors of opposite sign cancel in the mean gradient: no bias
+    noisy = {**ref, "b0/w": torch.tensor([1.0, 0.5], dtype=torch.float64), "b1/w": torch.tensor([1.0, -0.5], dtype=torch.float64)}
+    assert grad_fidelity.systematic(ref, noisy) == {"batches": 2, "rel_err": 0.0, "along": 0.0}
+    # every gradient 10% short: a bias along the gradient, which the mean keeps
+    short = {k: (0.9 * v if k.endswith("/w") else v) for k, v in ref.items()}
+    got = grad_fidelity.systematic(ref, short)
+    assert got["rel_err"] == pytest.approx(0.1) and got["along"] == pytest.approx(-0.1)
