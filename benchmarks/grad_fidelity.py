@@ -67,22 +67,29 @@ def worker(a) -> int:
     return 0
 
 
+def _layout(grads: dict) -> tuple[list[str], list[str]]:
+    """The batch names and parameter names of a worker's file (keys ``batch/param`` and ``batch/loss``)."""
+    batches = sorted({k.split("/")[0] for k in grads})
+    params = [k.split("/", 1)[1] for k in grads if k.startswith(batches[0] + "/") and not k.endswith("/loss")]
+    return batches, params
+
+
 def compare(ref: dict, got: dict) -> dict:
     """Relative error, cosine and norm ratio of ``got``'s gradients against ``ref``'s, per batch,
     over all parameters, and per attention weight (names containing 'attn.W_')."""
     import torch
 
+    batches, params = _layout(ref)
     rows = {}
-    for b in sorted({k.split("/")[0] for k in ref}):
-        names = [k for k in ref if k.startswith(b + "/") and not k.endswith("/loss")]
-        g = torch.cat([got[k].flatten() for k in names])
-        r = torch.cat([ref[k].flatten() for k in names])
+    for b in batches:
+        g = torch.cat([got[f"{b}/{n}"].flatten() for n in params])
+        r = torch.cat([ref[f"{b}/{n}"].flatten() for n in params])
         rows[b] = {"loss_diff": float(got[f"{b}/loss"] - ref[f"{b}/loss"]),
                    "rel_err": float((g - r).norm() / r.norm()),
                    "cos": float(g @ r / (g.norm() * r.norm())),
                    "norm_ratio": float(g.norm() / r.norm()),
-                   "attn_rel_err": {k.split("/", 1)[1]: float((got[k] - ref[k]).norm() / ref[k].norm())
-                                    for k in names if "attn.W_" in k}}
+                   "attn_rel_err": {n: float((got[f"{b}/{n}"] - ref[f"{b}/{n}"]).norm() / ref[f"{b}/{n}"].norm())
+                                    for n in params if "attn.W_" in n}}
     return rows
 
 
@@ -92,11 +99,10 @@ def systematic(ref: dict, got: dict) -> dict:
     error's component along the mean gradient, as a fraction of it (negative: smaller steps)."""
     import torch
 
-    batches = sorted({k.split("/")[0] for k in ref})
-    names = [k.split("/", 1)[1] for k in ref if k.startswith(batches[0] + "/") and not k.endswith("/loss")]
+    batches, params = _layout(ref)
 
     def mean(d):
-        return torch.stack([torch.cat([d[f"{b}/{n}"].flatten() for n in names]) for b in batches]).mean(0)
+        return torch.stack([torch.cat([d[f"{b}/{n}"].flatten() for n in params]) for b in batches]).mean(0)
 
     r, e = mean(ref), mean(got) - mean(ref)
     return {"batches": len(batches), "rel_err": float(e.norm() / r.norm()), "along": float(e @ r / (r @ r))}
@@ -140,12 +146,13 @@ def main(argv=None) -> dict:
     from icl_core.runs import Run, cache_dir
 
     results = {"baseline": a.baseline, "snapshots": []}
+    want = load_profile(a.profile_name).run_config(a.run).model  # the model every worker builds
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        trees = {"current": ROOT}
+        paths = [("current eager", ROOT, "eager"), ("current compiled", ROOT, "compiled")]
         if a.baseline:
             from bench import unpack_commit
-            trees["baseline"] = unpack_commit(a.baseline, tmp / "baseline")
+            paths.append(("baseline", unpack_commit(a.baseline, tmp / "baseline"), "eager"))
         for spec in a.snapshot:
             run_dir, _, step = spec.rpartition(":")
             if not run_dir or not step.isdigit():
@@ -155,7 +162,6 @@ def main(argv=None) -> dict:
             run, step = Run(run_dir), int(step)
             if str(step) not in run.manifest["snapshots"]:
                 raise SystemExit(f"grad_fidelity: run {run.name} has no snapshot at step {step}; steps: {run.steps}")
-            want = load_profile(a.profile_name).run_config(a.run).model
             if run.config.model != want:
                 raise SystemExit(f"grad_fidelity: run {run.name}'s model is not the {a.profile_name} profile's "
                                  f"{a.run} model the workers build; pass its --run and --profile-name")
@@ -170,8 +176,7 @@ def main(argv=None) -> dict:
             ref = _run_worker(ROOT, "fp64", weights, batches, tmp / "fp64.safetensors", a)
             entry = {"run": f"{run.path.parent.name}/{run.name}", "step": step, "tokens": run.tokens(step), "paths": {},
                      "systematic": {}}
-            for label, tree, path in [("current eager", ROOT, "eager"), ("current compiled", ROOT, "compiled")] + (
-                    [("baseline", trees["baseline"], "eager")] if a.baseline else []):
+            for label, tree, path in paths:
                 got = _run_worker(tree, path, weights, batches, tmp / f"{label}.safetensors", a)
                 entry["paths"][label] = compare(ref, got)
                 entry["systematic"][label] = systematic(ref, got)
