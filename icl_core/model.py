@@ -68,6 +68,18 @@ def apply_rope(x, cos, sin):
     return x * cos + swap_pairs(x) * sin
 
 
+def swap_halves(x):
+    """Swap the two halves of the last axis: :func:`swap_pairs` in half-split order."""
+    h = x.shape[-1] // 2
+    return torch.cat([x[..., h:], x[..., :h]], -1)
+
+
+def half_split_order(d_head: int) -> torch.Tensor:
+    """The permutation of a head's dimensions that puts each RoPE pair's even member in the first
+    half and its odd member at the same place in the second half: (0, 2, ..., dh-2, 1, 3, ..., dh-1)."""
+    return torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
+
+
 def swap_pairs(x):
     """Swap each pair of dimensions (even, odd) of the last axis: RoPE's partner of each value."""
     return x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)
@@ -90,6 +102,11 @@ class Attention(nn.Module):
             # [book choice] the paper does not give the initial value: alpha = 0 (sigmoid 0.5, an
             # even mix of each key and its predecessor); alpha -> +inf recovers a vanilla model
             self.alpha = nn.Parameter(torch.zeros(H))
+
+    def _half_split(self, w):
+        """w (..., 3, H, dh) with the query and key dimensions put in half-split order."""
+        order = half_split_order(self.cfg.d_head).to(w.device)
+        return torch.cat([w[..., :2, :, :].index_select(-1, order), w[..., 2:, :, :]], -3)
 
     @property
     def W_Q(self):
@@ -179,15 +196,14 @@ class Attention(nn.Module):
             qk, v = qk.view(B, T, 2, H, dh), v.view(B, T, H, dh)
             q, k = qk[:, :, 0], qk[:, :, 1]
         elif folded:
-            Wf = torch.cat([self.W_qkv, swap_pairs(self.W_qkv[:, :2])], 1).reshape(D, 5 * H * dh)
-            qkv = x @ Wf
+            qkv = x @ self._half_split(self.W_qkv).reshape(D, 3 * H * dh)
             if cfg.attn_bias:
-                qkv = qkv + torch.cat([self.b_qkv, swap_pairs(self.b_qkv[:2])]).reshape(5 * H * dh)
-            qkv = qkv.view(B, T, 5, H, dh)
-            cos, sin = (t[:T, None].to(qkv.dtype) for t in (model.rope_cos, model.rope_sin))  # (T, 1, dh)
-            q = qkv[:, :, 0] * cos + qkv[:, :, 3] * sin  # as apply_rope(q): q cos + swap(q) sin
-            k = qkv[:, :, 1] * cos + qkv[:, :, 4] * sin
-            v = qkv[:, :, 2]
+                qkv = qkv + self._half_split(self.b_qkv.unsqueeze(0)).reshape(3 * H * dh)
+            qkv = qkv.view(B, T, 3, H, dh)
+            cos, sin = (t[:T, None].to(qkv.dtype) for t in (model.rope_cos_half, model.rope_sin_half))  # (T, 1, dh)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q = q * cos + swap_halves(q) * sin  # apply_rope(q) with its dimensions in half-split order
+            k = k * cos + swap_halves(k) * sin
         else:
             qkv = x @ W
             if cfg.attn_bias:
@@ -209,6 +225,10 @@ class Attention(nn.Module):
             if not (model._wants(name) or not model.use_sdpa or cpu_bf16):
                 z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
                 return self._out(z.transpose(1, 2).reshape(B, T, H * dh))
+            if cpu_bf16 and not model._wants(name):
+                z = causal_attention(q.reshape(B * H, T, dh), k.reshape(B * H, T, dh), v.reshape(B * H, T, dh),
+                                     model._causal_mask(T, q.device))
+                return self._out(z.view(B, H, T, dh).transpose(1, 2).reshape(B, T, H * dh))
             pattern = self._pattern(q, k, name)
         pattern = model._hook(f"{name}.hook_pattern", pattern)  # (B, H, T, T)
         z = (pattern.to(v.dtype) @ v)  # (B, H, T, dh)
@@ -217,6 +237,44 @@ class Attention(nn.Module):
         result = torch.einsum("bhtd,hdm->bthm", z, self.W_O_.to(z.dtype))  # (B, T, H, D)
         result = model._hook(f"{name}.hook_result", result)
         return result.sum(2) + self.b_O if cfg.attn_bias else result.sum(2)
+
+
+class _CausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(dh) + mask) v for (N, T, dh) queries, keys and values, with the
+    backward written out instead of derived op by op: the derived one computed the keys' and
+    values' gradients as transposed products (dK^T = Q^T dS, a (dh, T) result that the next
+    elementwise kernel read with a stride of T) and the softmax's backward from the (N, T, T)
+    pattern twice. Same products and the same formulas (dS = P * (dP - rowsum(dP * P)) in fp32,
+    as PyTorch's softmax backward), in an order chosen for the CPU (benchmarks/cpu_trainer.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        qs = q * (1.0 / math.sqrt(q.shape[-1]))  # scaled before the product: N*T*dh, not T*T, values
+        p = torch.baddbmm(mask.to(qs.dtype), qs, k.transpose(1, 2)).softmax(-1)
+        ctx.save_for_backward(qs, k, v, p)
+        return torch.bmm(p, v)
+
+    @staticmethod
+    def backward(ctx, dz):
+        qs, k, v, p = ctx.saved_tensors
+        dp = torch.bmm(dz, v.transpose(1, 2))
+        acc = torch.promote_types(p.dtype, torch.float32)  # bf16 patterns: the softmax backward in fp32
+        pf, dpf = p.to(acc), dp.to(acc)
+        ds = (pf * (dpf - (dpf * pf).sum(-1, keepdim=True))).to(p.dtype)
+        dq = torch.bmm(ds, k) * (1.0 / math.sqrt(qs.shape[-1]))
+        dk = torch.bmm(ds.transpose(1, 2), qs)
+        dv = torch.bmm(p.transpose(1, 2), dz)
+        return dq, dk, dv, None
+
+
+def causal_attention(q, k, v, mask):
+    """Causal attention of (N, T, dh) queries, keys and values; ``mask`` is the additive (T, T)
+    causal mask. Under autocast the products run in its dtype (all three inputs cast once)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        return _CausalAttention.apply(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -262,6 +320,9 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.n_ctx, cfg.d_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            order = half_split_order(cfg.d_head)
+            self.register_buffer("rope_cos_half", cos[:, order].contiguous(), persistent=False)
+            self.register_buffer("rope_sin_half", sin[:, order].contiguous(), persistent=False)
         self.blocks = nn.ModuleList([Block(cfg, l, self) for l in range(cfg.n_layers)])
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm)
         self.W_U = nn.Parameter(torch.randn(cfg.d_model, cfg.d_vocab) * cfg.init_std)

@@ -283,12 +283,33 @@ def test_training_gradients_are_repeatable_with_two_threads():
         torch.set_num_threads(old)
 
 
+def test_half_split_rope_is_apply_rope_with_its_dimensions_permuted():
+    """The forward pass rotates queries and keys with their dimensions in half-split order (each
+    RoPE pair's even member in the first half, its odd member in the second): with the weights'
+    columns and the tables permuted alike, the rotated values are bit for bit apply_rope's,
+    permuted, in fp32 and bf16; the swap of halves is the swap of pairs, permuted."""
+    from icl_core.model import apply_rope, half_split_order, swap_halves, swap_pairs
+
+    m = tiny_model(positional="rope", n_layers=1)
+    order = half_split_order(m.cfg.d_head)
+    assert sorted(order.tolist()) == list(range(m.cfg.d_head))
+    assert order[: m.cfg.d_head // 2].tolist() == list(range(0, m.cfg.d_head, 2))
+    x = torch.randn(2, m.cfg.n_heads, 12, m.cfg.d_head, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(swap_halves(x[..., order]), swap_pairs(x)[..., order])
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        cos, sin = (t[:12].to(dtype) for t in (m.rope_cos_half, m.rope_sin_half))
+        assert torch.equal(xd[..., order] * cos + swap_halves(xd[..., order]) * sin,
+                           apply_rope(xd, m.rope_cos, m.rope_sin)[..., order])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kw", [{}, {"attn_bias": True}, {"smeared_keys": True}])
-def test_rope_folded_into_the_projection_is_bitwise_apply_rope(precision, kw):
-    """The forward pass rotates queries and keys with swap_pairs folded into W_Q and W_K (one
-    matmul gives q, k, v and the swapped q and k); the attention patterns are bit for bit those of
-    apply_rope on x @ W_Q and x @ W_K, in fp32 and under bf16 autocast, with biases and smeared keys."""
+def test_rope_in_the_projection_gives_apply_rope_patterns(precision, kw):
+    """The model's attention patterns (queries and keys in half-split order, one matmul for q, k
+    and v) are those of apply_rope on x @ W_Q and x @ W_K up to the order in which each score's
+    d_head products are summed: within 1e-6 in fp32 and one bf16 rounding under bf16 autocast,
+    with biases and smeared keys."""
     from icl_core.model import apply_rope
 
     m = tiny_model(positional="rope", n_layers=1, **kw)
@@ -307,7 +328,46 @@ def test_rope_folded_into_the_projection_is_bitwise_apply_rope(precision, kw):
         if cfg.smeared_keys:
             k = att.smear(k)
         want = att._pattern(q, k, "reference")
-    assert torch.equal(c["blocks.0.attn.hook_pattern"], want)
+    got = c["blocks.0.attn.hook_pattern"]
+    assert got.dtype == want.dtype
+    tol = 1e-6 if precision == "fp32" else 2 ** -7  # a pattern value below 1 is rounded to 2^-8 or finer
+    assert (got.float() - want.float()).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_causal_attention_backward_is_the_derived_one(dtype):
+    """causal_attention's written-out backward gives the gradients autograd derives from the
+    explicit formula softmax(q k^T / sqrt(dh) + mask) v: to 1e-12 in float64; in bf16 within a
+    few roundings of the float64 answer, as close as the derived bf16 gradients are. Its output
+    is bit for bit the explicit formula's in both."""
+    from icl_core.model import causal_attention
+
+    g = torch.Generator().manual_seed(5)
+    N, T, dh = 3, 10, 8
+    q, k, v = (torch.randn(N, T, dh, generator=g, dtype=torch.float64) for _ in range(3))
+    dz = torch.randn(N, T, dh, generator=g, dtype=torch.float64)
+    mask = torch.full((T, T), float("-inf")).triu(1)
+
+    def explicit(q, k, v):
+        s = torch.baddbmm(mask.to(q.dtype), q * (1.0 / dh ** 0.5), k.transpose(1, 2))
+        return torch.bmm(s.softmax(-1), v)
+
+    def grads(f, dtype):
+        x = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = f(*x)
+        out.backward(dz.to(dtype))
+        return out.detach(), [t.grad.double() for t in x]
+
+    ref_out, ref = grads(explicit, torch.float64)
+    out, got = grads(lambda *x: causal_attention(*x, mask), dtype)
+    want_out, want = grads(explicit, dtype)
+    assert torch.equal(out, want_out)
+    for a, b, r in zip(got, want, ref):
+        if dtype == torch.float64:
+            assert torch.allclose(a, r, atol=1e-12, rtol=0)
+        else:
+            err, derived_err = (a - r).norm() / r.norm(), (b - r).norm() / r.norm()
+            assert err < 0.02 and err < 2 * derived_err + 1e-3, (err, derived_err)
 
 
 def _embed(m, x):
