@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import precision
-from .precision import lowp_matmul
+from .precision import lowp_baddbmm, lowp_matmul
 from .config import ModelConfig
 
 # bf16 products at fp32 speed on CPUs without bf16 matrix kernels (icl_core.precision)
@@ -179,11 +179,14 @@ class Attention(nn.Module):
         H, dh = cfg.n_heads, cfg.d_head
         name = f"blocks.{self.layer}.attn"
         forced = model._forced_patterns.get(self.layer)  # hooks.force_patterns: (B, H, T, T) or None
-        # RoPE folded into the projection: the pair-swapped queries and keys, swap_pairs(x @ W_Q),
-        # are x @ swap_pairs(W_Q) (a permutation of W's columns), so one matmul yields q, k, v and
-        # their partners and the rotation is two elementwise products. The swap applied to the
-        # (B, T, H, dh) activations kept the compiled backward in a scalar loop (~10% of a laptop
-        # training step; benchmarks/cpu_trainer.md); on the weights it moves 2 x D x D values.
+        # RoPE in the projection: the query and key columns of W_qkv are taken in half-split order
+        # (half_split_order, a permutation of each head's dimensions applied to both, so every
+        # score q.k is unchanged), where each pair's partner is in the other half: the rotation is
+        # q cos + swap_halves(q) sin on the matmul's output, two elementwise products whose
+        # compiled backward reads whole vectors. Swapping pairs of the (B, T, H, dh) activations
+        # kept the compiled backward in a scalar loop (~10% of a laptop step), and computing the
+        # swapped q and k by a second set of weight columns (x @ swap_pairs(W_Q)) cost 5/3 of the
+        # projection's products (benchmarks/cpu_trainer.md, "Sixth pass").
         folded = pos is None and cfg.positional == "rope" and forced is None
         W = self.W_qkv.reshape(D, 3 * H * dh)
         if pos is not None:  # shortformer: positions enter queries and keys only
@@ -219,8 +222,11 @@ class Attention(nn.Module):
             pattern = forced.to(torch.get_autocast_dtype(x.device.type) if auto else q.dtype)
         else:
             q, k = self._queries_keys(q, k, rotated=folded)
-            # measured on the project's CPU: with bf16 autocast the explicit path is ~1.2x faster
-            # than SDPA at head size 32; in fp32 SDPA is ~1.4x faster (benchmarks/bench.py)
+            # measured on the project's CPUs: with bf16 autocast explicit products are faster than
+            # SDPA at head size 32 (its CPU flash-attention backward alone took ~2.7x the explicit
+            # forward + backward; benchmarks/cpu_trainer.md); in fp32 SDPA is ~1.4x faster. Without
+            # hooks the explicit path is causal_attention (same forward, bit for bit the hooked
+            # path's; a written-out backward)
             cpu_bf16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             if not (model._wants(name) or not model.use_sdpa or cpu_bf16):
                 z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
@@ -250,26 +256,27 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask):
         qs = q * (1.0 / math.sqrt(q.shape[-1]))  # scaled before the product: N*T*dh, not T*T, values
-        p = torch.baddbmm(mask.to(qs.dtype), qs, k.transpose(1, 2)).softmax(-1)
+        p = lowp_baddbmm(mask.to(qs.dtype), qs, k.transpose(1, 2)).softmax(-1)
         ctx.save_for_backward(qs, k, v, p)
-        return torch.bmm(p, v)
+        return lowp_matmul(p, v)
 
     @staticmethod
     def backward(ctx, dz):
         qs, k, v, p = ctx.saved_tensors
-        dp = torch.bmm(dz, v.transpose(1, 2))
+        dp = lowp_matmul(dz, v.transpose(1, 2))
         acc = torch.promote_types(p.dtype, torch.float32)  # bf16 patterns: the softmax backward in fp32
         pf, dpf = p.to(acc), dp.to(acc)
         ds = (pf * (dpf - (dpf * pf).sum(-1, keepdim=True))).to(p.dtype)
-        dq = torch.bmm(ds, k) * (1.0 / math.sqrt(qs.shape[-1]))
-        dk = torch.bmm(ds.transpose(1, 2), qs)
-        dv = torch.bmm(p.transpose(1, 2), dz)
+        dq = lowp_matmul(ds, k) * (1.0 / math.sqrt(qs.shape[-1]))
+        dk = lowp_matmul(ds.transpose(1, 2), qs)
+        dv = lowp_matmul(p.transpose(1, 2), dz)
         return dq, dk, dv, None
 
 
 def causal_attention(q, k, v, mask):
     """Causal attention of (N, T, dh) queries, keys and values; ``mask`` is the additive (T, T)
-    causal mask. Under autocast the products run in its dtype (all three inputs cast once)."""
+    causal mask. Under autocast the products run in its dtype (all three inputs cast once), emulated
+    where icl_core.precision emulates bf16 products."""
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -18,7 +18,8 @@ and its science; the manifest records which kernel computed it (:func:`bf16_matm
 Two places use it: under autocast, the CPU autocast kernels of the matrix products (``mm``,
 ``bmm``, ``baddbmm``, ``addmm``, ``matmul``, ``linear``) are replaced (``torch.library``), so the
 model, the metrics, the chapters and TransformerLens in the benchmarks all take it; outside
-autocast, the chunked loss's explicit bf16 products call :func:`lowp_matmul`.
+autocast, the chunked loss's and the attention's explicit bf16 products call :func:`lowp_matmul`
+and :func:`lowp_baddbmm`.
 
 ``ICL_BF16_MATMUL=native|emulated`` overrides the automatic choice (``auto``).
 """
@@ -66,6 +67,15 @@ def lowp_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.bfloat16 and a.device.type == "cpu" and _library is not None:
         return (a.float() @ b.float()).to(torch.bfloat16)
     return a @ b
+
+
+def lowp_baddbmm(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.baddbmm(m, a, b)`` outside autocast, as :func:`lowp_matmul`: in bf16 on the CPU while
+    the emulation is installed, the fp32 product (plus m) rounded once to bf16, as the emulated
+    autocast kernel computes it."""
+    if a.dtype == torch.bfloat16 and a.device.type == "cpu" and _library is not None:
+        return torch.baddbmm(m.to(torch.bfloat16).float(), a.float(), b.float()).to(torch.bfloat16)
+    return torch.baddbmm(m, a, b)
 
 
 def _emulated(op):

@@ -159,3 +159,32 @@ def test_grad_fidelity_systematic_error_known_answers():
     short = {k: (0.9 * v if k.endswith("/w") else v) for k, v in ref.items()}
     got = grad_fidelity.systematic(ref, short)
     assert got["rel_err"] == pytest.approx(0.1) and got["along"] == pytest.approx(-0.1)
+
+
+def test_interleaved_ab_paired_ratios_known_answers():
+    import interleaved_ab
+
+    # the other tree twice as fast in every round, whatever the machine did between rounds
+    r = interleaved_ab.paired_ratios([0.2, 0.4, 0.1, 0.3], [0.1, 0.2, 0.05, 0.15])
+    assert r["median"] == pytest.approx(2.0) and r["q25"] == pytest.approx(2.0) and r["n"] == 4
+    # a tree against its own times: exactly 1
+    assert interleaved_ab.paired_ratios([0.3, 0.5, 0.4], [0.3, 0.5, 0.4])["median"] == 1.0
+    with pytest.raises(ValueError):
+        interleaved_ab.paired_ratios([0.1, 0.2], [0.1])
+
+
+def test_interleaved_ab_two_copies_of_this_checkout(tmp_path, capsys):
+    """One process, two imports of this checkout's icl_core under their own names (smoke model,
+    eager): every step timed, and a one-line refusal of a tree that is neither a directory with
+    icl_core nor a commit."""
+    import interleaved_ab
+
+    out = tmp_path / "ab.json"
+    interleaved_ab.main(["--profile-name", "smoke", "--run", "attn1", "--steps", "3", "--out", str(out), str(ROOT), str(ROOT)])
+    res = json.loads(out.read_text())
+    assert [len(t["step_s"]) for t in res["trees"]] == [3, 3]
+    assert res["trees"][0]["speed_vs_first"]["median"] == 1.0 and res["trees"][1]["speed_vs_first"]["median"] > 0
+    with pytest.raises(SystemExit, match="neither a directory with icl_core nor a commit"):
+        interleaved_ab.main(["no-such-ref-xyz", str(ROOT)])
+    with pytest.raises(SystemExit, match="holds no icl_core"):
+        interleaved_ab.main([str(tmp_path), str(ROOT)])
