@@ -12,8 +12,10 @@ or ``none``; pre-LayerNorm on/off; smeared keys (paper, Argument 2): k'_j = s k_
 with s = sigmoid(alpha_h), one trainable alpha per head, the first key unchanged.
 
 Hook points (TransformerLens names) are active only inside the context managers of
-:mod:`icl_core.hooks`. Without hooks, attention runs through ``scaled_dot_product_attention``;
-with an attention hook registered for a layer, that layer switches to the explicit path.
+:mod:`icl_core.hooks`. Without hooks, attention runs through ``scaled_dot_product_attention``
+(under bf16 autocast on the CPU through :func:`causal_attention`, explicit products with a
+written-out backward); with an attention hook registered for a layer, that layer switches to the
+explicit path.
 """
 from __future__ import annotations
 
