@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step_worker import compiles_on_cpu, trainer_step  # noqa: E402
 
 
 def paired_ratios(ref_times: list[float], times: list[float]) -> dict:
@@ -58,32 +60,16 @@ def tree_of(spec: str, scratch: Path) -> Path:
 
 
 def load_trainer(tree: Path, name: str, scratch: Path, run: str, profile_name: str):
-    """(step function, batches) of ``tree``'s trainer for the profile's ``run``, imported as ``name``."""
+    """(step function, batches, compiled) of ``tree``'s trainer for the profile's ``run``, its
+    icl_core imported as ``name`` (the step as benchmarks/step_worker.py takes it)."""
     shutil.copytree(tree / "icl_core", scratch / name)
     D, T = (importlib.import_module(f"{name}.{m}") for m in ("data", "train"))
     P, R = (importlib.import_module(f"{name}.{m}") for m in ("profiles", "runs"))
     if hasattr(T, "reuse_freed_memory"):
         T.reuse_freed_memory()
     cfg = P.load_profile(profile_name).run_config(run)
-    min_steps = getattr(T, "CPU_COMPILE_MIN_STEPS", None)
-    compile = min_steps is not None and cfg.total_steps >= min_steps
-    corpus = D.Corpus(cfg.data, R.cache_dir())
-    model = T.init_model(cfg)
-    opt = T.make_optimizer(model, cfg)
-    loss_of = T.make_loss(model, cfg, "cpu", compile=compile)
-    params = list(model.parameters())
-    batches = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(20)]
-    clip = cfg.train.grad_clip or 1.0
-
-    def step(x):
-        import torch
-
-        loss = loss_of(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-
+    compile = compiles_on_cpu(T, cfg)
+    step, batches = trainer_step(D, T, cfg, D.Corpus(cfg.data, R.cache_dir()), compile, 20)
     return step, batches, compile
 
 

@@ -61,21 +61,8 @@ def main(argv=None):
         inductor_config.cpp.enable_kernel_profile = True
     cfg = load_profile(a.profile_name).run_config(a.run)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=a.precision))
-    min_steps = getattr(T, "CPU_COMPILE_MIN_STEPS", None)  # checkouts before it never compiled on the CPU
-    compile = {"on": True, "off": False}.get(a.compile, min_steps is not None and cfg.total_steps >= min_steps)
-    corpus = D.Corpus(cfg.data, cache_dir())
-    model = T.init_model(cfg)
-    opt = T.make_optimizer(model, cfg)
-    loss_of = T.make_loss(model, cfg, "cpu", compile=compile)
-    params = list(model.parameters())
-    batches = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(a.steps)]
-
-    def step(x):
-        loss = loss_of(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or 1.0)
-        opt.step()
+    compile = {"on": True, "off": False}.get(a.compile, compiles_on_cpu(T, cfg))
+    step, batches = trainer_step(D, T, cfg, D.Corpus(cfg.data, cache_dir()), compile, a.steps)
 
     t0 = time.perf_counter()
     for i in range(a.warmup):
@@ -111,6 +98,36 @@ def main(argv=None):
         out["profile"] = {"step_ms": total / a.profile_steps / 1e3, "matrix_share": matrix / total,
                           "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
     print(json.dumps(out))
+
+
+def compiles_on_cpu(T, cfg) -> bool:
+    """Whether a checkout's Trainer (its icl_core.train, ``T``) compiles this run's loss on the CPU
+    (checkouts before CPU_COMPILE_MIN_STEPS never did)."""
+    min_steps = getattr(T, "CPU_COMPILE_MIN_STEPS", None)
+    return min_steps is not None and cfg.total_steps >= min_steps
+
+
+def trainer_step(D, T, cfg, corpus, compile: bool, n_batches: int):
+    """(step, batches): one training step as a checkout's trainer takes it (``D``, ``T``: that
+    checkout's icl_core.data and icl_core.train; its model, optimizer and loss, clipping as the
+    trainer clips) and ``n_batches`` of the run's training batches. Only calls that exist in every
+    checkout since the benchmarks began are used."""
+    import torch
+
+    model = T.init_model(cfg)
+    opt = T.make_optimizer(model, cfg)
+    loss_of = T.make_loss(model, cfg, "cpu", compile=compile)
+    params = list(model.parameters())
+    batches = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(n_batches)]
+
+    def step(x):
+        loss = loss_of(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or 1.0)
+        opt.step()
+
+    return step, batches
 
 
 def _short(name: str) -> str:

@@ -107,7 +107,7 @@ class Attention(nn.Module):
 
     def _half_split(self, w):
         """w (..., 3, H, dh) with the query and key dimensions put in half-split order."""
-        order = half_split_order(self.cfg.d_head).to(w.device)
+        order = self._model[0].rope_half_order  # a buffer: built once, on the model's device
         return torch.cat([w[..., :2, :, :].index_select(-1, order), w[..., 2:, :, :]], -3)
 
     @property
@@ -189,7 +189,7 @@ class Attention(nn.Module):
         # kept the compiled backward in a scalar loop (~10% of a laptop step), and computing the
         # swapped q and k by a second set of weight columns (x @ swap_pairs(W_Q)) cost 5/3 of the
         # projection's products (benchmarks/cpu_trainer.md, "Sixth pass").
-        folded = pos is None and cfg.positional == "rope" and forced is None
+        rope_in_projection = pos is None and cfg.positional == "rope" and forced is None
         W = self.W_qkv.reshape(D, 3 * H * dh)
         if pos is not None:  # shortformer: positions enter queries and keys only
             xp = pos  # the caller passes LN(resid) + W_pos as the query/key input
@@ -200,7 +200,7 @@ class Attention(nn.Module):
                 qk, v = qk + b[: 2 * H * dh], v + b[2 * H * dh:]
             qk, v = qk.view(B, T, 2, H, dh), v.view(B, T, H, dh)
             q, k = qk[:, :, 0], qk[:, :, 1]
-        elif folded:
+        elif rope_in_projection:
             qkv = x @ self._half_split(self.W_qkv).reshape(D, 3 * H * dh)
             if cfg.attn_bias:
                 qkv = qkv + self._half_split(self.b_qkv.unsqueeze(0)).reshape(3 * H * dh)
@@ -223,10 +223,10 @@ class Attention(nn.Module):
             auto = torch.is_autocast_enabled(x.device.type)
             pattern = forced.to(torch.get_autocast_dtype(x.device.type) if auto else q.dtype)
         else:
-            q, k = self._queries_keys(q, k, rotated=folded)
+            q, k = self._queries_keys(q, k, rotated=rope_in_projection)
             # measured on the project's CPUs: with bf16 autocast explicit products are faster than
-            # SDPA at head size 32 (its CPU flash-attention backward alone took ~2.7x the explicit
-            # forward + backward; benchmarks/cpu_trainer.md); in fp32 SDPA is ~1.4x faster. Without
+            # SDPA at head size 32 (its CPU flash attention's forward + backward took ~2.6x the
+            # explicit path's; benchmarks/cpu_trainer.md); in fp32 SDPA is ~1.4x faster. Without
             # hooks the explicit path is causal_attention (same forward, bit for bit the hooked
             # path's; a written-out backward)
             cpu_bf16 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -330,6 +330,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
             order = half_split_order(cfg.d_head)
+            self.register_buffer("rope_half_order", order, persistent=False)
             self.register_buffer("rope_cos_half", cos[:, order].contiguous(), persistent=False)
             self.register_buffer("rope_sin_half", sin[:, order].contiguous(), persistent=False)
         self.blocks = nn.ModuleList([Block(cfg, l, self) for l in range(cfg.n_layers)])
