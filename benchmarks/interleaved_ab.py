@@ -11,10 +11,15 @@ that speeds up or slows down (other work, frequency, a neighbour on the host) mo
 every pair alike, so the median of the per-round ratios resolves differences of a few percent that
 fresh processes minutes apart do not (benchmarks/cpu_trainer.md, "Sixth pass"). The first tree is
 the reference: each ratio is its step time over the other tree's (> 1: the other is faster).
-Prints one line per tree and, with ``--out``, writes the step times as JSON.
+Prints one line per tree and, with ``--out``, writes the step times as JSON (with the seconds of
+each tree's three warm-up steps, the first of which compiles where the trainer compiles).
 
 The trees share one process, one allocator and one core's caches; the steps of one evict the
-other's data, so absolute step times run a little slower than alone. Compare ratios.
+other's data, so absolute step times run a little slower than alone. Compare ratios, and of nearby
+commits: a tree without ``train.reuse_freed_memory`` runs here under another tree's allocator
+setting, without the page faults of its own runs, and a trainer with large buffers slows a
+cache-bound one (6d65b6a against the trainer of 2026-12-03: x1.55 interleaved at ``attn3``, x2.22
+in fresh processes; benchmarks/cpu_trainer.md, "Seventh pass").
 """
 from __future__ import annotations
 
@@ -93,11 +98,13 @@ def main(argv=None):
         # every copy's icl_core finds the profiles at <package>/../configs: this checkout's
         (scratch / "configs").symlink_to(ROOT / "configs")
         sys.path.insert(0, str(scratch))
-        sides = []
+        sides, warmup = [], []
         for i, tree in enumerate(trees):
             step, batches, compiled = load_trainer(tree, f"icl_core_{i}", scratch, a.run, a.profile_name)
-            for j in range(3):
+            t = time.perf_counter()
+            for j in range(3):  # the first step compiles, where the trainer compiles
                 step(batches[j])
+            warmup.append(time.perf_counter() - t)
             sides.append((step, batches, compiled))
         times = [[] for _ in trees]
         for r in range(a.steps):
@@ -115,13 +122,14 @@ def main(argv=None):
         shutil.rmtree(scratch, ignore_errors=True)
     n_tok = sides[0][1][0].numel()
     res = {"run": a.run, "profile": a.profile_name, "threads": a.threads, "steps": a.steps, "trees": []}
-    for spec, t, (_, _, compiled) in zip(a.trees, times, sides):
-        row = {"tree": spec, "compiled": compiled, "median_step_ms": 1e3 * statistics.median(t),
+    for spec, t, (_, _, compiled), w in zip(a.trees, times, sides, warmup):
+        row = {"tree": spec, "compiled": compiled, "warmup_s": w, "median_step_ms": 1e3 * statistics.median(t),
                "tok_s": n_tok / statistics.median(t), "speed_vs_first": paired_ratios(times[0], t), "step_s": t}
         res["trees"].append(row)
         s = row["speed_vs_first"]
         print(f"{spec}: {row['median_step_ms']:.2f} ms per step ({row['tok_s']:.0f} tok/s); "
-              f"speed vs {a.trees[0]} x{s['median']:.3f} (quartiles {s['q25']:.3f}-{s['q75']:.3f}, {s['n']} pairs)")
+              f"speed vs {a.trees[0]} x{s['median']:.3f} (quartiles {s['q25']:.3f}-{s['q75']:.3f}, {s['n']} pairs); "
+              f"3 warm-up steps {w:.1f} s")
     if a.out:
         a.out.write_text(json.dumps(res, indent=1))
 

@@ -183,8 +183,58 @@ def test_interleaved_ab_two_copies_of_this_checkout(tmp_path, capsys):
     interleaved_ab.main(["--profile-name", "smoke", "--run", "attn1", "--steps", "3", "--out", str(out), str(ROOT), str(ROOT)])
     res = json.loads(out.read_text())
     assert [len(t["step_s"]) for t in res["trees"]] == [3, 3]
+    assert all(t["warmup_s"] > 0 for t in res["trees"])  # the three warm-up steps (compile, where compiled)
     assert res["trees"][0]["speed_vs_first"]["median"] == 1.0 and res["trees"][1]["speed_vs_first"]["median"] > 0
     with pytest.raises(SystemExit, match="neither a directory with icl_core nor a commit"):
         interleaved_ab.main(["no-such-ref-xyz", str(ROOT)])
     with pytest.raises(SystemExit, match="holds no icl_core"):
         interleaved_ab.main([str(tmp_path), str(ROOT)])
+
+
+def test_profile_ab_groups_runs_by_training_step():
+    """Seeds and corpus variants share a step; every run of the laptop profile is in one group."""
+    import profile_ab
+    from icl_core.profiles import load_profile
+
+    prof = load_profile("laptop")
+    groups = profile_ab.step_groups(prof)
+    assert sorted(n for g in groups.values() for n in g) == sorted(prof.runs)
+    by_first = {g[0]: g for g in groups.values()}
+    assert by_first["attn2"] == ["attn2", "attn2_s1", "attn2_s2", "attn2_prose", "attn2_code"]
+    assert by_first["attn3"] == ["attn3", "attn3_s1", "attn3_s2"] and by_first["smear1"] == ["smear1", "smear1_s1"]
+    assert by_first["attn2_wide"] == ["attn2_wide"] and by_first["mlp2"] == ["mlp2"]
+    assert len(groups) == 10
+
+
+def test_profile_ab_projection_known_answers(capsys):
+    import profile_ab
+    from icl_core.profiles import load_profile
+
+    # 100 steps of 50 ms and a 3.15 s warm-up (3 steps of 50 ms and a 3.0 s compile): 8.0 s
+    assert profile_ab.projected_seconds(100, 0.05, 3.15) == pytest.approx(8.0)
+    # a warm-up faster than three median steps adds nothing (never negative)
+    assert profile_ab.projected_seconds(10, 0.1, 0.2) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        profile_ab.projected_seconds(10, 0.0, 1.0)
+    # a baseline twice as slow at every step, no compile on either side: x2 for every run and in total
+    prof = load_profile("laptop")
+    timed = {g[0]: {"trees": [{"median_step_ms": 80.0, "warmup_s": 0.24}, {"median_step_ms": 40.0, "warmup_s": 0.12}]}
+             for g in profile_ab.step_groups(prof).values()}
+    res = profile_ab.project(prof, timed)
+    assert len(res["rows"]) == len(prof.runs)
+    assert all(r["speedup"] == pytest.approx(2.0) for r in res["rows"]) and res["speedup"] == pytest.approx(2.0)
+    steps = sum(c.total_steps for c in prof.runs.values())
+    assert res["total_s"] == pytest.approx([steps * 0.08, steps * 0.04])
+    assert "**x2.00**" in profile_ab.markdown(res, ["old", "new"])
+    # a 10 s compile from scratch is charged once per group; the group's other runs find it cached
+    groups = profile_ab.step_groups(prof)
+    for t in timed.values():
+        t["trees"][1].update(warmup_s=10.12, warmup_cached_s=0.12)
+    res = profile_ab.project(prof, timed)
+    assert res["total_s"][1] == pytest.approx(steps * 0.04 + 10.0 * len(groups))
+    assert res["total_s"][0] == pytest.approx(steps * 0.08)
+    # bad input: one line, exit 2
+    assert profile_ab.main(["--profile", "no-such-profile", "HEAD"]) == 2
+    assert profile_ab.main(["a", "b", "c"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("profile_ab:") for line in err)
