@@ -10,8 +10,10 @@ compiles it: seeds and corpus variants share a step) and each group's step is ti
 trainers. A run's projected training seconds under a trainer are its steps times that trainer's
 median step, plus the seconds its three warm-up steps took beyond three median steps (the compile,
 where the trainer compiles: from scratch for a group's first run, from inductor's cache for the
-others, as in a build; ``--method fresh`` measures both, with an empty cache first). Snapshot metrics are left out, as the trainer logs them apart from
-training (profile_times.py reads both from a build's manifests).
+others, as in a build; ``--method fresh`` measures both, the first process with whatever inductor's
+cache holds, ``--method interleaved`` only the first, charged to every run). Snapshot metrics are
+left out, as the trainer logs them apart from training (profile_times.py reads both from a build's
+manifests).
 
 ``--method fresh`` (default) times each trainer in fresh processes, alternating for ``--rounds``,
 as ``make bench`` does (benchmarks/step_worker.py): each process has its own trainer's allocator
