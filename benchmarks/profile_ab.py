@@ -26,8 +26,9 @@ checkout's profile.
 
 A projection, not a build: a step timed alone is not a step of a run trained beside another one.
 On the Zen 5 of benchmarks/cpu_trainer.md ("Seventh pass") whole runs two at a time moved by up to
-x1.8 from these step times, depending on the neighbour and the hour; the whole-run table there is
-the measure, this the decomposition.
+x1.8 from these step times, depending on the neighbour and the hour; whole runs are the measure
+(benchmarks/book_ab.py trains a profile under both trainers in alternating blocks), this the
+decomposition.
 """
 from __future__ import annotations
 

@@ -238,3 +238,90 @@ def test_profile_ab_projection_known_answers(capsys):
     assert profile_ab.main(["a", "b", "c"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("profile_ab:") for line in err)
+
+
+def test_book_ab_profile_is_the_laptop_runs():
+    """benchmarks/book_ab.yaml's runs are the laptop profile's: attn3 and attn2_wide as they are,
+    the 8M-token runs the laptop's 48M-token attn2, mlp2 and attn1 with a shorter budget."""
+    import dataclasses
+
+    from icl_core.profiles import load_profile
+
+    ab, laptop = load_profile("book_ab", ROOT / "benchmarks"), load_profile("laptop")
+    assert ab.run_config("attn3") == laptop.run_config("attn3")
+    assert ab.run_config("attn2_wide") == laptop.run_config("attn2_wide")
+    for short, full in [("attn2_8m", "attn2"), ("mlp2_8m", "mlp2"), ("attn1_8m", "attn1")]:
+        a, b = ab.run_config(short), laptop.run_config(full)
+        assert a.train.total_tokens == 8_000_000 and a.train.n_snapshots == 8
+        same = dataclasses.replace(a, name=b.name, train=dataclasses.replace(
+            a.train, total_tokens=b.train.total_tokens, n_snapshots=b.train.n_snapshots))
+        assert same == b, short
+
+
+def _book_ab_block(tree, runs):
+    return {"tree": tree, "runs": {n: {"train_seconds": s, "metrics_seconds": 1.0, "peak_rss_mb": 500.0}
+                                   for n, s in runs.items()}}
+
+
+def test_book_ab_summary_known_answers():
+    import book_ab
+
+    assert book_ab.parse_order("abba") == [0, 1, 1, 0]
+    for bad in ["", "AAA", "ABC", "B"]:
+        with pytest.raises(ValueError):
+            book_ab.parse_order(bad)
+    # baseline blocks of 300 and 200 s, current blocks of 125 s: x2 (250 / 125); the pairs x1.6, x2.4
+    blocks = [_book_ab_block(0, {"r1": 200.0, "r2": 100.0}), _book_ab_block(1, {"r1": 100.0, "r2": 25.0}),
+              _book_ab_block(1, {"r1": 100.0, "r2": 25.0}), _book_ab_block(0, {"r1": 100.0, "r2": 100.0})]
+    res = book_ab.summarize(blocks)
+    assert res["speedup"] == pytest.approx(2.0)
+    assert res["pair_speedups"] == pytest.approx([300 / 125, 200 / 125])
+    assert res["per_run"]["r1"]["speedup"] == pytest.approx(1.5) and res["per_run"]["r2"]["speedup"] == pytest.approx(4.0)
+    assert res["block_totals"] == [300.0, 125.0, 125.0, 200.0] and res["metrics_totals"] == [2.0] * 4
+    assert "**x2.00**" in book_ab.markdown(res, blocks, ["A", "B"])
+    with pytest.raises(ValueError):  # blocks of different runs are not compared
+        book_ab.summarize([_book_ab_block(0, {"r1": 1.0}), _book_ab_block(1, {"r2": 1.0})])
+
+
+def _stub_tree(root: Path, seconds: float) -> Path:
+    """A directory whose icl_core trains nothing: book.train writes one finished manifest per run
+    of the profile into $ICL_RUNS_DIR, each with ``seconds`` of training (negative: it fails)."""
+    pkg = root / "icl_core"
+    (pkg / "book").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "profiles.py").write_text("def load_profile(name):\n    return name\n")
+    (pkg / "book" / "__init__.py").write_text(
+        "import json, os, pathlib\n"
+        "def train(profile, jobs=None):\n"
+        f"    if {seconds} < 0:\n        raise SystemExit(3)\n"
+        "    assert os.environ['ICL_CACHE_DIR']\n"
+        "    for name in ('attn3', 'attn2_wide'):\n"
+        "        d = pathlib.Path(os.environ['ICL_RUNS_DIR']) / f'{name}-0123abcd'\n"
+        "        d.mkdir(parents=True)\n"
+        f"        (d / 'manifest.json').write_text(json.dumps({{'done': True, 'train_seconds': {seconds}, "
+        "'snapshots': {'10': {'metrics_seconds': 0.5}}, 'peak_rss_mb': 100.0}))\n")
+    return root
+
+
+def test_book_ab_end_to_end_with_stub_trainers(tmp_path, capsys):
+    """The blocks run each tree's own book.train with its own runs folder, in the order asked;
+    results are read from the manifests; a failed block and bad input give one line, exit 2."""
+    import book_ab
+
+    old, new, broken = (_stub_tree(tmp_path / n, s) for n, s in [("old", 30.0), ("new", 10.0), ("broken", -1.0)])
+    out = tmp_path / "ab.json"
+    assert book_ab.main([str(old), str(new), "--order", "ABA", "--keep", str(tmp_path / "kept"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [b["tree"] for b in res["blocks"]] == [0, 1, 0]
+    assert res["block_totals"] == [60.0, 20.0, 60.0] and res["speedup"] == pytest.approx(3.0)
+    assert res["pair_speedups"] == pytest.approx([3.0, 3.0]) and res["metrics_totals"] == [1.0, 1.0, 1.0]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["block_1_A", "block_2_B", "block_3_A"]
+    assert "**x3.00**" in capsys.readouterr().out
+    assert book_ab.main([str(broken), str(new)]) == 2
+    assert book_ab.main([str(old), str(new), "--order", "AA"]) == 2
+    assert book_ab.main([str(old), str(new), "--profile", "no-such-profile"]) == 2
+    assert book_ab.main([str(old), str(new), "--keep", str(tmp_path / "kept")]) == 2  # not empty
+    assert book_ab.main([str(tmp_path / "nowhere"), str(new)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all(line.startswith("book_ab:") for line in err), err
+    assert "training failed" in err[0]
