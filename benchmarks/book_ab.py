@@ -22,8 +22,8 @@ sittings while the new trainer's moved by 3% (benchmarks/cpu_trainer.md, "Sevent
 "Eighth pass"). BASELINE and CURRENT are commits or directories holding ``icl_core``.
 
 ``--profile`` is a profile name of this checkout (configs/profiles) or a .yaml file; the default,
-benchmarks/book_ab.yaml, holds five laptop runs (36M tokens, ~13 min of a 2-core machine per block
-with the 2026-12-03 trainer, ~13-25 with the trainer of 6d65b6a).
+benchmarks/book_ab.yaml, holds five laptop runs (36M tokens; one block on the 2-core Zen 5 of
+cpu_trainer.md: 596-625 s of wall time with the 2026-12-03 trainer, 759-1,108 s with 6d65b6a's).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ DEFAULT_PROFILE = ROOT / "benchmarks" / "book_ab.yaml"
 def parse_order(order: str) -> list[int]:
     """Block order as tree indices (A = 0, the baseline; B = 1): both trainers at least once."""
     letters = order.strip().upper()
-    if not letters or set(letters) - {"A", "B"} or set(letters) != {"A", "B"}:
+    if set(letters) != {"A", "B"}:
         raise ValueError(f"--order {order!r}: give blocks as letters A (baseline) and B (current), each at least once, e.g. ABBA")
     return [0 if c == "A" else 1 for c in letters]
 
@@ -81,7 +81,9 @@ def prepare_sides(trees: list[str], prof: Path, tmp: Path) -> list[Path]:
 
 def read_block(runs_dir: Path) -> dict[str, dict]:
     """{run: {train_seconds, metrics_seconds, peak_rss_mb}} from a block's runs folder (run folders
-    are ``<name>-<hash>``); ValueError naming the first run that did not finish."""
+    are ``<name>-<hash>``); ValueError naming the first run that did not finish. The manifests are
+    read as JSON, not through icl_core.runs.Run: Run checks a folder's config hash with this
+    checkout's RunConfig, and an older trainer's folders carry its own hash."""
     out = {}
     for man in sorted(runs_dir.glob("*/manifest.json")):
         name = man.parent.name.rsplit("-", 1)[0]
