@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import precision
+from . import fused_attention
 from .precision import lowp_baddbmm, lowp_matmul
 from .config import ModelConfig
 
@@ -282,6 +283,8 @@ def causal_attention(q, k, v, mask):
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if fused_attention.usable(q):  # bf16 on a CPU with avx512_bf16: the fused kernel, same formulas
+        return fused_attention.attention(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
         return _CausalAttention.apply(q, k, v, mask)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from . import fused_attention
 from .data import EvalData
 from . import metrics as M
 from . import precision
@@ -97,6 +98,8 @@ def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
             return net(x, return_loss=True)
 
+    if dev_type == "cpu" and bf16:
+        fused_attention.available()  # build or load the fused attention before anything traces the model
     if not compile:
         return fused_loss_of
     if dev_type == "cuda":
@@ -508,6 +511,8 @@ class Trainer:
         man["malloc_reuse"] = self.malloc_reuse  # glibc keeps freed blocks for reuse
         if self.cfg.train.precision == "bf16" and self.device.startswith("cpu"):
             man["bf16_matmul"] = precision.bf16_matmul_kernel()  # icl_core.precision
+            # which attention trained it: the fused CPU kernel (icl_core.fused_attention) or the explicit one
+            man["fused_attention"] = fused_attention.available()
         atomic_write_json(self.dir / "manifest.json", man)
         for f in self.dir.glob("resume_*.safetensors"):
             f.unlink(missing_ok=True)

@@ -1,0 +1,370 @@
+// Fused causal attention for CPUs with AVX-512 bf16 dot products (avx512_bf16), bf16 in and out.
+//
+// Forward:  P = softmax(scale * Q K^T + causal mask) (fp32 scores and softmax, P rounded to bf16),
+//           O = P V (fp32 accumulation, rounded to bf16).
+// Backward: dP = dO V^T (fp32), dS = scale * P * (dP - rowsum(dP * P)) (fp32, rounded to bf16),
+//           dQ = dS K, dK = dS^T Q, dV = P^T dO (fp32 accumulation, rounded to bf16).
+//
+// The same formulas as icl_core.model._CausalAttention; what differs is where the work happens.
+// Each (batch x head) slice is done whole while its operands (T x T scores, T x d_head inputs)
+// stay in the core's cache, the products skip the blocks above the causal diagonal (half the
+// work), and scale, mask, softmax and its backward run on rows just computed rather than as separate
+// passes over (N, T, T) tensors in memory. Why it exists: PyTorch 2.13's CPU flash attention has a
+// slow backward and flex_attention none on the CPU (benchmarks/cpu_trainer.md, "Ninth pass").
+//
+// Products: C[r][c] (fp32) += sum_p A[r][2p..2p+1] . B[p][c][0..1] with _mm512_dpbf16_ps, where A is
+// row-major bf16 (pairs along the reduction are adjacent) and B is "pair-packed": B[p][c][2], the
+// reduction's pairs interleaved per column. Every slice runs in a fixed order on one thread, so
+// the results are bitwise repeatable for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+
+inline __m512 bf16x16_to_f32(const bf16* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline __m512 bf16x16_to_f32_masked(const bf16* p, __mmask16 m) {
+  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline void store_bf16x16(bf16* p, __m512 x) {  // round to nearest even
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// exp(x) for x <= 0 (softmax arguments), ~2 ulp: range reduction x = n ln2 + r, |r| <= ln2/2,
+// degree-6 polynomial for e^r, result scaled by 2^n; exactly 0 below -87.3 (and for -inf).
+inline __m512 exp_nonpos(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r2 = _mm512_mul_ps(r, r);
+  y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  y = _mm512_scalef_ps(y, n);
+  return _mm512_maskz_mov_ps(~under, y);
+}
+
+// C[R][16*NC] (=|+=) sum over pairs p in [p0, p1) of A[r][p] (a pair of bf16 as 32 bits) times
+// B[p][16*NC] (each 32-bit lane a pair). lda, ldb in 32-bit words; ldc in floats.
+template <int R, int NC>
+inline void kernel(int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C, int ldc,
+                   bool accumulate) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * c) : _mm512_setzero_ps();
+  for (int p = p0; p < p1; ++p) {
+    __m512bh b[NC];
+    for (int c = 0; c < NC; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + (int64_t)p * ldb + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[(int64_t)r * lda + p]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(C + r * ldc + 16 * c, acc[r][c]);
+}
+
+// C[R][0..16*nvec) over pairs [p0, p1): column blocks of 64, then 16.
+template <int R>
+inline void row_block(int nvec, int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C,
+                      int ldc) {
+  int c = 0;
+  for (; c + 4 <= nvec; c += 4) kernel<R, 4>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc, false);
+  for (; c < nvec; ++c) kernel<R, 1>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc, false);
+}
+
+// Pair-pack rows of a row-major (rows x cols) bf16 matrix: out[i/2][c][i%2] = in[i][c] (rows even,
+// cols a multiple of 16).
+void pack_row_pairs(const bf16* in, int rows, int cols, int ld_in, uint32_t* out, int ld_out) {
+  for (int i = 0; i < rows; i += 2) {
+    const bf16* a = in + (int64_t)i * ld_in;
+    const bf16* b = a + ld_in;
+    uint32_t* o = out + (int64_t)(i / 2) * ld_out;
+    for (int c = 0; c < cols; c += 16) {
+      __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c)));
+      __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)));
+      _mm512_storeu_si512(o + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// Transpose 16 rows of 16 32-bit lanes in registers (unpack, then 128-bit lane shuffles).
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// Transpose a row-major (rows x cols) matrix of 32-bit words into (cols x rows), by 16 x 16 blocks
+// (rows and cols multiples of 16).
+void transpose32(const uint32_t* in, int rows, int cols, uint32_t* out) {
+  __m512 r[16];
+  for (int i = 0; i < rows; i += 16)
+    for (int c = 0; c < cols; c += 16) {
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_castsi512_ps(_mm512_loadu_si512(in + (int64_t)(i + k) * cols + c));
+      transpose16x16(r);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + (int64_t)(c + k) * rows + i, _mm512_castps_si512(r[k]));
+    }
+}
+
+// Pair-pack the transpose: out[p][i] = (in[i][2p], in[i][2p+1]) for a row-major (rows x cols) bf16
+// matrix (rows and cols / 2 multiples of 16): a transpose of 32-bit words.
+void pack_transposed(const bf16* in, int rows, int cols, uint32_t* out) {
+  transpose32(reinterpret_cast<const uint32_t*>(in), rows, cols / 2, out);
+}
+
+// out[j][0..D) (bf16) = C[0..D)[j] for a row-major (D x T) fp32 C; D and T multiples of 16.
+void store_transposed(const float* C, int D, int T, bf16* out) {
+  __m512 r[16];
+  for (int d0 = 0; d0 < D; d0 += 16)
+    for (int j0 = 0; j0 < T; j0 += 16) {
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(C + (int64_t)(d0 + k) * T + j0);
+      transpose16x16(r);
+      for (int k = 0; k < 16; ++k) store_bf16x16(out + (int64_t)(j0 + k) * D + d0, r[k]);
+    }
+}
+
+constexpr int RB = 4;   // rows per block of the (T x T) products
+constexpr int RO = 8;   // rows per block of the (T x d_head) products
+
+void check_inputs(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 3 && t.is_contiguous(),
+              "fused causal attention: ", name, " must be a contiguous (N, T, d_head) bf16 CPU tensor");
+}
+
+}  // namespace
+
+// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) and (N, T, T) bf16.
+std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v) {
+  check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
+  const int64_t N = q.size(0);
+  const int T = (int)q.size(1), D = (int)q.size(2);
+  TORCH_CHECK(T % 32 == 0 && D % 32 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "fused causal attention: T and d_head must be multiples of 32 and q, k, v of one shape");
+  auto O = at::empty({N, T, D}, q.options());
+  auto P = at::empty({N, (int64_t)T, (int64_t)T}, q.options());
+  const float scale = 1.0f / std::sqrt((float)D);
+  const bf16* qd = reinterpret_cast<const bf16*>(q.data_ptr());
+  const bf16* kd = reinterpret_cast<const bf16*>(k.data_ptr());
+  const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
+  bf16* od = reinterpret_cast<bf16*>(O.data_ptr());
+  bf16* pd = reinterpret_cast<bf16*>(P.data_ptr());
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> Kt((size_t)T * D / 2), Vp((size_t)T * D / 2);
+    std::vector<float> S((size_t)RB * T), Of((size_t)RO * D);
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16* Q = qd + n * T * D;
+      bf16* Pn = pd + n * T * T;
+      pack_transposed(kd + n * T * D, T, D, Kt.data());       // Kt[p][j] = k[j][2p..2p+1]
+      pack_row_pairs(vd + n * T * D, T, D, D, Vp.data(), D);      // Vp[j/2][d] = (v[j][d], v[j+1][d])
+      const uint32_t* Q32 = reinterpret_cast<const uint32_t*>(Q);
+      for (int i0 = 0; i0 < T; i0 += RB) {
+        const int ncols = ((i0 + RB + 15) / 16) * 16;  // keys 0..i0+RB-1, in whole vectors
+        row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+        for (int r = 0; r < RB; ++r) {
+          const int i = i0 + r;
+          float* s = S.data() + (int64_t)r * T;
+          const int nv = i / 16 + 1;  // vectors holding keys 0..i
+          const __mmask16 last = (__mmask16)((1u << (i % 16 + 1)) - 1);
+          const __m512 sc = _mm512_set1_ps(scale);
+          __m512 mx = _mm512_set1_ps(-INFINITY);
+          for (int c = 0; c < nv; ++c) {
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), sc);
+            if (c == nv - 1) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), last, x);
+            _mm512_storeu_ps(s + 16 * c, x);
+            mx = _mm512_max_ps(mx, x);
+          }
+          const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+          __m512 sum = _mm512_setzero_ps();
+          for (int c = 0; c < nv; ++c) {
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), m));
+            _mm512_storeu_ps(s + 16 * c, e);
+            sum = _mm512_add_ps(sum, e);
+          }
+          const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+          bf16* prow = Pn + (int64_t)i * T;
+          for (int c = 0; c < nv; ++c) store_bf16x16(prow + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv));
+          std::memset(prow + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
+        }
+      }
+      const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pn);
+      for (int i0 = 0; i0 < T; i0 += RO) {
+        const int pend = (i0 + RO) / 2;  // P rows i0..i0+RO-1 are zero past key i0+RO-1
+        if (D / 16 == 2) kernel<RO, 2>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D, Of.data(), D, false);
+        else
+          for (int c = 0; c < D / 16; ++c)
+            kernel<RO, 1>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data() + 16 * c, D, Of.data() + 16 * c, D, false);
+        bf16* orow = od + n * T * D + (int64_t)i0 * D;
+        for (int r = 0; r < RO; ++r)
+          for (int c = 0; c < D / 16; ++c) store_bf16x16(orow + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Of.data() + r * D + 16 * c));
+      }
+    }
+  });
+  return {O, P};
+}
+
+// dO, q, k, v: (N, T, D) bf16; P: (N, T, T) bf16 from the forward. Returns (dQ, dK, dV).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Tensor& dO, const at::Tensor& q,
+                                                                    const at::Tensor& k, const at::Tensor& v,
+                                                                    const at::Tensor& P) {
+  check_inputs(dO, "dO"); check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
+  const int64_t N = q.size(0);
+  const int T = (int)q.size(1), D = (int)q.size(2);
+  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.size(0) == N && P.size(1) == T && P.size(2) == T,
+              "fused causal attention: P must be the forward's (N, T, T) bf16 pattern");
+  auto dQ = at::empty({N, T, D}, q.options()), dK = at::empty({N, T, D}, q.options()), dV = at::empty({N, T, D}, q.options());
+  const float scale = 1.0f / std::sqrt((float)D);
+  const bf16* dod = reinterpret_cast<const bf16*>(dO.data_ptr());
+  const bf16* qd = reinterpret_cast<const bf16*>(q.data_ptr());
+  const bf16* kd = reinterpret_cast<const bf16*>(k.data_ptr());
+  const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
+  const bf16* pd = reinterpret_cast<const bf16*>(P.data_ptr());
+  bf16* dqd = reinterpret_cast<bf16*>(dQ.data_ptr());
+  bf16* dkd = reinterpret_cast<bf16*>(dK.data_ptr());
+  bf16* dvd = reinterpret_cast<bf16*>(dV.data_ptr());
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2), Qp((size_t)T * D / 2);
+    std::vector<uint32_t> Pp((size_t)T * T / 2), dSp((size_t)T * T / 2);
+    std::vector<bf16> dS((size_t)T * T);
+    std::vector<uint32_t> QT((size_t)T * D / 2), dOT((size_t)T * D / 2), tmp((size_t)T * D / 2);
+    std::vector<float> dP((size_t)RB * T), Cf((size_t)D * T);
+    for (int64_t n = begin; n < end; ++n) {
+      const bf16* dOn = dod + n * T * D;
+      const bf16* Pn = pd + n * T * T;
+      pack_transposed(vd + n * T * D, T, D, Vt.data());       // Vt[p][j] = v[j][2p..2p+1]
+      pack_row_pairs(kd + n * T * D, T, D, D, Kp.data(), D);      // Kp[j/2][d]
+      pack_row_pairs(qd + n * T * D, T, D, D, tmp.data(), D);      // (T/2, D) pairs of query rows
+      transpose32(tmp.data(), T / 2, D, QT.data());             // QT[d][i/2] = (q[i][d], q[i+1][d])
+      pack_row_pairs(dOn, T, D, D, tmp.data(), D);
+      transpose32(tmp.data(), T / 2, D, dOT.data());
+      const uint32_t* dO32 = reinterpret_cast<const uint32_t*>(dOn);
+      // dS, row block by row block
+      for (int i0 = 0; i0 < T; i0 += RB) {
+        const int ncols = ((i0 + RB + 15) / 16) * 16;
+        row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T);
+        // rows in pairs: dS row-major (for dQ) and, with P, as pairs of rows for dK^T and dV^T, whose
+        // column blocks of 64 read row i up to the end of its own block of 64 (zeros past the
+        // diagonal): Pp[i/2][j] = (P[i][j], P[i+1][j]), dSp likewise
+        const __m512 sc = _mm512_set1_ps(scale);
+        const int pcols = std::min(T, ((i0 + RB + 63) / 64) * 64);
+        for (int r = 0; r < RB; r += 2) {
+          const int i = i0 + r;
+          const bf16* pa = Pn + (int64_t)i * T;
+          const bf16* pb = pa + T;
+          const float* da = dP.data() + (int64_t)r * T;
+          const float* db = da + T;
+          __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
+          for (int c = 0; c < i / 16 + 1; ++c)  // P is exactly 0 past key i, so whole vectors are safe
+            acc_a = _mm512_fmadd_ps(_mm512_loadu_ps(da + 16 * c), bf16x16_to_f32(pa + 16 * c), acc_a);
+          for (int c = 0; c < (i + 1) / 16 + 1; ++c)
+            acc_b = _mm512_fmadd_ps(_mm512_loadu_ps(db + 16 * c), bf16x16_to_f32(pb + 16 * c), acc_b);
+          const __m512 rs_a = _mm512_set1_ps(_mm512_reduce_add_ps(acc_a));
+          const __m512 rs_b = _mm512_set1_ps(_mm512_reduce_add_ps(acc_b));
+          bf16* sa = dS.data() + (int64_t)i * T;
+          bf16* sb = sa + T;
+          uint32_t* ppo = Pp.data() + (int64_t)(i / 2) * T;
+          uint32_t* dso = dSp.data() + (int64_t)(i / 2) * T;
+          const int nv = (i + 1) / 16 + 1;  // vectors holding keys 0..i+1
+          for (int c = 0; c < nv; ++c) {
+            const __m256i ra = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + 16 * c));
+            const __m256i rb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 16 * c));
+            const __m512i wa = _mm512_cvtepu16_epi32(ra), wb = _mm512_cvtepu16_epi32(rb);
+            _mm512_storeu_si512(ppo + 16 * c, _mm512_or_si512(wa, _mm512_slli_epi32(wb, 16)));
+            const __m512 fa = _mm512_castsi512_ps(_mm512_slli_epi32(wa, 16));
+            const __m512 fb = _mm512_castsi512_ps(_mm512_slli_epi32(wb, 16));
+            const __m256i ga = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(fa, _mm512_sub_ps(_mm512_loadu_ps(da + 16 * c), rs_a)), sc));
+            const __m256i gb = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(fb, _mm512_sub_ps(_mm512_loadu_ps(db + 16 * c), rs_b)), sc));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sa + 16 * c), ga);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb + 16 * c), gb);
+            _mm512_storeu_si512(dso + 16 * c, _mm512_or_si512(_mm512_cvtepu16_epi32(ga), _mm512_slli_epi32(_mm512_cvtepu16_epi32(gb), 16)));
+          }
+          std::memset(sa + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
+          std::memset(sb + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
+          if (pcols > 16 * nv) {
+            std::memset(ppo + 16 * nv, 0, sizeof(uint32_t) * (size_t)(pcols - 16 * nv));
+            std::memset(dso + 16 * nv, 0, sizeof(uint32_t) * (size_t)(pcols - 16 * nv));
+          }
+        }
+      }
+      const uint32_t* dS32 = reinterpret_cast<const uint32_t*>(dS.data());
+      // dQ = dS K: rows i0..i0+RO-1 need keys up to i0+RO-1
+      for (int i0 = 0; i0 < T; i0 += RO) {
+        const int pend = (i0 + RO) / 2;
+        float* C = Cf.data();
+        if (D / 16 == 2) kernel<RO, 2>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D, C, D, false);
+        else
+          for (int c = 0; c < D / 16; ++c)
+            kernel<RO, 1>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data() + 16 * c, D, C + 16 * c, D, false);
+        bf16* out = dqd + n * T * D + (int64_t)i0 * D;
+        for (int r = 0; r < RO; ++r)
+          for (int c = 0; c < D / 16; ++c) store_bf16x16(out + (int64_t)r * D + 16 * c, _mm512_loadu_ps(C + r * D + 16 * c));
+      }
+      // dK^T = Q^T dS and dV^T = dO^T P: (D, T), columns j0.. need queries i >= j0
+      for (int which = 0; which < 2; ++which) {
+        const uint32_t* A = which == 0 ? QT.data() : dOT.data();
+        const uint32_t* B = which == 0 ? dSp.data() : Pp.data();
+        float* C = Cf.data();  // (D, T)
+        for (int d0 = 0; d0 < D; d0 += RB) {
+          int j0 = 0;
+          for (; j0 + 64 <= T; j0 += 64)
+            kernel<RB, 4>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T, false);
+          for (; j0 < T; j0 += 16)
+            kernel<RB, 1>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T, false);
+        }
+        store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
+      }
+    }
+  });
+  return {dQ, dK, dV};
+}
+
+TORCH_LIBRARY(icl_fused, m) {
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("causal_attention_bwd(Tensor dO, Tensor q, Tensor k, Tensor v, Tensor P) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(icl_fused, CPU, m) {
+  m.impl("causal_attention_fwd", &causal_attention_fwd);
+  m.impl("causal_attention_bwd", &causal_attention_bwd);
+}
