@@ -418,6 +418,14 @@ def _git_head() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def share_text(profile: dict) -> str:
+    """The matrix share of a step profile, with the fused attention kernel's share beside it where
+    the trainer has one (its products and softmax are one call, so neither column holds it whole)."""
+    text = f"{profile['matrix_share']:.0%}"
+    fused = profile.get("fused_attention_share") or 0.0
+    return text + (f" (+{fused:.0%} fused attention)" if fused > 0 else "")
+
+
 def side_by_side_lines(res: dict) -> list[str]:
     """Markdown for the --baseline comparison, thread scaling and logged memory (empty without)."""
     sb = res.get("side_by_side")
@@ -426,7 +434,8 @@ def side_by_side_lines(res: dict) -> list[str]:
     pk = res["peak_gflops"]
     lines = ["", f"Trainer of `{sb['baseline']}` (baseline) and of `{sb['current']}` (current) side by side, "
              "alternating fresh processes; tokens/s medians over rounds (min-max); matrix share = "
-             "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps); % of peak against "
+             "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps), with the share of the fused "
+             "CPU attention kernel (products and softmax in one call) in brackets; % of peak against "
              "this machine's matmul peak in the same precision and thread count.", "",
              "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
              "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) "
@@ -437,7 +446,7 @@ def side_by_side_lines(res: dict) -> list[str]:
         peak = pk[r["precision"]]["median"]
         fb, fc = (frac_of_peak(x["median"], r["flops_per_token"], peak) for x in (b, c))
         pr, faults = r["profile"], r.get("faults_per_step", {})
-        share = " → ".join(f"{pr[k]['matrix_share']:.0%}" if k in pr else "-" for k in ("baseline", "current"))
+        share = " → ".join(share_text(pr[k]) if k in pr else "-" for k in ("baseline", "current"))
         lines.append(f"| {r['run']} | {r['precision']} | {b['median']:.0f} ({b['min']:.0f}-{b['max']:.0f}) | "
                      f"{c['median']:.0f} ({c['min']:.0f}-{c['max']:.0f}) | x{r['speedup']:.2f} | {share} | "
                      f"{fb:.1%} → {fc:.1%} | {pr.get('current', {}).get('compiled', '-')} | "

@@ -13,9 +13,9 @@ with s = sigmoid(alpha_h), one trainable alpha per head, the first key unchanged
 
 Hook points (TransformerLens names) are active only inside the context managers of
 :mod:`icl_core.hooks`. Without hooks, attention runs through ``scaled_dot_product_attention``
-(under bf16 autocast on the CPU through :func:`causal_attention`, explicit products with a
-written-out backward); with an attention hook registered for a layer, that layer switches to the
-explicit path.
+(under bf16 autocast on the CPU through :func:`causal_attention`: in training the fused kernel of
+:mod:`icl_core.fused_attention` where the CPU has it, otherwise explicit products with a written-out
+backward); with an attention hook registered for a layer, that layer switches to the explicit path.
 """
 from __future__ import annotations
 
@@ -283,7 +283,11 @@ def causal_attention(q, k, v, mask):
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if fused_attention.usable(q):  # bf16 on a CPU with avx512_bf16: the fused kernel, same formulas
+    # training (gradients wanted), bf16 on a CPU with avx512_bf16: the fused kernel, same formulas.
+    # Evaluation stays on the explicit path, bit for bit the hooked one, so a loss and a metric read
+    # through hooks (ablations, cached patterns) never differ by rounding (tests/test_model.py)
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if wants_grad and fused_attention.usable(q):
         return fused_attention.attention(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
         return _CausalAttention.apply(q, k, v, mask)

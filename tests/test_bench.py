@@ -67,6 +67,12 @@ def test_gpu_attention_dry_run_on_cpu(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["rows"]
 
 
+def test_share_text_names_the_fused_attention():
+    assert bench.share_text({"matrix_share": 0.51}) == "51%"
+    assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.0}) == "51%"
+    assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.2}) == "51% (+20% fused attention)"
+
+
 def test_side_by_side_of_two_checkouts(tmp_path):
     """--baseline: the committed trainer unpacked from git and this checkout's, alternating in fresh
     processes (smoke shapes, 2 steps: the numbers mean nothing; the plumbing and the table do)."""

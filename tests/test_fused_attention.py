@@ -128,3 +128,23 @@ def test_switch_off_uses_the_explicit_path(monkeypatch):
         explicit = net(x, return_loss=True).item()
     assert len(calls) == 2 and not fa.available()
     assert abs(fused - explicit) < 2e-2 * abs(explicit)
+
+
+def test_training_takes_the_kernel_evaluation_does_not(monkeypatch):
+    """causal_attention runs the kernel only where gradients are wanted (a training step); under
+    no_grad, or for inputs that do not require gradients, it runs the explicit path."""
+    from icl_core.model import causal_attention
+
+    calls = []
+    orig = fa.attention
+    monkeypatch.setattr(fa, "attention", lambda *a: calls.append(1) or orig(*a))
+    q, k, v = inputs(N=2, T=64)
+    mask = torch.full((64, 64), float("-inf")).triu(1)
+    with torch.no_grad():
+        causal_attention(q, k, v, mask)
+    causal_attention(q, k, v, mask)
+    assert calls == []
+    qg = q.clone().requires_grad_()
+    out = causal_attention(qg, k, v, mask)
+    assert calls == [1]
+    assert torch.equal(out, orig(q, k, v))

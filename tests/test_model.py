@@ -388,13 +388,15 @@ def test_linear_cross_entropy_gradient_of_one_input(which):
     assert torch.allclose(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0], atol=1e-12)
 
 
-@pytest.mark.parametrize("kw", [{}, {"smeared_keys": True}, {"attn_only": False}])
-def test_unhooked_bf16_attention_is_bitwise_the_hooked_path(kw):
+@pytest.mark.parametrize("kw,T", [({}, 12), ({"smeared_keys": True}, 12), ({"attn_only": False}, 12),
+                                  ({"d_model": 64}, 64)])  # d_head 32, T 64: shapes the fused kernel takes
+def test_unhooked_bf16_attention_is_bitwise_the_hooked_path(kw, T):
     """Under bf16 autocast on the CPU an unhooked layer runs causal_attention and a layer whose
     pattern is cached the explicit pattern path: the same losses bit for bit, so a metric read
-    through hooks and the loss of the same model never disagree by rounding."""
+    through hooks and the loss of the same model never disagree by rounding (evaluation never
+    takes the fused training kernel)."""
     m = tiny_model(positional="rope", n_layers=2, **kw)
-    x = torch.randint(0, m.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(6))
+    x = torch.randint(0, m.cfg.d_vocab, (2, T), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = m.token_losses(x)
         with H.cache(m, H.pattern_names(m)):
