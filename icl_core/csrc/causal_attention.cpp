@@ -45,8 +45,9 @@ inline void store_bf16x16(bf16* p, __m512 x) {  // round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-// exp(x) for x <= 0 (softmax arguments), ~2 ulp: range reduction x = n ln2 + r, |r| <= ln2/2,
-// degree-6 polynomial for e^r, result scaled by 2^n; exactly 0 below -87.3 (and for -inf).
+// exp(x) for x <= 0 (softmax arguments): range reduction x = n ln2 + r, |r| <= ln2/2, Cephes'
+// single-precision polynomial for e^r, result scaled by 2^n; exactly 0 below -87.3 (and for -inf).
+// At most 1.24 ulp from exp in double, over every 7th float in [-87, 0] (measured, 2026-12-03).
 inline __m512 exp_nonpos(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654f);
   __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
