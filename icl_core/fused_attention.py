@@ -29,13 +29,9 @@ _state: dict[str, object] = {}
 
 
 def cpu_supports() -> bool:
-    """True where the CPU has AVX-512 with bf16 dot products (``avx512_bf16`` in /proc/cpuinfo)."""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    have = set(flags.split(":", 1)[-1].split())
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= have
+    """True where the CPU has AVX-512 (F, VL, BW, DQ) with bf16 dot products (``avx512_bf16``), as
+    PyTorch's cpuinfo reports them."""
+    return torch.cpu._is_avx512_supported() and torch.cpu._is_avx512_bf16_supported()
 
 
 def enabled() -> bool:
@@ -45,8 +41,6 @@ def enabled() -> bool:
 
 @torch._dynamo.disable
 def _load() -> bool:
-    if "ok" in _state:
-        return bool(_state["ok"])
     ok = False
     if enabled() and cpu_supports():
         try:
@@ -75,10 +69,15 @@ def available() -> bool:
     return _load() if ok is None else bool(ok)
 
 
+def takes_shape(n_ctx: int, d_head: int) -> bool:
+    """Whether the kernel takes this sequence length and head size (multiples of 32)."""
+    return n_ctx % 32 == 0 and d_head % 32 == 0
+
+
 def usable(q: torch.Tensor) -> bool:
     """Whether the kernel takes these (N, T, d_head) inputs: CPU bf16, T and d_head multiples of 32."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.dim() == 3
-            and q.shape[1] % 32 == 0 and q.shape[2] % 32 == 0 and available())
+            and takes_shape(q.shape[1], q.shape[2]) and available())
 
 
 def _register():

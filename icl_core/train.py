@@ -512,7 +512,8 @@ class Trainer:
         if self.cfg.train.precision == "bf16" and self.device.startswith("cpu"):
             man["bf16_matmul"] = precision.bf16_matmul_kernel()  # icl_core.precision
             # which attention trained it: the fused CPU kernel (icl_core.fused_attention) or the explicit one
-            man["fused_attention"] = fused_attention.available()
+            mc = self.cfg.model
+            man["fused_attention"] = fused_attention.available() and fused_attention.takes_shape(mc.n_ctx, mc.d_head)
         atomic_write_json(self.dir / "manifest.json", man)
         for f in self.dir.glob("resume_*.safetensors"):
             f.unlink(missing_ok=True)

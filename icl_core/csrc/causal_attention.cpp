@@ -36,11 +36,6 @@ inline __m512 bf16x16_to_f32(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-inline __m512 bf16x16_to_f32_masked(const bf16* p, __mmask16 m) {
-  __m256i v = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
 inline void store_bf16x16(bf16* p, __m512 x) {  // round to nearest even
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
 }
@@ -68,14 +63,13 @@ inline __m512 exp_nonpos(__m512 x) {
   return _mm512_maskz_mov_ps(~under, y);
 }
 
-// C[R][16*NC] (=|+=) sum over pairs p in [p0, p1) of A[r][p] (a pair of bf16 as 32 bits) times
+// C[R][16*NC] = sum over pairs p in [p0, p1) of A[r][p] (a pair of bf16 as 32 bits) times
 // B[p][16*NC] (each 32-bit lane a pair). lda, ldb in 32-bit words; ldc in floats.
 template <int R, int NC>
-inline void kernel(int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C, int ldc,
-                   bool accumulate) {
+inline void kernel(int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C, int ldc) {
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) acc[r][c] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * c) : _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int p = p0; p < p1; ++p) {
     __m512bh b[NC];
     for (int c = 0; c < NC; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + (int64_t)p * ldb + 16 * c);
@@ -93,8 +87,8 @@ template <int R>
 inline void row_block(int nvec, int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C,
                       int ldc) {
   int c = 0;
-  for (; c + 4 <= nvec; c += 4) kernel<R, 4>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc, false);
-  for (; c < nvec; ++c) kernel<R, 1>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc, false);
+  for (; c + 4 <= nvec; c += 4) kernel<R, 4>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc);
+  for (; c < nvec; ++c) kernel<R, 1>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc);
 }
 
 // Pair-pack rows of a row-major (rows x cols) bf16 matrix: out[i/2][c][i%2] = in[i][c] (rows even,
@@ -194,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> Kt((size_t)T * D / 2), Vp((size_t)T * D / 2);
     std::vector<float> S((size_t)RB * T), Of((size_t)RO * D);
+    const __m512 sc = _mm512_set1_ps(scale);
     for (int64_t n = begin; n < end; ++n) {
       const bf16* Q = qd + n * T * D;
       bf16* Pn = pd + n * T * T;
@@ -208,7 +203,6 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
           float* s = S.data() + (int64_t)r * T;
           const int nv = i / 16 + 1;  // vectors holding keys 0..i
           const __mmask16 last = (__mmask16)((1u << (i % 16 + 1)) - 1);
-          const __m512 sc = _mm512_set1_ps(scale);
           __m512 mx = _mm512_set1_ps(-INFINITY);
           for (int c = 0; c < nv; ++c) {
             __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), sc);
@@ -232,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pn);
       for (int i0 = 0; i0 < T; i0 += RO) {
         const int pend = (i0 + RO) / 2;  // P rows i0..i0+RO-1 are zero past key i0+RO-1
-        if (D / 16 == 2) kernel<RO, 2>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D, Of.data(), D, false);
+        if (D / 16 == 2) kernel<RO, 2>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D, Of.data(), D);
         else
           for (int c = 0; c < D / 16; ++c)
-            kernel<RO, 1>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data() + 16 * c, D, Of.data() + 16 * c, D, false);
+            kernel<RO, 1>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data() + 16 * c, D, Of.data() + 16 * c, D);
         bf16* orow = od + n * T * D + (int64_t)i0 * D;
         for (int r = 0; r < RO; ++r)
           for (int c = 0; c < D / 16; ++c) store_bf16x16(orow + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Of.data() + r * D + 16 * c));
@@ -265,11 +259,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   bf16* dkd = reinterpret_cast<bf16*>(dK.data_ptr());
   bf16* dvd = reinterpret_cast<bf16*>(dV.data_ptr());
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2), Qp((size_t)T * D / 2);
+    std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2);
     std::vector<uint32_t> Pp((size_t)T * T / 2), dSp((size_t)T * T / 2);
     std::vector<bf16> dS((size_t)T * T);
     std::vector<uint32_t> QT((size_t)T * D / 2), dOT((size_t)T * D / 2), tmp((size_t)T * D / 2);
     std::vector<float> dP((size_t)RB * T), Cf((size_t)D * T);
+    const __m512 sc = _mm512_set1_ps(scale);
     for (int64_t n = begin; n < end; ++n) {
       const bf16* dOn = dod + n * T * D;
       const bf16* Pn = pd + n * T * T;
@@ -287,7 +282,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
         // rows in pairs: dS row-major (for dQ) and, with P, as pairs of rows for dK^T and dV^T, whose
         // column blocks of 64 read row i up to the end of its own block of 64 (zeros past the
         // diagonal): Pp[i/2][j] = (P[i][j], P[i+1][j]), dSp likewise
-        const __m512 sc = _mm512_set1_ps(scale);
         const int pcols = std::min(T, ((i0 + RB + 63) / 64) * 64);
         for (int r = 0; r < RB; r += 2) {
           const int i = i0 + r;
@@ -333,10 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
       for (int i0 = 0; i0 < T; i0 += RO) {
         const int pend = (i0 + RO) / 2;
         float* C = Cf.data();
-        if (D / 16 == 2) kernel<RO, 2>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D, C, D, false);
+        if (D / 16 == 2) kernel<RO, 2>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D, C, D);
         else
           for (int c = 0; c < D / 16; ++c)
-            kernel<RO, 1>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data() + 16 * c, D, C + 16 * c, D, false);
+            kernel<RO, 1>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data() + 16 * c, D, C + 16 * c, D);
         bf16* out = dqd + n * T * D + (int64_t)i0 * D;
         for (int r = 0; r < RO; ++r)
           for (int c = 0; c < D / 16; ++c) store_bf16x16(out + (int64_t)r * D + 16 * c, _mm512_loadu_ps(C + r * D + 16 * c));
@@ -349,9 +343,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
         for (int d0 = 0; d0 < D; d0 += RB) {
           int j0 = 0;
           for (; j0 + 64 <= T; j0 += 64)
-            kernel<RB, 4>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T, false);
+            kernel<RB, 4>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
           for (; j0 < T; j0 += 16)
-            kernel<RB, 1>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T, false);
+            kernel<RB, 1>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
         }
         store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
       }
