@@ -419,11 +419,12 @@ def _git_head() -> str:
 
 
 def share_text(profile: dict) -> str:
-    """The matrix share of a step profile, with the fused attention kernel's share beside it where
-    the trainer has one (its products and softmax are one call, so neither column holds it whole)."""
+    """The matrix share of a step profile, with the fused CPU kernels' share beside it where the
+    trainer has them (the attention's products and softmax are one call, so neither column holds it
+    whole). Results of checkouts before the other kernels name it ``fused_attention_share``."""
     text = f"{profile['matrix_share']:.0%}"
-    fused = profile.get("fused_attention_share") or 0.0
-    return text + (f" (+{fused:.0%} fused attention)" if fused > 0 else "")
+    fused = profile.get("fused_share", profile.get("fused_attention_share")) or 0.0
+    return text + (f" (+{fused:.0%} fused kernels)" if fused > 0 else "")
 
 
 def side_by_side_lines(res: dict) -> list[str]:

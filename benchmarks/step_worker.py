@@ -95,12 +95,12 @@ def main(argv=None):
         for k in ka:
             by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total
         matrix = sum(t for op, t in by_op.items() if op in MATRIX_OPS)
-        # the fused CPU attention (icl_core/fused_attention.py) does its products and softmax in
-        # one call: its own share, reported beside the matrix share rather than inside it
+        # the fused CPU kernels (icl_core/fused_attention.py; the attention does its products and
+        # softmax in one call): their own share, reported beside the matrix share rather than inside it
         fused = sum(t for op, t in by_op.items() if op.startswith(FUSED_PREFIX))
         top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
         out["profile"] = {"step_ms": total / a.profile_steps / 1e3, "matrix_share": matrix / total,
-                          "fused_attention_share": fused / total,
+                          "fused_share": fused / total,
                           "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
     print(json.dumps(out))
 

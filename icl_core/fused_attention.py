@@ -10,9 +10,17 @@ and accumulation, bf16 results. PyTorch 2.13 has no CPU kernel that does this wi
 backward): hence hand-written C++, built once per machine with PyTorch's own extension builder and
 used only where :func:`available` says so (``benchmarks/cpu_trainer.md``, "Ninth pass").
 
-Switch it off with ``ICL_FUSED_ATTENTION=0`` (the explicit attention is then used, as on CPUs
-without ``avx512_bf16`` or without a C++ compiler). The operator is process-wide (``icl_fused``):
-two trees with different kernel sources cannot both load theirs into one process.
+The same extension holds three smaller kernels of the bf16 training step, each replacing compiled
+torch ops that made several passes over memory where one suffices (``benchmarks/cpu_trainer.md``,
+"Tenth pass"): :func:`rope_split_qkv` (the attention's queries and keys rotated and all three laid
+out per head, one pass each way, ``csrc/rope_qkv.cpp``), :func:`softmax_cross_entropy_grad` (the
+loss's softmax and logit gradient, one exp per logit, ``csrc/cross_entropy.cpp``) and
+:func:`bias_gelu` (the MLP's bias + exact GELU, its backward in one pass, ``csrc/bias_gelu.cpp``).
+Like the attention they run only where gradients are wanted; evaluation keeps the torch ops.
+
+Switch them all off with ``ICL_FUSED_ATTENTION=0`` (the explicit attention and the torch ops are then
+used, as on CPUs without ``avx512_bf16`` or without a C++ compiler). The operators are process-wide
+(``icl_fused``): two trees with different kernel sources cannot both load theirs into one process.
 """
 from __future__ import annotations
 
@@ -23,7 +31,11 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).parent / "csrc" / "causal_attention.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+# the attention, its RoPE'd inputs (:func:`rope_split_qkv`), the training loss's softmax step
+# (:func:`softmax_cross_entropy_grad`) and the MLP's bias + GELU (:func:`bias_gelu`): one extension, one build
+_SOURCES = [_CSRC / "causal_attention.cpp", _CSRC / "rope_qkv.cpp", _CSRC / "cross_entropy.cpp",
+            _CSRC / "bias_gelu.cpp"]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 _state: dict[str, object] = {}
 
@@ -50,7 +62,7 @@ def _load() -> bool:
                 import ninja
 
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            load(name="icl_fused_attention", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+            load(name="icl_fused_attention", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
                  is_python_module=False, verbose=False)
             ok = hasattr(torch.ops.icl_fused, "causal_attention_fwd")
         except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: the explicit attention instead
@@ -95,6 +107,10 @@ def _register():
     def _(dO, q, k, v, P):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
+    @torch.library.register_fake("icl_fused::softmax_cross_entropy_grad")
+    def _(logits, targets, scale):
+        return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)
+
     def setup_context(ctx, inputs, output):
         q, k, v = inputs
         ctx.save_for_backward(q, k, v, output[1])
@@ -104,6 +120,45 @@ def _register():
         return tuple(torch.ops.icl_fused.causal_attention_bwd(dO.contiguous(), q, k, v, P))
 
     torch.library.register_autograd("icl_fused::causal_attention_fwd", backward, setup_context=setup_context)
+
+    @torch.library.register_fake("icl_fused::bias_gelu_fwd")
+    def _(m, b):
+        return torch.empty_like(m)
+
+    @torch.library.register_fake("icl_fused::bias_gelu_bwd")
+    def _(da, m, b):
+        return torch.empty_like(m), torch.empty_like(b)
+
+    def gelu_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def gelu_backward(ctx, da):
+        m, b = ctx.saved_tensors
+        return tuple(torch.ops.icl_fused.bias_gelu_bwd(da.contiguous(), m, b))
+
+    torch.library.register_autograd("icl_fused::bias_gelu_fwd", gelu_backward, setup_context=gelu_setup)
+
+    @torch.library.register_fake("icl_fused::rope_split_qkv")
+    def _(qkv, cos, sin):
+        B, T, _three, H, D = qkv.shape
+        return tuple(qkv.new_empty((B * H, T, D)) for _ in range(3))
+
+    @torch.library.register_fake("icl_fused::rope_split_qkv_bwd")
+    def _(dq, dk, dv, cos, sin, H):
+        BH, T, D = dq.shape
+        return dq.new_empty((BH // H, T, 3, H, D))
+
+    def rope_setup(ctx, inputs, output):
+        qkv, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.n_heads = qkv.shape[3]
+
+    def rope_backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return (torch.ops.icl_fused.rope_split_qkv_bwd(dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin,
+                                                       ctx.n_heads), None, None)
+
+    torch.library.register_autograd("icl_fused::rope_split_qkv", rope_backward, setup_context=rope_setup)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,3 +170,66 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The (N, T, T) bf16 attention pattern the kernel computes (for tests)."""
     return torch.ops.icl_fused.causal_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())[1]
+
+
+def cross_entropy_usable(logits: torch.Tensor) -> bool:
+    """Whether :func:`softmax_cross_entropy_grad` takes these (rows, V) logits: CPU bf16, V a
+    multiple of 16, the kernels built."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2
+            and logits.shape[1] % 16 == 0 and available())
+
+
+def softmax_cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
+    """(sum over rows of −log softmax(logits)[target], (softmax − onehot(target)) · scale) for
+    (rows, V) bf16 CPU logits and int64 targets: the loss's forward and its logit gradient in one
+    pass per row, one exp per logit (``csrc/cross_entropy.cpp``). The sum is fp32, the gradient bf16.
+    Not differentiable: :class:`icl_core.model._LinearCrossEntropy` supplies the backward."""
+    return torch.ops.icl_fused.softmax_cross_entropy_grad(logits.contiguous(), targets, scale)
+
+
+def bias_gelu_usable(m: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether :func:`bias_gelu` takes this product and bias: an (…, d_mlp) bf16 CPU product, an fp32
+    bias, d_mlp a multiple of 16, the kernels built."""
+    return (m.device.type == "cpu" and m.dtype == torch.bfloat16 and b.dtype == torch.float32 and b.dim() == 1
+            and m.shape[-1] == b.shape[0] and b.shape[0] % 16 == 0 and available())
+
+
+def bias_gelu(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GELU(m + b) (exact, erf-based; fp32 inside) as bf16, for a bf16 CPU product ``m`` of shape
+    (…, d_mlp) and an fp32 bias ``b``; differentiable in both (``csrc/bias_gelu.cpp``)."""
+    shape = m.shape
+    return torch.ops.icl_fused.bias_gelu_fwd(m.reshape(-1, shape[-1]).contiguous(), b.contiguous()).view(shape)
+
+
+def rope_split_usable(qkv: torch.Tensor) -> bool:
+    """Whether :func:`rope_split_qkv` takes this (B, T, 3, H, d_head) product: CPU bf16, T and
+    d_head multiples of 32 (the attention kernel's shapes), the kernels built."""
+    return (qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and qkv.dim() == 5 and qkv.shape[2] == 3
+            and takes_shape(qkv.shape[1], qkv.shape[4]) and available())
+
+
+def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q, k, v), each (B·H, T, d_head) bf16, from the (B, T, 3, H, d_head) product of
+    :class:`icl_core.model.Attention`'s half-split W_qkv: q and k rotated as ``x * cos +
+    swap_halves(x) * sin`` with the (T, d_head) tables in that order; differentiable in ``qkv``
+    (``csrc/rope_qkv.cpp``)."""
+    T = qkv.shape[1]
+    cos, sin = (t[:T].to(torch.bfloat16).contiguous() for t in (cos, sin))
+    return torch.ops.icl_fused.rope_split_qkv(qkv.contiguous(), cos, sin)
+
+
+def kernels_for(mc) -> list[str]:
+    """The fused kernels a bf16 CPU training run of model config ``mc`` (icl_core.config.ModelConfig)
+    takes here, for its manifest: "attention", "rope_qkv", "cross_entropy", "bias_gelu"."""
+    if not available():
+        return []
+    out = []
+    if takes_shape(mc.n_ctx, mc.d_head):
+        out.append("attention")
+        if mc.positional == "rope" and not mc.smeared_keys:
+            out.append("rope_qkv")
+    if mc.d_vocab % 16 == 0:
+        out.append("cross_entropy")
+    if not mc.attn_only and mc.d_mlp % 16 == 0:
+        out.append("bias_gelu")
+    return out

@@ -206,6 +206,14 @@ class Attention(nn.Module):
             if cfg.attn_bias:
                 qkv = qkv + self._half_split(self.b_qkv.unsqueeze(0)).reshape(3 * H * dh)
             qkv = qkv.view(B, T, 3, H, dh)
+            # training in bf16 on a CPU with AVX-512 and nothing hooked: rotation and the (B·H, T, dh)
+            # layout in one pass each way (icl_core.fused_attention.rope_split_qkv), then the fused
+            # attention; the same formulas as the lines below (benchmarks/cpu_trainer.md, "Tenth pass")
+            if (torch.is_grad_enabled() and qkv.requires_grad and not cfg.smeared_keys and not model._wants(name)
+                    and torch.is_autocast_enabled(x.device.type) and fused_attention.rope_split_usable(qkv)):
+                q, k, v = fused_attention.rope_split_qkv(qkv, model.rope_cos_half, model.rope_sin_half)
+                z = fused_attention.attention(q, k, v)
+                return self._out(z.view(B, H, T, dh).transpose(1, 2).reshape(B, T, H * dh))
             cos, sin = (t[:T, None].to(qkv.dtype) for t in (model.rope_cos_half, model.rope_sin_half))  # (T, 1, dh)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             q = q * cos + swap_halves(q) * sin  # apply_rope(q) with its dimensions in half-split order
@@ -302,7 +310,12 @@ class MLP(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x):
-        return F.gelu(x @ self.W_in + self.b_in) @ self.W_out + self.b_out
+        pre = x @ self.W_in
+        # training in bf16 on a CPU with AVX-512: bias + GELU (and its backward) in one pass,
+        # icl_core.fused_attention.bias_gelu; the same formulas (benchmarks/cpu_trainer.md, "Tenth pass")
+        if torch.is_grad_enabled() and pre.requires_grad and fused_attention.bias_gelu_usable(pre, self.b_in):
+            return fused_attention.bias_gelu(pre, self.b_in) @ self.W_out + self.b_out
+        return F.gelu(pre + self.b_in) @ self.W_out + self.b_out
 
 
 class Block(nn.Module):
@@ -467,15 +480,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         minus_one = torch.full((min(CE_CHUNK_ROWS, n), 1), -1.0, dtype=acc, device=h.device)
         grad_h, grad_W, W_t = [], None, W.t()
+        # training in bf16 on a CPU with AVX-512: the softmax step in one pass per row
+        # (icl_core.fused_attention.softmax_cross_entropy_grad; benchmarks/cpu_trainer.md, "Tenth pass")
+        fused = (want_h or want_W) and h.dtype == torch.bfloat16 and fused_attention.cross_entropy_usable(W)
         for s in range(0, n, CE_CHUNK_ROWS):
             tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
-            logp = torch.log_softmax(lowp_matmul(rows, W).to(acc), -1)  # (rows, V)
-            total -= logp.gather(1, tgt).sum()
-            if not (want_h or want_W):
-                continue
-            p = logp.exp_()  # softmax, in place
-            p.scatter_add_(1, tgt, minus_one[: len(tgt)])  # softmax - onehot
-            g = p.mul_(1.0 / n).to(h.dtype)  # the logits' gradient, in the matmuls' dtype
+            if fused:
+                part_loss, g = fused_attention.softmax_cross_entropy_grad(lowp_matmul(rows, W), tgt[:, 0], 1.0 / n)
+                total += part_loss
+            else:
+                logp = torch.log_softmax(lowp_matmul(rows, W).to(acc), -1)  # (rows, V)
+                total -= logp.gather(1, tgt).sum()
+                if not (want_h or want_W):
+                    continue
+                p = logp.exp_()  # softmax, in place
+                p.scatter_add_(1, tgt, minus_one[: len(tgt)])  # softmax - onehot
+                g = p.mul_(1.0 / n).to(h.dtype)  # the logits' gradient, in the matmuls' dtype
             if want_h:
                 grad_h.append(lowp_matmul(g, W_t))
             if want_W:

@@ -514,6 +514,8 @@ class Trainer:
             # which attention trained it: the fused CPU kernel (icl_core.fused_attention) or the explicit one
             mc = self.cfg.model
             man["fused_attention"] = fused_attention.available() and fused_attention.takes_shape(mc.n_ctx, mc.d_head)
+            # and which of the fused kernels (attention, its RoPE'd inputs, the loss's softmax, bias + GELU)
+            man["fused_kernels"] = fused_attention.kernels_for(mc)
         atomic_write_json(self.dir / "manifest.json", man)
         for f in self.dir.glob("resume_*.safetensors"):
             f.unlink(missing_ok=True)

@@ -70,7 +70,8 @@ def test_gpu_attention_dry_run_on_cpu(tmp_path):
 def test_share_text_names_the_fused_attention():
     assert bench.share_text({"matrix_share": 0.51}) == "51%"
     assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.0}) == "51%"
-    assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.2}) == "51% (+20% fused attention)"
+    assert bench.share_text({"matrix_share": 0.51, "fused_share": 0.2}) == "51% (+20% fused kernels)"
+    assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.2}) == "51% (+20% fused kernels)"
 
 
 def test_side_by_side_of_two_checkouts(tmp_path):

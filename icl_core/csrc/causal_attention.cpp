@@ -21,6 +21,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "avx512_bf16.h"
+
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -29,39 +31,7 @@
 
 namespace {
 
-using bf16 = uint16_t;
-
-inline __m512 bf16x16_to_f32(const bf16* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-inline void store_bf16x16(bf16* p, __m512 x) {  // round to nearest even
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
-}
-
-// exp(x) for x <= 0 (softmax arguments): range reduction x = n ln2 + r, |r| <= ln2/2, Cephes'
-// single-precision polynomial for e^r, result scaled by 2^n; exactly 0 below -87.3 (and for -inf).
-// At most 1.24 ulp from exp in double, over every 7th float in [-87, 0] (measured, 2026-12-03).
-inline __m512 exp_nonpos(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  __m512 r2 = _mm512_mul_ps(r, r);
-  y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  y = _mm512_scalef_ps(y, n);
-  return _mm512_maskz_mov_ps(~under, y);
-}
+using namespace icl_fused;
 
 // C[R][16*NC] = sum over pairs p in [p0, p1) of A[r][p] (a pair of bf16 as 32 bits) times
 // B[p][16*NC] (each 32-bit lane a pair). lda, ldb in 32-bit words; ldc in floats.
@@ -82,13 +52,19 @@ inline void kernel(int p0, int p1, const uint32_t* A, int lda, const uint32_t* B
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(C + r * ldc + 16 * c, acc[r][c]);
 }
 
-// C[R][0..16*nvec) over pairs [p0, p1): column blocks of 64, then 16.
+// C[R][0..16*nvec) over pairs [p0, p1): column blocks of 64, then the remaining 16, 32 or 48 in one
+// block (R x 1 alone would leave too few independent accumulators to hide the dot product's latency).
 template <int R>
 inline void row_block(int nvec, int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C,
                       int ldc) {
   int c = 0;
   for (; c + 4 <= nvec; c += 4) kernel<R, 4>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc);
-  for (; c < nvec; ++c) kernel<R, 1>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc);
+  switch (nvec - c) {
+    case 3: kernel<R, 3>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc); break;
+    case 2: kernel<R, 2>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc); break;
+    case 1: kernel<R, 1>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc); break;
+    default: break;
+  }
 }
 
 // Pair-pack rows of a row-major (rows x cols) bf16 matrix: out[i/2][c][i%2] = in[i][c] (rows even,
@@ -160,6 +136,7 @@ void store_transposed(const float* C, int D, int T, bf16* out) {
 }
 
 constexpr int RB = 4;   // rows per block of the (T x T) products
+static_assert(16 % RB == 0, "a row block lies within one vector of 16 keys");
 constexpr int RO = 8;   // rows per block of the (T x d_head) products
 
 void check_inputs(const at::Tensor& t, const char* name) {
@@ -198,28 +175,37 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       for (int i0 = 0; i0 < T; i0 += RB) {
         const int ncols = ((i0 + RB + 15) / 16) * 16;  // keys 0..i0+RB-1, in whole vectors
         row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+        // the block's RB rows side by side (independent chains for the exp's latency): rows i0..i0+RB-1
+        // lie in one vector of 16 keys (RB divides 16), so each holds keys in the same nv vectors
+        const int nv = i0 / 16 + 1;
+        __m512 mx[RB], m[RB], sum[RB], inv[RB];
+        __mmask16 last[RB];
         for (int r = 0; r < RB; ++r) {
-          const int i = i0 + r;
-          float* s = S.data() + (int64_t)r * T;
-          const int nv = i / 16 + 1;  // vectors holding keys 0..i
-          const __mmask16 last = (__mmask16)((1u << (i % 16 + 1)) - 1);
-          __m512 mx = _mm512_set1_ps(-INFINITY);
-          for (int c = 0; c < nv; ++c) {
-            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), sc);
-            if (c == nv - 1) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), last, x);
-            _mm512_storeu_ps(s + 16 * c, x);
-            mx = _mm512_max_ps(mx, x);
+          last[r] = (__mmask16)((1u << ((i0 + r) % 16 + 1)) - 1);
+          mx[r] = _mm512_set1_ps(-INFINITY);
+          sum[r] = _mm512_setzero_ps();
+        }
+        for (int c = 0; c < nv; ++c)
+          for (int r = 0; r < RB; ++r) {
+            float* s = S.data() + (int64_t)r * T + 16 * c;
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), sc);
+            if (c == nv - 1) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), last[r], x);
+            _mm512_storeu_ps(s, x);
+            mx[r] = _mm512_max_ps(mx[r], x);
           }
-          const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-          __m512 sum = _mm512_setzero_ps();
-          for (int c = 0; c < nv; ++c) {
-            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * c), m));
-            _mm512_storeu_ps(s + 16 * c, e);
-            sum = _mm512_add_ps(sum, e);
+        for (int r = 0; r < RB; ++r) m[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+        for (int c = 0; c < nv; ++c)
+          for (int r = 0; r < RB; ++r) {
+            float* s = S.data() + (int64_t)r * T + 16 * c;
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s), m[r]));
+            _mm512_storeu_ps(s, e);
+            sum[r] = _mm512_add_ps(sum[r], e);
           }
-          const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-          bf16* prow = Pn + (int64_t)i * T;
-          for (int c = 0; c < nv; ++c) store_bf16x16(prow + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv));
+        for (int r = 0; r < RB; ++r) inv[r] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
+        for (int r = 0; r < RB; ++r) {
+          const float* s = S.data() + (int64_t)r * T;
+          bf16* prow = Pn + (int64_t)(i0 + r) * T;
+          for (int c = 0; c < nv; ++c) store_bf16x16(prow + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv[r]));
           std::memset(prow + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
         }
       }
