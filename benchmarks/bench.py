@@ -436,7 +436,7 @@ def side_by_side_lines(res: dict) -> list[str]:
     lines = ["", f"Trainer of `{sb['baseline']}` (baseline) and of `{sb['current']}` (current) side by side, "
              "alternating fresh processes; tokens/s medians over rounds (min-max); matrix share = "
              "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps), with the share of the fused "
-             "CPU attention kernel (products and softmax in one call) in brackets; % of peak against "
+             "CPU kernels (the attention's products and softmax are one call) in brackets; % of peak against "
              "this machine's matmul peak in the same precision and thread count.", "",
              "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
              "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) "

@@ -27,24 +27,15 @@ namespace {
 
 using namespace icl_fused;
 
-// x * cos + swap_halves(x) * sin for one row of D (a multiple of 32) bf16 values.
-inline void rotate_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf16* out) {
+// One row of D (a multiple of 32) bf16 values: x * cos + swap_halves(x) * sin (the rotation), or with
+// Transpose its transpose g * cos + swap_halves(g * sin) (the rotation's backward).
+template <bool Transpose>
+inline void rope_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf16* out) {
   const int64_t h = D / 2;
   for (int64_t j = 0; j < D; j += 16) {
     const int64_t partner = j < h ? j + h : j - h;
     __m512 y = _mm512_add_ps(_mm512_mul_ps(bf16x16_to_f32(x + j), bf16x16_to_f32(c + j)),
-                             _mm512_mul_ps(bf16x16_to_f32(x + partner), bf16x16_to_f32(s + j)));
-    store_bf16x16(out + j, y);
-  }
-}
-
-// The transpose of rotate_row: g * cos + swap_halves(g * sin).
-inline void unrotate_row(const bf16* g, const bf16* c, const bf16* s, int64_t D, bf16* out) {
-  const int64_t h = D / 2;
-  for (int64_t j = 0; j < D; j += 16) {
-    const int64_t partner = j < h ? j + h : j - h;
-    __m512 y = _mm512_add_ps(_mm512_mul_ps(bf16x16_to_f32(g + j), bf16x16_to_f32(c + j)),
-                             _mm512_mul_ps(bf16x16_to_f32(g + partner), bf16x16_to_f32(s + partner)));
+                             _mm512_mul_ps(bf16x16_to_f32(x + partner), bf16x16_to_f32(s + (Transpose ? partner : j))));
     store_bf16x16(out + j, y);
   }
 }
@@ -78,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_split_qkv(const at::Tensor& 
       for (int64_t hh = 0; hh < H; ++hh) {
         const int64_t o = ((b * H + hh) * T + t) * D;
         const bf16* row = src + r * 3 * H * D + hh * D;
-        rotate_row(row, c + t * D, s + t * D, D, qd + o);
-        rotate_row(row + H * D, c + t * D, s + t * D, D, kd + o);
+        rope_row<false>(row, c + t * D, s + t * D, D, qd + o);
+        rope_row<false>(row + H * D, c + t * D, s + t * D, D, kd + o);
         std::memcpy(vd + o, row + 2 * H * D, sizeof(bf16) * D);
       }
     }
@@ -105,8 +96,8 @@ at::Tensor rope_split_qkv_bwd(const at::Tensor& dq, const at::Tensor& dk, const 
       for (int64_t hh = 0; hh < H; ++hh) {
         const int64_t o = ((b * H + hh) * T + t) * D;
         bf16* row = out + r * 3 * H * D + hh * D;
-        unrotate_row(gq + o, c + t * D, s + t * D, D, row);
-        unrotate_row(gk + o, c + t * D, s + t * D, D, row + H * D);
+        rope_row<true>(gq + o, c + t * D, s + t * D, D, row);
+        rope_row<true>(gk + o, c + t * D, s + t * D, D, row + H * D);
         std::memcpy(row + 2 * H * D, gv + o, sizeof(bf16) * D);
       }
     }
