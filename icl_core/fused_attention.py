@@ -172,11 +172,11 @@ def pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.ops.icl_fused.causal_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())[1]
 
 
-def cross_entropy_usable(logits: torch.Tensor) -> bool:
-    """Whether :func:`softmax_cross_entropy_grad` takes these (rows, V) logits: CPU bf16, V a
-    multiple of 16, the kernels built."""
-    return (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2
-            and logits.shape[1] % 16 == 0 and available())
+def cross_entropy_usable(h: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether :func:`softmax_cross_entropy_grad` takes the logits ``h @ W`` of (rows, d) rows and a
+    (d, V) unembedding: both CPU bf16, V a multiple of 16, the kernels built."""
+    return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and W.dtype == torch.bfloat16 and W.dim() == 2
+            and W.shape[1] % 16 == 0 and available())
 
 
 def softmax_cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):

@@ -482,7 +482,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_W, W_t = [], None, W.t()
         # training in bf16 on a CPU with AVX-512: the softmax step in one pass per row
         # (icl_core.fused_attention.softmax_cross_entropy_grad; benchmarks/cpu_trainer.md, "Tenth pass")
-        fused = (want_h or want_W) and h.dtype == torch.bfloat16 and fused_attention.cross_entropy_usable(W)
+        fused = (want_h or want_W) and fused_attention.cross_entropy_usable(h, W)
         for s in range(0, n, CE_CHUNK_ROWS):
             tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
             if fused:

@@ -75,7 +75,10 @@ def test_cross_entropy_bad_input_one_clear_line():
         fa.softmax_cross_entropy_grad(x.float(), t, 1.0)
     with pytest.raises(RuntimeError, match="targets must be an int64 CPU vector"):
         fa.softmax_cross_entropy_grad(x, t.int(), 1.0)
-    assert not fa.cross_entropy_usable(torch.zeros(4, 97, dtype=torch.bfloat16))  # V not a multiple of 16
+    h = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert fa.cross_entropy_usable(h, torch.zeros(8, 96, dtype=torch.bfloat16))
+    assert not fa.cross_entropy_usable(h, torch.zeros(8, 97, dtype=torch.bfloat16))  # V not a multiple of 16
+    assert not fa.cross_entropy_usable(h.float(), torch.zeros(8, 96))  # fp32: the torch ops
 
 
 def test_linear_cross_entropy_training_takes_the_kernel_evaluation_does_not(monkeypatch):
