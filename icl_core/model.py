@@ -478,11 +478,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_h, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 log-softmax of bf16 logits
         total = torch.zeros((), dtype=acc, device=h.device)
-        minus_one = torch.full((min(CE_CHUNK_ROWS, n), 1), -1.0, dtype=acc, device=h.device)
         grad_h, grad_W, W_t = [], None, W.t()
         # training in bf16 on a CPU with AVX-512: the softmax step in one pass per row
         # (icl_core.fused_attention.softmax_cross_entropy_grad; benchmarks/cpu_trainer.md, "Tenth pass")
         fused = (want_h or want_W) and fused_attention.cross_entropy_usable(h, W)
+        minus_one = None if fused else torch.full((min(CE_CHUNK_ROWS, n), 1), -1.0, dtype=acc, device=h.device)
         for s in range(0, n, CE_CHUNK_ROWS):
             tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
             if fused:

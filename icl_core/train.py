@@ -511,11 +511,10 @@ class Trainer:
         man["malloc_reuse"] = self.malloc_reuse  # glibc keeps freed blocks for reuse
         if self.cfg.train.precision == "bf16" and self.device.startswith("cpu"):
             man["bf16_matmul"] = precision.bf16_matmul_kernel()  # icl_core.precision
-            # which attention trained it: the fused CPU kernel (icl_core.fused_attention) or the explicit one
-            mc = self.cfg.model
-            man["fused_attention"] = fused_attention.available() and fused_attention.takes_shape(mc.n_ctx, mc.d_head)
-            # and which of the fused kernels (attention, its RoPE'd inputs, the loss's softmax, bias + GELU)
-            man["fused_kernels"] = fused_attention.kernels_for(mc)
+            # which fused CPU kernels trained it (icl_core.fused_attention: the attention, its RoPE'd
+            # inputs, the loss's softmax, bias + GELU); fused_attention as earlier manifests logged it
+            man["fused_kernels"] = fused_attention.kernels_for(self.cfg.model)
+            man["fused_attention"] = "attention" in man["fused_kernels"]
         atomic_write_json(self.dir / "manifest.json", man)
         for f in self.dir.glob("resume_*.safetensors"):
             f.unlink(missing_ok=True)

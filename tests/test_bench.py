@@ -67,7 +67,7 @@ def test_gpu_attention_dry_run_on_cpu(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["rows"]
 
 
-def test_share_text_names_the_fused_attention():
+def test_share_text_names_the_fused_kernels():
     assert bench.share_text({"matrix_share": 0.51}) == "51%"
     assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.0}) == "51%"
     assert bench.share_text({"matrix_share": 0.51, "fused_share": 0.2}) == "51% (+20% fused kernels)"
