@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import profile_ab  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from icl_core.profiles import load_profile  # noqa: E402
 from icl_core.runs import cache_dir  # noqa: E402
 
 DEFAULT_PROFILE = ROOT / "benchmarks" / "book_ab.yaml"
@@ -106,16 +107,47 @@ def summarize(blocks: list[dict]) -> dict:
     if not names or any(set(b["runs"]) != set(names) for b in blocks):
         raise ValueError("the blocks trained different runs; compare blocks of one profile")
     totals = [sum(b["runs"][n]["train_seconds"] for n in names) for b in blocks]
-    by_tree = [[t for t, b in zip(totals, blocks) if b["tree"] == i] for i in (0, 1)]
     per_run = {}
     for n in names:
         secs = [[b["runs"][n]["train_seconds"] for b in blocks if b["tree"] == i] for i in (0, 1)]
         per_run[n] = {"seconds": secs, "speedup": statistics.mean(secs[0]) / statistics.mean(secs[1])}
+    return {"runs": names, "block_totals": totals, "per_run": per_run, **_ratios(totals, blocks),
+            "metrics_totals": [sum(b["runs"][n]["metrics_seconds"] for n in names) for b in blocks]}
+
+
+def _ratios(totals: list[float], blocks: list[dict]) -> dict:
+    """speedup (mean of the baseline's block totals over the current's) and the ratio of every
+    adjacent baseline/current pair of blocks."""
+    by_tree = [[t for t, b in zip(totals, blocks) if b["tree"] == i] for i in (0, 1)]
     pairs = [totals[i] / totals[i + 1] if blocks[i]["tree"] == 0 else totals[i + 1] / totals[i]
              for i in range(len(blocks) - 1) if blocks[i]["tree"] != blocks[i + 1]["tree"]]
-    return {"runs": names, "block_totals": totals, "per_run": per_run, "pair_speedups": pairs,
-            "speedup": statistics.mean(by_tree[0]) / statistics.mean(by_tree[1]),
-            "metrics_totals": [sum(b["runs"][n]["metrics_seconds"] for n in names) for b in blocks]}
+    return {"speedup": statistics.mean(by_tree[0]) / statistics.mean(by_tree[1]), "pair_speedups": pairs}
+
+
+def weigh(blocks: list[dict], prof, target) -> dict:
+    """The training seconds of a whole profile (``target``, e.g. the laptop's 19 runs) in each
+    block, from the runs the block trained (of profile ``prof``): each target run is charged the
+    block's seconds for the run with the same training step (profile_ab.step_key: model, batch,
+    precision, threads, compiled; seeds and corpus variants share it), times the ratio of their
+    step counts. A whole run's seconds include its compile, so scaling a shortened run up charges
+    its compile several times, to both trainers alike (which lowers the ratio, never raises it).
+    Target runs with no such run are listed in ``not_covered``, their tokens outside ``covered``."""
+    names = set.intersection(*(set(b["runs"]) for b in blocks))
+    by_step = {profile_ab.step_key(prof.runs[n]): n for n in sorted(names) if n in prof.runs}
+    charged, missing = {}, []
+    for name, cfg in target.runs.items():
+        src = by_step.get(profile_ab.step_key(cfg))
+        if src is None:
+            missing.append(name)
+        else:
+            charged[name] = (src, cfg.total_steps / prof.runs[src].total_steps)
+    if not charged:
+        raise ValueError("no run of the weighed profile takes the training step of a run trained here")
+    totals = [sum(b["runs"][src]["train_seconds"] * k for src, k in charged.values()) for b in blocks]
+    tokens = {n: cfg.train.total_tokens for n, cfg in target.runs.items()}
+    return {"profile": target.name, "block_totals": totals, **_ratios(totals, blocks),
+            "charged_as": {n: [src, k] for n, (src, k) in charged.items()}, "not_covered": missing,
+            "covered": sum(tokens[n] for n in charged) / sum(tokens.values())}
 
 
 def markdown(res: dict, blocks: list[dict], labels: list[str]) -> str:
@@ -129,7 +161,14 @@ def markdown(res: dict, blocks: list[dict], labels: list[str]) -> str:
     lines.append("| snapshot metrics s | " + " | ".join(f"{t:.1f}" for t in res["metrics_totals"]) + " | |")
     lines.append("| block wall s | " + " | ".join(f"{b.get('wall_s', 0):.0f}" for b in blocks) + " | |")
     pairs = ", ".join(f"x{p:.2f}" for p in res["pair_speedups"])
-    return "\n".join(lines) + f"\n\nadjacent pairs: {pairs}"
+    out = "\n".join(lines) + f"\n\nadjacent pairs: {pairs}"
+    w = res.get("weighed")
+    if w:
+        out += (f"\n\n{w['profile']} profile's training s, each run charged as the run above with its step "
+                f"({100 * w['covered']:.0f}% of its tokens; not covered: {', '.join(w['not_covered']) or 'none'}): "
+                + " | ".join(f"{t:.0f}" for t in w["block_totals"])
+                + f" → **x{w['speedup']:.2f}** (pairs " + ", ".join(f"x{p:.2f}" for p in w["pair_speedups"]) + ")")
+    return out
 
 
 def run_block(side: Path, profile_name: str, jobs: int, runs_dir: Path) -> float:
@@ -155,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="training workers per block (the book's: one per core)")
     ap.add_argument("--keep", type=Path, help="keep each block's runs folder under this directory")
     ap.add_argument("--out", type=Path, help="write the blocks and the summary as JSON")
+    ap.add_argument("--weigh", default="laptop",
+                    help="also give this profile's training seconds, charged run by run from the runs trained "
+                         "(weigh); 'none' to skip")
     a = ap.parse_args(argv)
     trees = a.trees + [str(ROOT)] * (2 - len(a.trees))
     try:
@@ -162,6 +204,7 @@ def main(argv=None) -> int:
             raise ValueError("give BASELINE and at most one CURRENT")
         order = parse_order(a.order)
         prof = profile_file(a.profile)
+        target = None if a.weigh == "none" else profile_file(a.weigh)
         if a.keep is not None and a.keep.exists() and any(a.keep.iterdir()):
             raise ValueError(f"--keep {a.keep} is not empty")
     except ValueError as e:
@@ -179,6 +222,9 @@ def main(argv=None) -> int:
                 blocks.append({"tree": t, "wall_s": wall, "runs": read_block(runs_dir)})
                 print(f"[book_ab]   {wall:.0f} s wall, {sum(r['train_seconds'] for r in blocks[-1]['runs'].values()):.1f} s of training", flush=True)
             res = summarize(blocks)
+            if target is not None:
+                res["weighed"] = weigh(blocks, load_profile(prof.stem, prof.parent),
+                                       load_profile(target.stem, target.parent))
         except (RuntimeError, ValueError, SystemExit) as e:
             print(f"book_ab: {str(e).splitlines()[0] if str(e) else 'failed'}", file=sys.stderr)
             return 2

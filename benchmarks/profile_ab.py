@@ -53,14 +53,19 @@ import bench  # noqa: E402
 import interleaved_ab  # noqa: E402
 
 
+def step_key(cfg) -> str:
+    """What a run's training step depends on: model, batch, precision, threads and whether the
+    trainer compiles it (seeds, corpora and token budgets past the compile threshold do not)."""
+    return json.dumps([dataclasses.asdict(cfg.model), cfg.train.batch_size, cfg.train.precision,
+                       cfg.train.threads, cfg.total_steps >= CPU_COMPILE_MIN_STEPS], sort_keys=True)
+
+
 def step_groups(prof) -> dict[str, list[str]]:
     """Runs of ``prof`` that take the same training step, in profile order: {key: [run, ...]}; the
     first run of each group stands for it."""
     groups: dict[str, list[str]] = {}
     for name, cfg in prof.runs.items():
-        key = json.dumps([dataclasses.asdict(cfg.model), cfg.train.batch_size, cfg.train.precision,
-                          cfg.train.threads, cfg.total_steps >= CPU_COMPILE_MIN_STEPS], sort_keys=True)
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(step_key(cfg), []).append(name)
     return groups
 
 

@@ -115,8 +115,9 @@ def compiles_on_cpu(T, cfg) -> bool:
 def trainer_step(D, T, cfg, corpus, compile: bool, n_batches: int):
     """(step, batches): one training step as a checkout's trainer takes it (``D``, ``T``: that
     checkout's icl_core.data and icl_core.train; its model, optimizer and loss, clipping as the
-    trainer clips) and ``n_batches`` of the run's training batches. Only calls that exist in every
-    checkout since the benchmarks began are used."""
+    trainer clips and updates: ``T.ClipAndStep`` where the checkout has it) and ``n_batches`` of the
+    run's training batches. Otherwise only calls that exist in every checkout since the benchmarks
+    began are used."""
     import torch
 
     model = T.init_model(cfg)
@@ -125,8 +126,15 @@ def trainer_step(D, T, cfg, corpus, compile: bool, n_batches: int):
     params = list(model.parameters())
     batches = [D.train_batch(corpus, cfg.train.batch_size, cfg.model.n_ctx, 0, s) for s in range(n_batches)]
 
+    update = getattr(T, "ClipAndStep", None)  # the trainer's clipping + AdamW, where it has one
+    update = update(opt, params, cfg.train.grad_clip or 1.0) if update else None
+
     def step(x):
         loss = loss_of(x)
+        if update is not None:
+            loss.backward()
+            update()
+            return
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or 1.0)

@@ -77,6 +77,51 @@ def make_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
                              lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
 
 
+class ClipAndStep:
+    """Clip the gradients and update the weights: ``clip_grad_norm_(params, clip)`` then ``opt.step()``
+    (then the gradients released), the same arithmetic bit for bit, without the Python around them.
+
+    For a CPU fused AdamW (:func:`make_optimizer`) the calls are the kernels those two functions end
+    in: ``_foreach_norm``, the norm of the norms, ``_foreach_mul_`` by ``min(clip / (norm + 1e-6), 1)``,
+    ``_foreach_add_`` on the step counts and one ``_fused_adamw_`` per parameter group, on lists built
+    once from the optimizer's state. What is skipped is per-call bookkeeping (grouping tensors by
+    device and dtype, state lookups, hooks): ~0.4-0.5 ms of a 19-37 ms laptop step (x1.01-1.02;
+    benchmarks/cpu_trainer.md, "Eleventh pass"). The first call (which creates the AdamW state), a
+    CUDA run, data parallelism and any other optimizer take the library calls themselves."""
+
+    def __init__(self, opt: torch.optim.Optimizer, params, clip: float | None):
+        self.opt, self.params, self.clip = opt, list(params), clip
+        self.groups = None  # per group: (group, params, exp_avg, exp_avg_sq, step) lists
+        self.direct = (isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")
+                       and not opt.defaults.get("amsgrad") and not opt.defaults.get("maximize")
+                       and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in self.params))
+
+    def __call__(self) -> None:
+        if self.clip:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if self.direct and len(grads) == len(self.params):
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+                torch._foreach_mul_(grads, torch.clamp(self.clip / (norm + 1e-6), max=1.0))
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.groups is None or not all(p.grad is not None for p in self.params):
+            self.opt.step()
+            if self.direct and all(p in self.opt.state for p in self.params):
+                st = self.opt.state
+                self.groups = [(g, g["params"], [st[p]["exp_avg"] for p in g["params"]],
+                                [st[p]["exp_avg_sq"] for p in g["params"]], [st[p]["step"] for p in g["params"]])
+                               for g in self.opt.param_groups if g["params"]]
+        else:
+            for g, ps, exp_avg, exp_avg_sq, steps in self.groups:
+                torch._foreach_add_(steps, 1)
+                beta1, beta2 = g["betas"]
+                torch._fused_adamw_(ps, [p.grad for p in ps], exp_avg, exp_avg_sq, [], steps, amsgrad=False,
+                                    lr=g["lr"], beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"],
+                                    eps=g["eps"], maximize=False, grad_scale=None, found_inf=None)
+        for p in self.params:
+            p.grad = None
+
+
 def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str | None = None):
     """The training step's loss of a token batch: the forward pass under the run's precision
     (bf16 autocast or fp32), then next-token cross-entropy.
@@ -105,11 +150,11 @@ def make_loss(net, cfg: RunConfig, device: str, compile: bool = False, mode: str
     if dev_type == "cuda":
         return torch.compile(loss_of, dynamic=False, mode=mode)
     fast_cpu_exp()
-    # a C++ wrapper around the compiled kernels instead of inductor's Python one, which was ~7% of a
-    # laptop step under the profiler (~70 kernel and matmul calls); the gain measured inside the
-    # noise, and it cost no compile time, so it stays (cpu_trainer.md)
-    options = None if mode else {"cpp_wrapper": True}
-    compiled = torch.compile(fused_loss_of, dynamic=False, mode=mode, options=options)
+    # inductor's own Python wrapper around the compiled kernels: its C++ one (cpp_wrapper) gained
+    # nothing per step with the fused kernels (interleaved x0.991 attn1, x1.000 attn2) and its compile
+    # cost 6 s more per configuration from an empty cache, 0.6 s from a warm one (cpu_trainer.md,
+    # "Eleventh pass")
+    compiled = torch.compile(fused_loss_of, dynamic=False, mode=mode)
     return _EagerFallback(compiled, fused_loss_of)
 
 
@@ -397,6 +442,7 @@ class Trainer:
         ev = EvalData(cfg, self.corpus)
         ev.tokens, ev.rep = ev.tokens.to(self.device), ev.rep.to(self.device)
         loss_of = self._loss(model)
+        update = ClipAndStep(opt, model.parameters(), cfg.train.grad_clip)
         total, snap = cfg.total_steps, set(self.steps)
         losses = _LossLog(log, self.world)
         bar = None
@@ -415,7 +461,7 @@ class Trainer:
                 seg = time.time()
             if step >= total or (stop_after is not None and step >= stop_after):
                 break
-            n_tokens += self._step(step, model, opt, loss_of, losses)
+            n_tokens += self._step(step, update, loss_of, losses)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -462,7 +508,7 @@ class Trainer:
             torch._dynamo.reset()
         return make_loss(net, self.cfg, self.device, self.compile)
 
-    def _step(self, step: int, model, opt, loss_of, losses: "_LossLog") -> int:
+    def _step(self, step: int, update: ClipAndStep, loss_of, losses: "_LossLog") -> int:
         """One optimisation step on the batch of ``step`` (this rank's slice of it); its loss goes
         to ``losses`` as the loss after ``step + 1`` steps. Returns the tokens trained (all ranks)."""
         cfg, t = self.cfg, self.cfg.train
@@ -473,14 +519,11 @@ class Trainer:
             x = x[self.rank * b:(self.rank + 1) * b]
         x = x.pin_memory().to(self.device, non_blocking=True) if self.cuda else x.to(self.device)
         lr = lr_at(step, cfg)
-        for g in opt.param_groups:
+        for g in update.opt.param_groups:
             g["lr"] = lr
         loss = loss_of(x)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
+        update()  # clipping, AdamW, gradients released
         if self.distributed:  # log the global batch's loss, as one process would
             loss = loss.detach().clone()
             torch.distributed.all_reduce(loss)

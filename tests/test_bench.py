@@ -290,6 +290,40 @@ def test_book_ab_summary_known_answers():
         book_ab.summarize([_book_ab_block(0, {"r1": 1.0}), _book_ab_block(1, {"r2": 1.0})])
 
 
+def test_book_ab_weighs_a_profile_run_by_run():
+    """Each laptop run is charged the block's seconds of the book_ab run with its training step,
+    times the ratio of their steps: seeds and corpus variants as their model, 48M-token runs six
+    times an 8M-token one; runs whose step was not trained are listed, their tokens left out."""
+    import book_ab
+
+    from icl_core.profiles import load_profile
+
+    ab, laptop = load_profile("book_ab", ROOT / "benchmarks"), load_profile("laptop")
+    old = {n: 100.0 for n in ab.runs}
+    new = dict(old, attn1_8m=25.0)  # only attn1's step is faster: x4 on attn1 and attn1_s1
+    blocks = [_book_ab_block(0, old), _book_ab_block(1, new)]
+    w = book_ab.weigh(blocks, ab, laptop)
+    steps = {n: c.total_steps for n, c in laptop.runs.items()}
+    assert w["charged_as"]["attn1_s1"] == ["attn1_8m", steps["attn1_s1"] / ab.runs["attn1_8m"].total_steps]
+    assert 5.99 < w["charged_as"]["attn1_s1"][1] < 6.01  # 48M tokens against 8M
+    assert w["charged_as"]["attn2_prose"] == ["attn2_8m", steps["attn2_prose"] / ab.runs["attn2_8m"].total_steps]
+    assert 0.49 < w["charged_as"]["attn2_prose"][1] < 0.51  # a corpus variant, 4M tokens
+    assert w["charged_as"]["attn3_s2"] == ["attn3", 1.0]
+    assert sorted(w["not_covered"]) == ["attn2_narrow", "attn4", "smear1", "smear1_s1", "smear2", "smear2_s1", "smear3"]
+    weights = [k for _, k in w["charged_as"].values()]
+    assert w["block_totals"][0] == pytest.approx(100.0 * sum(weights))
+    attn1 = w["charged_as"]["attn1"][1] + w["charged_as"]["attn1_s1"][1]
+    assert w["block_totals"][1] == pytest.approx(100.0 * (sum(weights) - attn1) + 25.0 * attn1)
+    assert w["speedup"] == pytest.approx(w["block_totals"][0] / w["block_totals"][1])
+    tokens = {n: c.train.total_tokens for n, c in laptop.runs.items()}
+    assert w["covered"] == pytest.approx(1 - sum(tokens[n] for n in w["not_covered"]) / sum(tokens.values()))
+    res = dict(book_ab.summarize(blocks), weighed=w)
+    assert f"**x{w['speedup']:.2f}**" in book_ab.markdown(res, blocks, ["A", "B"]).splitlines()[-1]
+    with pytest.raises(ValueError):  # nothing of the weighed profile was trained
+        book_ab.weigh([_book_ab_block(0, {"attn2_wide": 1.0}), _book_ab_block(1, {"attn2_wide": 1.0})],
+                      ab, load_profile("smoke"))
+
+
 def _stub_tree(root: Path, seconds: float) -> Path:
     """A directory whose icl_core trains nothing: book.train writes one finished manifest per run
     of the profile into $ICL_RUNS_DIR, each with ``seconds`` of training (negative: it fails)."""

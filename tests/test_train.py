@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from icl_core import data as D
+from icl_core import train as T
 from icl_core.config import ConfigError, RunConfig
 from icl_core.io import CorruptFileError
 from icl_core.runs import Run, get_or_train, run_path
@@ -431,3 +432,41 @@ def test_malloc_policy_is_checked(monkeypatch):
     monkeypatch.setenv("ICL_MALLOC", "fast")
     with pytest.raises(ConfigError, match="ICL_MALLOC"):
         reuse_freed_memory()
+
+
+@pytest.mark.parametrize("clip", [1.0, 1e-3, 0.0])
+def test_clip_and_step_is_clip_grad_norm_then_adamw_bit_for_bit(tiny_run_cfg, clip):
+    """ClipAndStep (the trainer's clipping + fused AdamW on lists built once) leaves weights, AdamW
+    moments and step counts bit for bit as clip_grad_norm_ + opt.step() do, from the first step (which
+    creates the state) on, with clipping that binds (1e-3), that does not (1.0) and none (0); the
+    gradients are released after each step; an optimizer it does not know takes the library calls."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_run_cfg, train=dataclasses.replace(tiny_run_cfg.train, grad_clip=clip))
+    sides = []
+    for _ in range(2):
+        model = T.init_model(cfg)
+        sides.append((model, T.make_optimizer(model, cfg)))
+    update = T.ClipAndStep(sides[1][1], sides[1][0].parameters(), clip)
+    assert update.direct
+    x = torch.randint(0, cfg.model.d_vocab, (4, cfg.model.n_ctx))
+    for step in range(5):
+        for i, (model, opt) in enumerate(sides):
+            for g in opt.param_groups:
+                g["lr"] = T.lr_at(step, cfg)
+            model(x, return_loss=True).backward()
+            if i == 0:
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                update()
+        assert all(p.grad is None for p in sides[1][0].parameters())
+    assert update.groups is not None  # the later steps took the direct kernels
+    for a, b in zip(sides[0][0].parameters(), sides[1][0].parameters()):
+        assert torch.equal(a, b)
+        sa, sb = sides[0][1].state[a], sides[1][1].state[b]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    sgd = torch.optim.SGD(sides[1][0].parameters(), lr=0.1)
+    assert not T.ClipAndStep(sgd, sides[1][0].parameters(), clip).direct
