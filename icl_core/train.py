@@ -319,19 +319,25 @@ def peak_rss_mb() -> float | None:
 
 
 class _LossLog:
-    """The training loss log ([step, loss] pairs). Losses stay on the device until a flush, so a
-    GPU never waits for the host between steps (one .item() per step would synchronise every step);
-    on the CPU this changes nothing. Under data parallelism the summed loss is divided by the ranks."""
+    """The training loss log ([step, loss] pairs). On a GPU losses stay on the device until a flush,
+    so it never waits for the host between steps (one .item() per step would synchronise every
+    step). On the CPU each loss is read at once: a pending 0-dim tensor is a 4-byte block of the
+    heap among the step's megabyte buffers, and the hundreds pending between two flushes (~30 s
+    apart) fragmented glibc's heap until a whole laptop run sawed between 0.6 and 1.3 GB resident
+    (benchmarks/cpu_trainer.md, "Eleventh pass"). The values are the same either way. Under data
+    parallelism the summed loss is divided by the ranks."""
 
     def __init__(self, log: list, world: int = 1):
         self.log, self.world, self.pending = log, world, []
 
     def add(self, step: int, loss: torch.Tensor):
-        self.pending.append((step, loss))
+        self.pending.append((step, float(loss.detach()) if loss.device.type == "cpu" else loss))
 
     def flush(self):
         if self.pending:
-            vals = torch.stack([v for _, v in self.pending]).float().tolist()
+            on_device = [v for _, v in self.pending if torch.is_tensor(v)]
+            fetched = iter(torch.stack(on_device).float().tolist() if on_device else [])
+            vals = [next(fetched) if torch.is_tensor(v) else v for _, v in self.pending]
             self.log.extend([s, round(v / self.world, 5)] for (s, _), v in zip(self.pending, vals))
             self.pending.clear()
 

@@ -470,3 +470,17 @@ def test_clip_and_step_is_clip_grad_norm_then_adamw_bit_for_bit(tiny_run_cfg, cl
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     sgd = torch.optim.SGD(sides[1][0].parameters(), lr=0.1)
     assert not T.ClipAndStep(sgd, sides[1][0].parameters(), clip).direct
+
+
+def test_loss_log_reads_cpu_losses_at_once_with_the_same_values():
+    """On the CPU the loss log keeps no tensor between flushes (hundreds of pending 0-dim tensors
+    fragmented the heap of a whole run); the logged values are those of the tensors, rounded as
+    before, and divided by the data-parallel ranks."""
+    log = []
+    losses = T._LossLog(log, world=2)
+    vals = torch.tensor([2.123456789, 7.5, 0.1], dtype=torch.float32)
+    for i, v in enumerate(vals):
+        losses.add(i + 1, v.clone().requires_grad_())
+    assert not any(torch.is_tensor(v) for _, v in losses.pending)
+    losses.flush()
+    assert log == [[i + 1, round(v / 2, 5)] for i, v in enumerate(vals.tolist())] and not losses.pending
