@@ -1,7 +1,7 @@
 """The book's training under two trainers, in alternating blocks: measured, not projected.
 
     python benchmarks/book_ab.py [--profile benchmarks/book_ab.yaml] [--order ABBA] [--jobs 2]
-                                 [--keep DIR] [--out FILE.json] BASELINE [CURRENT]
+                                 [--weigh laptop] [--keep DIR] [--out FILE.json] BASELINE [CURRENT]
 
 Each block trains the whole profile from an empty runs folder with one trainer's own
 ``icl_core.book.train`` (its pool of one-thread workers, longest run first, snapshot metrics
@@ -20,6 +20,12 @@ seconds and peak memory are reported beside it. Why blocks and not a projection 
 whatever the host makes them cost at that hour, and its whole runs moved by 45-48% between
 sittings while the new trainer's moved by 3% (benchmarks/cpu_trainer.md, "Seventh pass" and
 "Eighth pass"). BASELINE and CURRENT are commits or directories holding ``icl_core``.
+
+``--weigh PROFILE`` (default ``laptop``; ``none`` skips it) also gives that profile's training
+seconds per block, each of its runs charged the block's seconds for the run with its training step
+(model, batch, precision, threads, compiled: profile_ab.step_key) times the ratio of their steps,
+so a profile of 19 runs, most of them 48M-token runs of three configurations, is weighed as it
+would train; its runs whose step no block trained are named, and their share of tokens left out.
 
 ``--profile`` is a profile name of this checkout (configs/profiles) or a .yaml file; the default,
 benchmarks/book_ab.yaml, holds five laptop runs (36M tokens; one block on the 2-core Zen 5 of
