@@ -85,9 +85,11 @@ class ClipAndStep:
     in: ``_foreach_norm``, the norm of the norms, ``_foreach_mul_`` by ``min(clip / (norm + 1e-6), 1)``,
     ``_foreach_add_`` on the step counts and one ``_fused_adamw_`` per parameter group, on lists built
     once from the optimizer's state. What is skipped is per-call bookkeeping (grouping tensors by
-    device and dtype, state lookups, hooks): ~0.4-0.5 ms of a 19-37 ms laptop step (x1.01-1.02;
-    benchmarks/cpu_trainer.md, "Eleventh pass"). The first call (which creates the AdamW state), a
-    CUDA run, data parallelism and any other optimizer take the library calls themselves."""
+    device and dtype, state lookups, hooks): ~0.4-0.5 ms of a 19-37 ms laptop step (x1.015-1.03;
+    benchmarks/cpu_trainer.md, "Eleventh pass"). Under data parallelism the gradients arrive
+    already averaged, so the same calls apply. The first call (which creates the AdamW state), a
+    step with a parameter lacking its gradient, a CUDA run and any other optimizer take the library
+    calls themselves."""
 
     def __init__(self, opt: torch.optim.Optimizer, params, clip: float | None):
         self.opt, self.params, self.clip = opt, list(params), clip
@@ -97,14 +99,15 @@ class ClipAndStep:
                        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in self.params))
 
     def __call__(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        direct = self.direct and len(grads) == len(self.params)
         if self.clip:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if self.direct and len(grads) == len(self.params):
+            if direct:
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
                 torch._foreach_mul_(grads, torch.clamp(self.clip / (norm + 1e-6), max=1.0))
             else:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        if self.groups is None or not all(p.grad is not None for p in self.params):
+        if self.groups is None or not direct:
             self.opt.step()
             if self.direct and all(p in self.opt.state for p in self.params):
                 st = self.opt.state
