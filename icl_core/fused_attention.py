@@ -18,6 +18,12 @@ loss's softmax and logit gradient, one exp per logit, ``csrc/cross_entropy.cpp``
 :func:`bias_gelu` (the MLP's bias + exact GELU, its backward in one pass, ``csrc/bias_gelu.cpp``).
 Like the attention they run only where gradients are wanted; evaluation keeps the torch ops.
 
+On CPUs with AMX (``amx_bf16``, ``amx_tile``: Intel Xeon from Sapphire Rapids on) the attention's
+products run on the matrix unit, the softmax and the rest on AVX-512 as elsewhere; its fp32 sums
+differ from the dot-product loop's in the last bits, so :func:`amx` tells which path a process takes
+and the run's manifest lists it (``ICL_FUSED_AMX=0`` keeps the dot-product loop; ``benchmarks/cpu_trainer.md``,
+"Twelfth pass").
+
 Switch them all off with ``ICL_FUSED_ATTENTION=0`` (the explicit attention and the torch ops are then
 used, as on CPUs without ``avx512_bf16`` or without a C++ compiler). The operators are process-wide
 (``icl_fused``): two trees with different kernel sources cannot both load theirs into one process.
@@ -36,7 +42,7 @@ _CSRC = Path(__file__).parent / "csrc"
 # (:func:`softmax_cross_entropy_grad`) and the MLP's bias + GELU (:func:`bias_gelu`): one extension, one build
 _SOURCES = [_CSRC / "causal_attention.cpp", _CSRC / "rope_qkv.cpp", _CSRC / "cross_entropy.cpp",
             _CSRC / "bias_gelu.cpp"]
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"]
 _state: dict[str, object] = {}
 
 
@@ -79,6 +85,15 @@ def available() -> bool:
     (decided on the first call, once per process: call it before ``torch.compile`` traces a model)."""
     ok = _state.get("ok")
     return _load() if ok is None else bool(ok)
+
+
+def amx(enable: bool | None = None) -> bool:
+    """Whether the attention's products run on AMX tiles in this process (False where the kernels
+    are not built or the CPU has no AMX). ``enable`` switches the path for later calls (tests and
+    A/Bs); by default ``ICL_FUSED_AMX`` decides once, AMX unless it is "0"."""
+    if not available():
+        return False
+    return bool(torch.ops.icl_fused.amx(-1 if enable is None else int(bool(enable))))
 
 
 def takes_shape(n_ctx: int, d_head: int) -> bool:
@@ -220,12 +235,15 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 def kernels_for(mc) -> list[str]:
     """The fused kernels a bf16 CPU training run of model config ``mc`` (icl_core.config.ModelConfig)
-    takes here, for its manifest: "attention", "rope_qkv", "cross_entropy", "bias_gelu"."""
+    takes here, for its manifest: "attention" (and "attention_amx" where its products run on AMX
+    tiles), "rope_qkv", "cross_entropy", "bias_gelu"."""
     if not available():
         return []
     out = []
     if takes_shape(mc.n_ctx, mc.d_head):
         out.append("attention")
+        if amx():
+            out.append("attention_amx")
         if mc.positional == "rope" and not mc.smeared_keys:
             out.append("rope_qkv")
     if mc.d_vocab % 16 == 0:

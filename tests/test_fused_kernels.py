@@ -297,7 +297,8 @@ def test_kernels_for_lists_what_a_run_takes():
     from icl_core.config import ModelConfig
 
     laptop = dict(n_layers=2, d_model=128, n_heads=4, d_vocab=2048, n_ctx=256, positional="rope")
-    assert fa.kernels_for(ModelConfig(**laptop)) == ["attention", "rope_qkv", "cross_entropy"]
-    assert fa.kernels_for(ModelConfig(**laptop, attn_only=False)) == ["attention", "rope_qkv", "cross_entropy", "bias_gelu"]
-    assert fa.kernels_for(ModelConfig(**{**laptop, "positional": "shortformer"})) == ["attention", "cross_entropy"]
+    att = ["attention", "attention_amx"] if fa.amx() else ["attention"]
+    assert fa.kernels_for(ModelConfig(**laptop)) == att + ["rope_qkv", "cross_entropy"]
+    assert fa.kernels_for(ModelConfig(**laptop, attn_only=False)) == att + ["rope_qkv", "cross_entropy", "bias_gelu"]
+    assert fa.kernels_for(ModelConfig(**{**laptop, "positional": "shortformer"})) == att + ["cross_entropy"]
     assert fa.kernels_for(ModelConfig(**{**laptop, "n_ctx": 48, "d_vocab": 97})) == []

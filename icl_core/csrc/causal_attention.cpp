@@ -16,6 +16,14 @@
 // row-major bf16 (pairs along the reduction are adjacent) and B is "pair-packed": B[p][c][2], the
 // reduction's pairs interleaved per column. Every slice runs in a fixed order on one thread, so
 // the results are bitwise repeatable for any number of threads.
+//
+// On CPUs with AMX (amx_bf16, amx_tile), the same products run on the matrix unit instead (tiles of
+// 16 rows x 16 pairs x 16 columns, tdpbf16ps): A row-major and B pair-packed are exactly the tiles'
+// layouts, so only the loops differ. AMX accumulates a tile's 16 pairs in its own order, so its
+// results differ from the dot-product loop's in the last bits of the fp32 sums (both are fp32
+// accumulations of exact bf16 products); each is bitwise repeatable. The softmax and its backward are
+// the same code on both paths. ICL_FUSED_AMX=0 (read once per process) or icl_fused::amx(0) keeps the
+// dot-product loop (benchmarks/cpu_trainer.md, "Twelfth pass").
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,10 +31,17 @@
 
 #include "avx512_bf16.h"
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -135,6 +150,91 @@ void store_transposed(const float* C, int D, int T, bf16* out) {
     }
 }
 
+// ---- AMX ----------------------------------------------------------------------------------------
+
+// Whether this CPU has AMX tiles with bf16 products and Linux lets this process use them
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, which oneDNN asks for too); asked once.
+bool amx_supported() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool bf16 = d & (1u << 22), tile = d & (1u << 24);
+    if (!bf16 || !tile) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+// -1: not decided yet (ICL_FUSED_AMX decides at the first call), 0: dot-product loop, 1: AMX
+std::atomic<int> g_amx{-1};
+
+bool amx_on() {
+  int m = g_amx.load(std::memory_order_relaxed);
+  if (m < 0) {
+    const char* e = std::getenv("ICL_FUSED_AMX");
+    m = (amx_supported() && !(e && std::strcmp(e, "0") == 0)) ? 1 : 0;
+    g_amx.store(m, std::memory_order_relaxed);
+  }
+  return m == 1;
+}
+
+struct TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (16 x 16 fp32); 4: A (16 rows x 16 pairs); 5, 6: B (16 pairs x 16 columns).
+// Loaded by each thread before its products, released after.
+struct AmxScope {
+  AmxScope() {
+    TileConfig cfg;
+    for (int t = 0; t < 7; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+  }
+  ~AmxScope() { _tile_release(); }
+};
+
+// C[16][16*NC] = sum over pairs p in [p0, p1) (p1 - p0 a multiple of 16) of A[r][p] B[p][..]:
+// A row-major in 32-bit pairs (lda words), B pair-packed (ldb words), C fp32 (ldc floats).
+template <int NC>
+inline void amx_tiles(int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C, int ldc) {
+  static_assert(NC >= 1 && NC <= 4, "four C tiles");
+  _tile_zero(0);
+  if constexpr (NC > 1) _tile_zero(1);
+  if constexpr (NC > 2) _tile_zero(2);
+  if constexpr (NC > 3) _tile_zero(3);
+  for (int p = p0; p < p1; p += 16) {
+    const uint32_t* b = B + (int64_t)p * ldb;
+    _tile_loadd(4, A + p, lda * 4);
+    _tile_loadd(5, b, ldb * 4);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (NC > 1) { _tile_loadd(6, b + 16, ldb * 4); _tile_dpbf16ps(1, 4, 6); }
+    if constexpr (NC > 2) { _tile_loadd(5, b + 32, ldb * 4); _tile_dpbf16ps(2, 4, 5); }
+    if constexpr (NC > 3) { _tile_loadd(6, b + 48, ldb * 4); _tile_dpbf16ps(3, 4, 6); }
+  }
+  _tile_stored(0, C, ldc * 4);
+  if constexpr (NC > 1) _tile_stored(1, C + 16, ldc * 4);
+  if constexpr (NC > 2) _tile_stored(2, C + 32, ldc * 4);
+  if constexpr (NC > 3) _tile_stored(3, C + 48, ldc * 4);
+}
+
+// C[16][0..16*ncol) over pairs [p0, p1), in groups of four column tiles.
+inline void amx_rows(int ncol, int p0, int p1, const uint32_t* A, int lda, const uint32_t* B, int ldb, float* C,
+                     int ldc) {
+  int c = 0;
+  for (; c + 4 <= ncol; c += 4) amx_tiles<4>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc);
+  switch (ncol - c) {
+    case 3: amx_tiles<3>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc); break;
+    case 2: amx_tiles<2>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc); break;
+    case 1: amx_tiles<1>(p0, p1, A, lda, B + 16 * c, ldb, C + 16 * c, ldc); break;
+    default: break;
+  }
+}
+
+// pairs [0, n) rounded up to whole tiles of 16 pairs, at most `limit`
+inline int whole_tiles(int n, int limit) { return std::min(limit, (n + 15) / 16 * 16); }
+
 constexpr int RB = 4;   // rows per block of the (T x T) products
 static_assert(16 % RB == 0, "a row block lies within one vector of 16 keys");
 constexpr int RO = 8;   // rows per block of the (T x d_head) products
@@ -162,19 +262,18 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
   const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
   bf16* od = reinterpret_cast<bf16*>(O.data_ptr());
   bf16* pd = reinterpret_cast<bf16*>(P.data_ptr());
+  const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> Kt((size_t)T * D / 2), Vp((size_t)T * D / 2);
-    std::vector<float> S((size_t)RB * T), Of((size_t)RO * D);
+    std::vector<float> S((size_t)16 * T), Of((size_t)16 * D);
     const __m512 sc = _mm512_set1_ps(scale);
+    std::unique_ptr<AmxScope> tiles(amx ? new AmxScope : nullptr);
     for (int64_t n = begin; n < end; ++n) {
       const bf16* Q = qd + n * T * D;
       bf16* Pn = pd + n * T * T;
-      pack_transposed(kd + n * T * D, T, D, Kt.data());       // Kt[p][j] = k[j][2p..2p+1]
-      pack_row_pairs(vd + n * T * D, T, D, D, Vp.data(), D);      // Vp[j/2][d] = (v[j][d], v[j+1][d])
-      const uint32_t* Q32 = reinterpret_cast<const uint32_t*>(Q);
-      for (int i0 = 0; i0 < T; i0 += RB) {
-        const int ncols = ((i0 + RB + 15) / 16) * 16;  // keys 0..i0+RB-1, in whole vectors
-        row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+      // scale, mask and softmax of rows i0..i0+RB-1, whose scores (keys up to i0+RB-1) are in Sb
+      // (RB rows of T floats); P's rows written as bf16, zero past the diagonal's vector
+      auto softmax_rows = [&](int i0, float* Sb) {
         // the block's RB rows side by side (independent chains for the exp's latency): rows i0..i0+RB-1
         // lie in one vector of 16 keys (RB divides 16), so each holds keys in the same nv vectors
         const int nv = i0 / 16 + 1;
@@ -187,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
         }
         for (int c = 0; c < nv; ++c)
           for (int r = 0; r < RB; ++r) {
-            float* s = S.data() + (int64_t)r * T + 16 * c;
+            float* s = Sb + (int64_t)r * T + 16 * c;
             __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), sc);
             if (c == nv - 1) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), last[r], x);
             _mm512_storeu_ps(s, x);
@@ -196,29 +295,52 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
         for (int r = 0; r < RB; ++r) m[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
         for (int c = 0; c < nv; ++c)
           for (int r = 0; r < RB; ++r) {
-            float* s = S.data() + (int64_t)r * T + 16 * c;
+            float* s = Sb + (int64_t)r * T + 16 * c;
             __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s), m[r]));
             _mm512_storeu_ps(s, e);
             sum[r] = _mm512_add_ps(sum[r], e);
           }
         for (int r = 0; r < RB; ++r) inv[r] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
         for (int r = 0; r < RB; ++r) {
-          const float* s = S.data() + (int64_t)r * T;
+          const float* s = Sb + (int64_t)r * T;
           bf16* prow = Pn + (int64_t)(i0 + r) * T;
           for (int c = 0; c < nv; ++c) store_bf16x16(prow + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv[r]));
           std::memset(prow + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
         }
-      }
+      };
+      auto store_rows = [&](int i0, int rows) {  // O's rows i0.. from Of (fp32, D per row)
+        bf16* orow = od + n * T * D + (int64_t)i0 * D;
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < D / 16; ++c) store_bf16x16(orow + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Of.data() + r * D + 16 * c));
+      };
+      pack_transposed(kd + n * T * D, T, D, Kt.data());       // Kt[p][j] = k[j][2p..2p+1]
+      pack_row_pairs(vd + n * T * D, T, D, D, Vp.data(), D);      // Vp[j/2][d] = (v[j][d], v[j+1][d])
+      const uint32_t* Q32 = reinterpret_cast<const uint32_t*>(Q);
       const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pn);
+      if (amx) {
+        for (int i0 = 0; i0 < T; i0 += 16) {  // 16 query rows against keys 0..i0+15
+          amx_rows(i0 / 16 + 1, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+          for (int r = 0; r < 16; r += RB) softmax_rows(i0 + r, S.data() + (int64_t)r * T);
+        }
+        for (int i0 = 0; i0 < T; i0 += 16) {  // P rows i0..i0+15 are zero past key i0+15
+          amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D,
+                   Of.data(), D);
+          store_rows(i0, 16);
+        }
+        continue;
+      }
+      for (int i0 = 0; i0 < T; i0 += RB) {
+        const int ncols = ((i0 + RB + 15) / 16) * 16;  // keys 0..i0+RB-1, in whole vectors
+        row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+        softmax_rows(i0, S.data());
+      }
       for (int i0 = 0; i0 < T; i0 += RO) {
         const int pend = (i0 + RO) / 2;  // P rows i0..i0+RO-1 are zero past key i0+RO-1
         if (D / 16 == 2) kernel<RO, 2>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D, Of.data(), D);
         else
           for (int c = 0; c < D / 16; ++c)
             kernel<RO, 1>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data() + 16 * c, D, Of.data() + 16 * c, D);
-        bf16* orow = od + n * T * D + (int64_t)i0 * D;
-        for (int r = 0; r < RO; ++r)
-          for (int c = 0; c < D / 16; ++c) store_bf16x16(orow + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Of.data() + r * D + 16 * c));
+        store_rows(i0, RO);
       }
     }
   });
@@ -244,36 +366,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   bf16* dqd = reinterpret_cast<bf16*>(dQ.data_ptr());
   bf16* dkd = reinterpret_cast<bf16*>(dK.data_ptr());
   bf16* dvd = reinterpret_cast<bf16*>(dV.data_ptr());
+  const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2);
     std::vector<uint32_t> Pp((size_t)T * T / 2), dSp((size_t)T * T / 2);
     std::vector<bf16> dS((size_t)T * T);
     std::vector<uint32_t> QT((size_t)T * D / 2), dOT((size_t)T * D / 2), tmp((size_t)T * D / 2);
-    std::vector<float> dP((size_t)RB * T), Cf((size_t)D * T);
+    std::vector<float> dP((size_t)16 * T), Cf((size_t)D * T);
     const __m512 sc = _mm512_set1_ps(scale);
+    std::unique_ptr<AmxScope> tiles(amx ? new AmxScope : nullptr);
     for (int64_t n = begin; n < end; ++n) {
       const bf16* dOn = dod + n * T * D;
       const bf16* Pn = pd + n * T * T;
-      pack_transposed(vd + n * T * D, T, D, Vt.data());       // Vt[p][j] = v[j][2p..2p+1]
-      pack_row_pairs(kd + n * T * D, T, D, D, Kp.data(), D);      // Kp[j/2][d]
-      pack_row_pairs(qd + n * T * D, T, D, D, tmp.data(), D);      // (T/2, D) pairs of query rows
-      transpose32(tmp.data(), T / 2, D, QT.data());             // QT[d][i/2] = (q[i][d], q[i+1][d])
-      pack_row_pairs(dOn, T, D, D, tmp.data(), D);
-      transpose32(tmp.data(), T / 2, D, dOT.data());
-      const uint32_t* dO32 = reinterpret_cast<const uint32_t*>(dOn);
-      // dS, row block by row block
-      for (int i0 = 0; i0 < T; i0 += RB) {
-        const int ncols = ((i0 + RB + 15) / 16) * 16;
-        row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T);
-        // rows in pairs: dS row-major (for dQ) and, with P, as pairs of rows for dK^T and dV^T, whose
-        // column blocks of 64 read row i up to the end of its own block of 64 (zeros past the
-        // diagonal): Pp[i/2][j] = (P[i][j], P[i+1][j]), dSp likewise
+      // dS of rows i0..i0+RB-1 from their dP (keys up to i0+RB-1) in dPb (RB rows of T floats):
+      // dS row-major (for dQ) and, with P, as pairs of rows for dK^T and dV^T, whose column blocks
+      // of 64 read row i up to the end of its own block of 64 (zeros past the diagonal):
+      // Pp[i/2][j] = (P[i][j], P[i+1][j]), dSp likewise
+      auto ds_rows = [&](int i0, const float* dPb) {
         const int pcols = std::min(T, ((i0 + RB + 63) / 64) * 64);
         for (int r = 0; r < RB; r += 2) {
           const int i = i0 + r;
           const bf16* pa = Pn + (int64_t)i * T;
           const bf16* pb = pa + T;
-          const float* da = dP.data() + (int64_t)r * T;
+          const float* da = dPb + (int64_t)r * T;
           const float* db = da + T;
           __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
           for (int c = 0; c < i / 16 + 1; ++c)  // P is exactly 0 past key i, so whole vectors are safe
@@ -307,8 +422,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
             std::memset(dso + 16 * nv, 0, sizeof(uint32_t) * (size_t)(pcols - 16 * nv));
           }
         }
-      }
+      };
+      auto store_dq = [&](int i0, int rows) {
+        bf16* out = dqd + n * T * D + (int64_t)i0 * D;
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < D / 16; ++c) store_bf16x16(out + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Cf.data() + r * D + 16 * c));
+      };
+      pack_transposed(vd + n * T * D, T, D, Vt.data());       // Vt[p][j] = v[j][2p..2p+1]
+      pack_row_pairs(kd + n * T * D, T, D, D, Kp.data(), D);      // Kp[j/2][d]
+      pack_row_pairs(qd + n * T * D, T, D, D, tmp.data(), D);      // (T/2, D) pairs of query rows
+      transpose32(tmp.data(), T / 2, D, QT.data());             // QT[d][i/2] = (q[i][d], q[i+1][d])
+      pack_row_pairs(dOn, T, D, D, tmp.data(), D);
+      transpose32(tmp.data(), T / 2, D, dOT.data());
+      const uint32_t* dO32 = reinterpret_cast<const uint32_t*>(dOn);
       const uint32_t* dS32 = reinterpret_cast<const uint32_t*>(dS.data());
+      if (amx) {
+        for (int i0 = 0; i0 < T; i0 += 16) {  // dP = dO V^T, 16 rows against keys 0..i0+15; then dS
+          amx_rows(i0 / 16 + 1, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T);
+          for (int r = 0; r < 16; r += RB) ds_rows(i0 + r, dP.data() + (int64_t)r * T);
+        }
+        for (int i0 = 0; i0 < T; i0 += 16) {  // dQ = dS K: dS rows i0..i0+15 are zero past key i0+15
+          amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D,
+                   Cf.data(), D);
+          store_dq(i0, 16);
+        }
+        // dK^T = Q^T dS and dV^T = dO^T P, (D, T): columns j0..j0+63 need queries i >= j0, and pairs of
+        // rows from j0 on are zero (or written zeros) past each row's diagonal up to j0+63 (ds_rows)
+        for (int which = 0; which < 2; ++which) {
+          const uint32_t* A = which == 0 ? QT.data() : dOT.data();
+          const uint32_t* B = which == 0 ? dSp.data() : Pp.data();
+          float* C = Cf.data();
+          for (int d0 = 0; d0 < D; d0 += 16)
+            for (int j0 = 0; j0 < T; j0 += 64)
+              amx_rows(std::min(4, (T - j0) / 16), j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T,
+                       C + (int64_t)d0 * T + j0, T);
+          store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
+        }
+        continue;
+      }
+      for (int i0 = 0; i0 < T; i0 += RB) {
+        const int ncols = ((i0 + RB + 15) / 16) * 16;
+        row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T);
+        ds_rows(i0, dP.data());
+      }
       // dQ = dS K: rows i0..i0+RO-1 need keys up to i0+RO-1
       for (int i0 = 0; i0 < T; i0 += RO) {
         const int pend = (i0 + RO) / 2;
@@ -317,9 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
         else
           for (int c = 0; c < D / 16; ++c)
             kernel<RO, 1>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data() + 16 * c, D, C + 16 * c, D);
-        bf16* out = dqd + n * T * D + (int64_t)i0 * D;
-        for (int r = 0; r < RO; ++r)
-          for (int c = 0; c < D / 16; ++c) store_bf16x16(out + (int64_t)r * D + 16 * c, _mm512_loadu_ps(C + r * D + 16 * c));
+        store_dq(i0, RO);
       }
       // dK^T = Q^T dS and dV^T = dO^T P: (D, T), columns j0.. need queries i >= j0
       for (int which = 0; which < 2; ++which) {
@@ -340,9 +494,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   return {dQ, dK, dV};
 }
 
+// mode < 0: ask; 0: the dot-product loop; 1: AMX where the CPU and the OS allow it. Returns whether
+// AMX is used from now on.
+bool amx(int64_t mode) {
+  if (mode >= 0) g_amx.store(mode == 1 && amx_supported() ? 1 : 0, std::memory_order_relaxed);
+  return amx_on();
+}
+
 TORCH_LIBRARY(icl_fused, m) {
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def("causal_attention_bwd(Tensor dO, Tensor q, Tensor k, Tensor v, Tensor P) -> (Tensor, Tensor, Tensor)");
+  m.def("amx(int mode) -> bool", &amx);
 }
 
 TORCH_LIBRARY_IMPL(icl_fused, CPU, m) {
