@@ -420,10 +420,15 @@ def _git_head() -> str:
 
 def share_text(profile: dict) -> str:
     """The matrix share of a step profile, with the fused CPU kernels' share beside it where the
-    trainer has them (the attention's products and softmax are one call, so neither column holds it
-    whole). Results of checkouts before the other kernels name it ``fused_attention_share``."""
+    trainer has them. The attention's products and softmax are one call each way: where the
+    attention kernel's own clock split them (checkouts since the thirteenth pass), its products are
+    added to ATen's matrix calls; before, neither column held them. Results of checkouts before the
+    other kernels name the fused share ``fused_attention_share``."""
     text = f"{profile['matrix_share']:.0%}"
     fused = profile.get("fused_share", profile.get("fused_attention_share")) or 0.0
+    if "matrix_share_with_attention" in profile:
+        return (f"{text} + {profile['attention_products_share']:.0%} attention products = "
+                f"{profile['matrix_share_with_attention']:.0%} (fused kernels {fused:.0%} in all)")
     return text + (f" (+{fused:.0%} fused kernels)" if fused > 0 else "")
 
 
@@ -435,8 +440,9 @@ def side_by_side_lines(res: dict) -> list[str]:
     pk = res["peak_gflops"]
     lines = ["", f"Trainer of `{sb['baseline']}` (baseline) and of `{sb['current']}` (current) side by side, "
              "alternating fresh processes; tokens/s medians over rounds (min-max); matrix share = "
-             "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps), with the share of the fused "
-             "CPU kernels (the attention's products and softmax are one call) in brackets; % of peak against "
+             "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps), plus, where the attention "
+             "kernel's own clock splits its calls (fused_attention.attention_cycles), the attention's products, "
+             "with the share of all fused CPU kernels in brackets; % of peak against "
              "this machine's matmul peak in the same precision and thread count.", "",
              "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
              "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) "

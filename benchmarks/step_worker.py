@@ -86,9 +86,15 @@ def main(argv=None):
     if a.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
+        # the attention kernels' own clock (checkouts since the thirteenth pass): the share of each
+        # attention call spent in its products, which the profiler cannot split out of the call
+        cycles = _attention_cycles(a.tree)
+        if cycles:
+            cycles(True)
         with profile(activities=[ProfilerActivity.CPU]) as p:
             for i in range(a.profile_steps):
                 step(batches[i % len(batches)])
+        ticks = cycles(False) if cycles else None
         ka = p.key_averages()
         total = sum(k.self_cpu_time_total for k in ka)
         by_op: dict[str, float] = {}
@@ -101,8 +107,38 @@ def main(argv=None):
         top = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
         out["profile"] = {"step_ms": total / a.profile_steps / 1e3, "matrix_share": matrix / total,
                           "fused_share": fused / total,
+                          **attention_products(by_op, ticks, matrix, total),
                           "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
     print(json.dumps(out))
+
+
+def _attention_cycles(tree: str):
+    """The checkout's icl_core.fused_attention.attention_cycles where it has one and its kernels are
+    built here, else None."""
+    try:
+        from icl_core import fused_attention
+    except ImportError:
+        return None
+    fn = getattr(fused_attention, "attention_cycles", None)
+    return fn if fn is not None and fused_attention.available() else None
+
+
+def attention_products(by_op: dict, ticks: dict | None, matrix: float, total: float) -> dict:
+    """The attention's products as matrix work: each direction's call time (profiler self time, in
+    ``by_op``) times the fraction of that call's thread time the kernel's own clock put in its
+    products (``ticks``: icl_core.fused_attention.attention_cycles). Returns the products' share of
+    the step and the matrix share with them (the ATen matrix calls, ``matrix``, plus the products);
+    empty without ticks. The ATen calls' time includes oneDNN's own packing; the kernel's products
+    exclude its packing, softmax and stores, so the count is, if anything, low."""
+    if not ticks:
+        return {}
+    prod = 0.0
+    for op, part in (("icl_fused::causal_attention_fwd", "fwd"), ("icl_fused::causal_attention_bwd", "bwd")):
+        if ticks[f"{part}_total"] > 0:
+            prod += by_op.get(op, 0.0) * ticks[f"{part}_products"] / ticks[f"{part}_total"]
+    return {"attention_products_share": prod / total, "matrix_share_with_attention": (matrix + prod) / total,
+            "attention_products_fraction": {part: ticks[f"{part}_products"] / ticks[f"{part}_total"]
+                                            for part in ("fwd", "bwd") if ticks[f"{part}_total"] > 0}}
 
 
 def compiles_on_cpu(T, cfg) -> bool:

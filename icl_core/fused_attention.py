@@ -96,6 +96,22 @@ def amx(enable: bool | None = None) -> bool:
     return bool(torch.ops.icl_fused.amx(-1 if enable is None else int(bool(enable))))
 
 
+ATTENTION_TICKS = ("fwd_products", "fwd_total", "bwd_products", "bwd_total")
+
+
+def attention_cycles(start: bool | None = None) -> dict[str, int] | None:
+    """Time stamp counter ticks the attention kernels spent in their products (AMX tiles or the
+    dot-product loop) and in total, summed over calls and threads since timing started: a profile
+    can then count those products as matrix work (torch.profiler sees one call per attention pass;
+    benchmarks/step_worker.py). ``start=True`` zeroes the counters and starts timing, ``False``
+    stops it, None only reads. Off by default (the kernels then read no clock). None where the
+    kernels are not built."""
+    if not available():
+        return None
+    mode = -1 if start is None else int(bool(start))
+    return dict(zip(ATTENTION_TICKS, torch.ops.icl_fused.attention_cycles(mode)))
+
+
 def takes_shape(n_ctx: int, d_head: int) -> bool:
     """Whether the kernel takes this sequence length and head size (multiples of 32)."""
     return n_ctx % 32 == 0 and d_head % 32 == 0

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench  # noqa: E402
 import gpu_bench  # noqa: E402
+import step_worker  # noqa: E402
 
 
 def test_speedup_ceiling_over_transformer_lens():
@@ -72,6 +73,27 @@ def test_share_text_names_the_fused_kernels():
     assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.0}) == "51%"
     assert bench.share_text({"matrix_share": 0.51, "fused_share": 0.2}) == "51% (+20% fused kernels)"
     assert bench.share_text({"matrix_share": 0.51, "fused_attention_share": 0.2}) == "51% (+20% fused kernels)"
+
+
+def test_share_text_counts_the_attention_products():
+    prof = {"matrix_share": 0.35, "fused_share": 0.46, "attention_products_share": 0.09,
+            "matrix_share_with_attention": 0.44}
+    assert bench.share_text(prof) == "35% + 9% attention products = 44% (fused kernels 46% in all)"
+
+
+def test_attention_products_known_answer():
+    """Each attention call's profiler time is split by the kernel's own clock: forward 2 ms of which
+    a quarter in products, backward 4 ms of which half: 2.5 ms of products in a 10 ms step."""
+    by_op = {"icl_fused::causal_attention_fwd": 2.0, "icl_fused::causal_attention_bwd": 4.0, "aten::mm": 3.0}
+    ticks = {"fwd_products": 25, "fwd_total": 100, "bwd_products": 7, "bwd_total": 14}
+    got = step_worker.attention_products(by_op, ticks, matrix=3.0, total=10.0)
+    assert got["attention_products_share"] == pytest.approx(0.25)
+    assert got["matrix_share_with_attention"] == pytest.approx(0.55)
+    assert got["attention_products_fraction"] == {"fwd": 0.25, "bwd": 0.5}
+    assert step_worker.attention_products(by_op, None, 3.0, 10.0) == {}  # a checkout without the clock
+    # no attention calls timed (a model without the fused attention): nothing added
+    idle = dict.fromkeys(ticks, 0)
+    assert step_worker.attention_products(by_op, idle, 3.0, 10.0)["matrix_share_with_attention"] == pytest.approx(0.3)
 
 
 def test_side_by_side_of_two_checkouts(tmp_path):

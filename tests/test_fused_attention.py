@@ -134,6 +134,34 @@ def test_amx_and_dot_product_paths_agree_to_bf16_rounding(amx_path, T, d):
         assert (a - b).abs().max() <= 2e-3 * a.abs().max() and (a - b).norm() <= 1e-3 * a.norm()
 
 
+def test_attention_clock_counts_products_and_changes_nothing(amx_path):
+    """The kernels' own clock (benchmarks' matrix share): off by default, no ticks; on, both
+    directions' products take some but not all of their calls' time; the results bit for bit those
+    of the untimed calls; stopped, the counts stay put."""
+    q, k, v = inputs(N=4, T=96, d=32, scale=2.0)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def run():
+        qb, kb, vb = (t.clone().requires_grad_() for t in (q, k, v))
+        o = fa.attention(qb, kb, vb)
+        o.backward(g)
+        return [o.detach(), qb.grad, kb.grad, vb.grad]
+
+    for use in amx_path:
+        fa.amx(use)
+        idle = fa.attention_cycles()
+        plain = run()
+        assert fa.attention_cycles() == idle  # not started: the kernels read no clock
+        assert fa.attention_cycles(True) == dict.fromkeys(fa.ATTENTION_TICKS, 0)
+        timed = run()
+        ticks = fa.attention_cycles(False)
+        assert all(torch.equal(a, b) for a, b in zip(plain, timed))
+        for part in ("fwd", "bwd"):
+            assert 0 < ticks[f"{part}_products"] < ticks[f"{part}_total"], (use, ticks)
+        run()
+        assert fa.attention_cycles() == ticks
+
+
 def test_usable_only_for_its_inputs():
     q = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
     assert fa.usable(q)

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <x86intrin.h>
 
 #include "avx512_bf16.h"
 
@@ -178,7 +179,35 @@ bool amx_on() {
   return m == 1;
 }
 
-struct TileConfig {
+// ---- Section timing (icl_fused::attention_cycles; benchmarks only) ---------------------------------
+// Off unless asked: then each thread's time in the products (tile or dot-product loops) and in its
+// whole share of the call is summed in time stamp counter ticks, so a profile can count the products
+// as matrix work (torch.profiler sees one call per attention pass). Slots: forward products, forward
+// threads' total, backward products, backward threads' total.
+std::atomic<bool> g_timing{false};
+std::atomic<int64_t> g_ticks[4];
+
+struct SectionClock {
+  const bool on = g_timing.load(std::memory_order_relaxed);
+  const int slot;
+  const uint64_t start = on ? __rdtsc() : 0;
+  int64_t products = 0;
+  explicit SectionClock(int s) : slot(s) {}
+  template <class F>
+  void product(F&& f) {
+    if (!on) { f(); return; }
+    const uint64_t t0 = __rdtsc();
+    f();
+    products += (int64_t)(__rdtsc() - t0);
+  }
+  ~SectionClock() {
+    if (!on) return;
+    g_ticks[slot].fetch_add(products, std::memory_order_relaxed);
+    g_ticks[slot + 1].fetch_add((int64_t)(__rdtsc() - start), std::memory_order_relaxed);
+  }
+};
+
+struct alignas(64) TileConfig {
   uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
@@ -190,6 +219,10 @@ struct AmxScope {
   AmxScope() {
     TileConfig cfg;
     for (int t = 0; t < 7; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    // GCC's _tile_loadconfig tells the compiler it reads only 8 bytes of the config, so without this
+    // barrier the other 56 bytes' stores may be dropped as dead and ldtilecfg faults (it did, once
+    // this function's stack frame changed: benchmarks/cpu_trainer.md, "Thirteenth pass")
+    asm volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
   }
   ~AmxScope() { _tile_release(); }
@@ -264,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
   bf16* pd = reinterpret_cast<bf16*>(P.data_ptr());
   const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    SectionClock clock(0);
     std::vector<uint32_t> Kt((size_t)T * D / 2), Vp((size_t)T * D / 2);
     std::vector<float> S((size_t)16 * T), Of((size_t)16 * D);
     const __m512 sc = _mm512_set1_ps(scale);
@@ -319,27 +353,31 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pn);
       if (amx) {
         for (int i0 = 0; i0 < T; i0 += 16) {  // 16 query rows against keys 0..i0+15
-          amx_rows(i0 / 16 + 1, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+          clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T); });
           for (int r = 0; r < 16; r += RB) softmax_rows(i0 + r, S.data() + (int64_t)r * T);
         }
         for (int i0 = 0; i0 < T; i0 += 16) {  // P rows i0..i0+15 are zero past key i0+15
-          amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D,
-                   Of.data(), D);
+          clock.product([&] {
+            amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D,
+                     Of.data(), D);
+          });
           store_rows(i0, 16);
         }
         continue;
       }
       for (int i0 = 0; i0 < T; i0 += RB) {
         const int ncols = ((i0 + RB + 15) / 16) * 16;  // keys 0..i0+RB-1, in whole vectors
-        row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T);
+        clock.product([&] { row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T); });
         softmax_rows(i0, S.data());
       }
       for (int i0 = 0; i0 < T; i0 += RO) {
         const int pend = (i0 + RO) / 2;  // P rows i0..i0+RO-1 are zero past key i0+RO-1
-        if (D / 16 == 2) kernel<RO, 2>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D, Of.data(), D);
-        else
-          for (int c = 0; c < D / 16; ++c)
-            kernel<RO, 1>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data() + 16 * c, D, Of.data() + 16 * c, D);
+        clock.product([&] {
+          if (D / 16 == 2) kernel<RO, 2>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D, Of.data(), D);
+          else
+            for (int c = 0; c < D / 16; ++c)
+              kernel<RO, 1>(0, pend, P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data() + 16 * c, D, Of.data() + 16 * c, D);
+        });
         store_rows(i0, RO);
       }
     }
@@ -368,6 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   bf16* dvd = reinterpret_cast<bf16*>(dV.data_ptr());
   const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    SectionClock clock(2);
     std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2);
     std::vector<uint32_t> Pp((size_t)T * T / 2), dSp((size_t)T * T / 2);
     std::vector<bf16> dS((size_t)T * T);
@@ -438,12 +477,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
       const uint32_t* dS32 = reinterpret_cast<const uint32_t*>(dS.data());
       if (amx) {
         for (int i0 = 0; i0 < T; i0 += 16) {  // dP = dO V^T, 16 rows against keys 0..i0+15; then dS
-          amx_rows(i0 / 16 + 1, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T);
+          clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T); });
           for (int r = 0; r < 16; r += RB) ds_rows(i0 + r, dP.data() + (int64_t)r * T);
         }
         for (int i0 = 0; i0 < T; i0 += 16) {  // dQ = dS K: dS rows i0..i0+15 are zero past key i0+15
-          amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D,
-                   Cf.data(), D);
+          clock.product([&] {
+            amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D,
+                     Cf.data(), D);
+          });
           store_dq(i0, 16);
         }
         // dK^T = Q^T dS and dV^T = dO^T P, (D, T): columns j0..j0+63 need queries i >= j0, and pairs of
@@ -452,27 +493,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
           const uint32_t* A = which == 0 ? QT.data() : dOT.data();
           const uint32_t* B = which == 0 ? dSp.data() : Pp.data();
           float* C = Cf.data();
-          for (int d0 = 0; d0 < D; d0 += 16)
-            for (int j0 = 0; j0 < T; j0 += 64)
-              amx_rows(std::min(4, (T - j0) / 16), j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T,
-                       C + (int64_t)d0 * T + j0, T);
+          clock.product([&] {
+            for (int d0 = 0; d0 < D; d0 += 16)
+              for (int j0 = 0; j0 < T; j0 += 64)
+                amx_rows(std::min(4, (T - j0) / 16), j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T,
+                         C + (int64_t)d0 * T + j0, T);
+          });
           store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
         }
         continue;
       }
       for (int i0 = 0; i0 < T; i0 += RB) {
         const int ncols = ((i0 + RB + 15) / 16) * 16;
-        row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T);
+        clock.product([&] { row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T); });
         ds_rows(i0, dP.data());
       }
       // dQ = dS K: rows i0..i0+RO-1 need keys up to i0+RO-1
       for (int i0 = 0; i0 < T; i0 += RO) {
         const int pend = (i0 + RO) / 2;
         float* C = Cf.data();
-        if (D / 16 == 2) kernel<RO, 2>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D, C, D);
-        else
-          for (int c = 0; c < D / 16; ++c)
-            kernel<RO, 1>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data() + 16 * c, D, C + 16 * c, D);
+        clock.product([&] {
+          if (D / 16 == 2) kernel<RO, 2>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data(), D, C, D);
+          else
+            for (int c = 0; c < D / 16; ++c)
+              kernel<RO, 1>(0, pend, dS32 + (int64_t)i0 * (T / 2), T / 2, Kp.data() + 16 * c, D, C + 16 * c, D);
+        });
         store_dq(i0, RO);
       }
       // dK^T = Q^T dS and dV^T = dO^T P: (D, T), columns j0.. need queries i >= j0
@@ -480,13 +525,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
         const uint32_t* A = which == 0 ? QT.data() : dOT.data();
         const uint32_t* B = which == 0 ? dSp.data() : Pp.data();
         float* C = Cf.data();  // (D, T)
-        for (int d0 = 0; d0 < D; d0 += RB) {
-          int j0 = 0;
-          for (; j0 + 64 <= T; j0 += 64)
-            kernel<RB, 4>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
-          for (; j0 < T; j0 += 16)
-            kernel<RB, 1>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
-        }
+        clock.product([&] {
+          for (int d0 = 0; d0 < D; d0 += RB) {
+            int j0 = 0;
+            for (; j0 + 64 <= T; j0 += 64)
+              kernel<RB, 4>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
+            for (; j0 < T; j0 += 16)
+              kernel<RB, 1>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
+          }
+        });
         store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
       }
     }
@@ -501,10 +548,22 @@ bool amx(int64_t mode) {
   return amx_on();
 }
 
+// mode 1: start timing (counters zeroed), 0: stop, < 0: leave as is. Returns the ticks summed so far:
+// {forward products, forward threads' total, backward products, backward threads' total}.
+std::vector<int64_t> attention_cycles(int64_t mode) {
+  if (mode == 1)
+    for (auto& t : g_ticks) t.store(0, std::memory_order_relaxed);
+  if (mode >= 0) g_timing.store(mode == 1, std::memory_order_relaxed);
+  std::vector<int64_t> out;
+  for (auto& t : g_ticks) out.push_back(t.load(std::memory_order_relaxed));
+  return out;
+}
+
 TORCH_LIBRARY(icl_fused, m) {
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def("causal_attention_bwd(Tensor dO, Tensor q, Tensor k, Tensor v, Tensor P) -> (Tensor, Tensor, Tensor)");
   m.def("amx(int mode) -> bool", &amx);
+  m.def("attention_cycles(int mode) -> int[]", &attention_cycles);
 }
 
 TORCH_LIBRARY_IMPL(icl_fused, CPU, m) {
