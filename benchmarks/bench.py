@@ -426,7 +426,7 @@ def share_text(profile: dict) -> str:
     other kernels name the fused share ``fused_attention_share``."""
     text = f"{profile['matrix_share']:.0%}"
     fused = profile.get("fused_share", profile.get("fused_attention_share")) or 0.0
-    if "matrix_share_with_attention" in profile:
+    if profile.get("attention_products_share"):
         return (f"{text} + {profile['attention_products_share']:.0%} attention products = "
                 f"{profile['matrix_share_with_attention']:.0%} (fused kernels {fused:.0%} in all)")
     return text + (f" (+{fused:.0%} fused kernels)" if fused > 0 else "")

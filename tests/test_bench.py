@@ -79,6 +79,9 @@ def test_share_text_counts_the_attention_products():
     prof = {"matrix_share": 0.35, "fused_share": 0.46, "attention_products_share": 0.09,
             "matrix_share_with_attention": 0.44}
     assert bench.share_text(prof) == "35% + 9% attention products = 44% (fused kernels 46% in all)"
+    # fp32 (no fused attention) with the clock: no products to add
+    assert bench.share_text({"matrix_share": 0.48, "fused_share": 0.0, "attention_products_share": 0.0,
+                             "matrix_share_with_attention": 0.48}) == "48%"
 
 
 def test_attention_products_known_answer():
