@@ -88,7 +88,7 @@ def main(argv=None):
 
         # the attention kernels' own clock (checkouts since the thirteenth pass): the share of each
         # attention call spent in its products, which the profiler cannot split out of the call
-        cycles = _attention_cycles(a.tree)
+        cycles = _attention_cycles()
         if cycles:
             cycles(True)
         with profile(activities=[ProfilerActivity.CPU]) as p:
@@ -112,8 +112,8 @@ def main(argv=None):
     print(json.dumps(out))
 
 
-def _attention_cycles(tree: str):
-    """The checkout's icl_core.fused_attention.attention_cycles where it has one and its kernels are
+def _attention_cycles():
+    """The checkout's (the one --tree put first on the path) icl_core.fused_attention.attention_cycles where it has one and its kernels are
     built here, else None."""
     try:
         from icl_core import fused_attention
@@ -132,13 +132,11 @@ def attention_products(by_op: dict, ticks: dict | None, matrix: float, total: fl
     exclude its packing, softmax and stores, so the count is, if anything, low."""
     if not ticks:
         return {}
-    prod = 0.0
-    for op, part in (("icl_fused::causal_attention_fwd", "fwd"), ("icl_fused::causal_attention_bwd", "bwd")):
-        if ticks[f"{part}_total"] > 0:
-            prod += by_op.get(op, 0.0) * ticks[f"{part}_products"] / ticks[f"{part}_total"]
+    frac = {part: ticks[f"{part}_products"] / ticks[f"{part}_total"] for part in ("fwd", "bwd")
+            if ticks[f"{part}_total"] > 0}
+    prod = sum(by_op.get(f"icl_fused::causal_attention_{part}", 0.0) * f for part, f in frac.items())
     return {"attention_products_share": prod / total, "matrix_share_with_attention": (matrix + prod) / total,
-            "attention_products_fraction": {part: ticks[f"{part}_products"] / ticks[f"{part}_total"]
-                                            for part in ("fwd", "bwd") if ticks[f"{part}_total"] > 0}}
+            "attention_products_fraction": frac}
 
 
 def compiles_on_cpu(T, cfg) -> bool:
