@@ -427,9 +427,13 @@ def share_text(profile: dict) -> str:
     text = f"{profile['matrix_share']:.0%}"
     fused = profile.get("fused_share", profile.get("fused_attention_share")) or 0.0
     if profile.get("attention_products_share"):
-        return (f"{text} + {profile['attention_products_share']:.0%} attention products = "
+        text = (f"{text} + {profile['attention_products_share']:.0%} attention products = "
                 f"{profile['matrix_share_with_attention']:.0%} (fused kernels {fused:.0%} in all)")
-    return text + (f" (+{fused:.0%} fused kernels)" if fused > 0 else "")
+    else:
+        text += f" (+{fused:.0%} fused kernels)" if fused > 0 else ""
+    if profile.get("matrix_share_unprofiled"):  # results since the fourteenth pass
+        text += f"; {profile['matrix_share_unprofiled']:.0%} of the unprofiled step"
+    return text
 
 
 def side_by_side_lines(res: dict) -> list[str]:

@@ -109,6 +109,7 @@ def main(argv=None):
                           "fused_share": fused / total,
                           **attention_products(by_op, ticks, matrix, total),
                           "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
+        out["profile"].update(unprofiled_share(out["profile"], n_tok / out["tok_s"]["median"] * 1e3))
     print(json.dumps(out))
 
 
@@ -137,6 +138,18 @@ def attention_products(by_op: dict, ticks: dict | None, matrix: float, total: fl
     prod = sum(by_op.get(f"icl_fused::causal_attention_{part}", 0.0) * f for part, f in frac.items())
     return {"attention_products_share": prod / total, "matrix_share_with_attention": (matrix + prod) / total,
             "attention_products_fraction": frac}
+
+
+def unprofiled_share(profile: dict, step_ms: float) -> dict:
+    """The matrix work's milliseconds per step under the profiler (ATen's matrix calls and, where
+    counted, the attention's products) over the step's time without the profiler, ``step_ms`` (the
+    median of the timed steps). The profiler records every op the step runs, and each record costs
+    ~1 us outside the op's own time (a 16 x 16 bf16 mm: self time 2.8-3.0 us profiled, the whole call
+    2.8-3.0 us unprofiled, 3.7-3.9 us profiled; cpu_trainer.md, "Fourteenth pass"), so the profiled
+    step is longer than the real one while the matrix calls' own times are not."""
+    share = profile.get("matrix_share_with_attention", profile["matrix_share"])
+    matrix_ms = share * profile["step_ms"]
+    return {"step_ms_unprofiled": step_ms, "matrix_ms": matrix_ms, "matrix_share_unprofiled": matrix_ms / step_ms}
 
 
 def compiles_on_cpu(T, cfg) -> bool:

@@ -84,6 +84,24 @@ def test_share_text_counts_the_attention_products():
                              "matrix_share_with_attention": 0.48}) == "48%"
 
 
+def test_share_text_adds_the_unprofiled_step():
+    prof = {"matrix_share": 0.35, "fused_share": 0.46, "attention_products_share": 0.09,
+            "matrix_share_with_attention": 0.44, "matrix_share_unprofiled": 0.48}
+    assert bench.share_text(prof) == ("35% + 9% attention products = 44% (fused kernels 46% in all); "
+                                      "48% of the unprofiled step")
+    assert bench.share_text({"matrix_share": 0.5, "matrix_share_unprofiled": 0.55}) == "50%; 55% of the unprofiled step"
+
+
+def test_unprofiled_share_known_answer():
+    """9 ms of matrix work in a 20 ms profiled step (45%) that takes 18 ms without the profiler: 50%."""
+    got = step_worker.unprofiled_share({"matrix_share": 0.35, "matrix_share_with_attention": 0.45, "step_ms": 20.0}, 18.0)
+    assert got["matrix_ms"] == pytest.approx(9.0)
+    assert got["matrix_share_unprofiled"] == pytest.approx(0.5)
+    assert got["step_ms_unprofiled"] == 18.0
+    # a checkout without the attention's clock: ATen's matrix calls alone
+    assert step_worker.unprofiled_share({"matrix_share": 0.4, "step_ms": 10.0}, 8.0)["matrix_share_unprofiled"] == pytest.approx(0.5)
+
+
 def test_attention_products_known_answer():
     """Each attention call's profiler time is split by the kernel's own clock: forward 2 ms of which
     a quarter in products, backward 4 ms of which half: 2.5 ms of products in a 10 ms step."""
@@ -391,3 +409,45 @@ def test_book_ab_end_to_end_with_stub_trainers(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("book_ab:") for line in err), err
     assert "training failed" in err[0]
+
+
+def test_share_budget_known_answer():
+    """60% of the step in 9 ms of matrix work leaves 6 ms for the rest (9 / (9 + 6) = 0.6)."""
+    import nonmatrix_floor
+
+    assert nonmatrix_floor.share_budget(9.0, 0.6) == pytest.approx(6.0)
+    assert nonmatrix_floor.share_budget(9.0, 0.5) == pytest.approx(9.0)
+
+
+def test_share_if_alone_known_answer():
+    """Parts of 3 + 2 ms in the step, 2 + (unmeasured) 2 alone; 2.5 ms outside them under the profiler,
+    which added 1 ms: the rest 2 + 2 + 1.5 = 5.5 ms beside 5.5 ms of matrix work, a 50% share."""
+    import nonmatrix_floor
+
+    res = {"in_step_ms": {"a": 3.0, "b": 2.0}, "alone_ms": {"a": 2.0, "b": None}, "other_ms_profiled": 2.5,
+           "step_ms_profiled": 14.0, "step_ms_unprofiled": 13.0, "matrix_ms": 5.5}
+    got = nonmatrix_floor.share_if_alone(res)
+    assert got["rest_ms_if_alone"] == pytest.approx(5.5)
+    assert got["share_if_alone"] == pytest.approx(0.5)
+
+
+def test_nonmatrix_floor_runs_on_the_smoke_profile(tmp_path):
+    """The floor table's numbers hang together: the matrix share is the matrix milliseconds over the
+    unprofiled step, the rest is the step minus them, and every part was measured."""
+    from icl_core import fused_attention
+
+    if not fused_attention.available():
+        pytest.skip("the fused CPU kernels are not built here")
+    import subprocess
+
+    out = tmp_path / "floor.json"  # its own process: it sets the thread count and inductor's kernel names
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nonmatrix_floor.py"), "--profile-name", "smoke",
+                    "--steps", "2", "--reps", "1", "--out", str(out)], check=True, capture_output=True)
+    res = json.loads(out.read_text())
+    assert res["run"] == "attn2"
+    assert 0 < res["matrix_ms"] < res["step_ms_profiled"]
+    assert res["matrix_share_unprofiled"] == pytest.approx(res["matrix_ms"] / res["step_ms_unprofiled"])
+    assert res["rest_ms_unprofiled"] == pytest.approx(res["step_ms_unprofiled"] - res["matrix_ms"])
+    assert res["budget_rest_ms_60"] == pytest.approx(res["matrix_ms"] * 2 / 3)
+    assert res["in_step_ms"]["loss softmax + logit gradient"] > 0 and res["alone_ms"]["AdamW"] > 0
+    assert res["call_us"] > 0 and res["one_pass_over_residual_ms"] > 0

@@ -1,0 +1,216 @@
+"""What the non-matrix work of a bf16 training step costs in the step, and what its parts cost alone.
+
+    python benchmarks/nonmatrix_floor.py [--run attn2] [--profile-name laptop] [--steps 20] [--out F.json]
+
+One process, the threads the laptop runs use (one). First a ``torch.profiler`` profile of ``--steps``
+training steps as the trainer takes them (``step_worker.trainer_step``; the attention kernels' own
+clock on, so their products count as matrix work), and the median time of the same steps without
+the profiler. Then each non-matrix part of the step alone, on inputs of the step's shapes that stay
+in cache, repeated, medians:
+
+- the loss's softmax and logit gradient (``fused_attention.softmax_cross_entropy_grad``), one chunk
+  of ``model.CE_CHUNK_ROWS`` rows, times the chunks of a step;
+- the attention kernels' non-product time (the call minus its products, by their clock), forward and
+  backward, times the layers;
+- AdamW (``torch._fused_adamw_``) on the model's parameters and clipping's norm and scale;
+- a layer norm's forward and backward on the residual stream (ATen's kernel), times the layer norms;
+- one copy of the residual stream (fp32, tokens x d_model): what one pass over it costs;
+- a 16 x 16 bf16 matmul called from Python: the price of one call through the dispatcher.
+
+Prints a markdown table and, with ``--out``, JSON. The point (benchmarks/cpu_trainer.md,
+"Fourteenth pass"): the matrix share of a step is ``M / (M + R)`` for matrix time M and the rest R, so
+a target share s needs ``R <= M (1 - s) / s``; the table shows which parts stand between R today and
+that bound, and how far each is from what it costs alone. Needs the fused kernels (a CPU with
+``avx512_bf16`` and a C++ compiler); bf16 only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def median_ms(fn, calls: int = 20, reps: int = 7, warmup: int = 3) -> float:
+    """Median over ``reps`` of the mean milliseconds of ``calls`` back-to-back calls of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t) / calls * 1e3)
+    return statistics.median(out)
+
+
+def share_budget(matrix_ms: float, share: float) -> float:
+    """The most milliseconds the rest of a step may take for the matrix work (``matrix_ms``) to be
+    ``share`` of it: M / (M + R) >= s  <=>  R <= M (1 - s) / s."""
+    return matrix_ms * (1.0 - share) / share
+
+
+def share_if_alone(res: dict) -> dict:
+    """The rest of the step if each part took what it takes alone (``alone_ms``; parts without a
+    measurement as in the step), plus the remainder outside the named parts less the profiler's own
+    time (profiled minus unprofiled step; not below zero), and the matrix share that would give."""
+    parts = sum(res["alone_ms"][p] if res["alone_ms"].get(p) is not None else t for p, t in res["in_step_ms"].items())
+    other = max(0.0, res["other_ms_profiled"] - (res["step_ms_profiled"] - res["step_ms_unprofiled"]))
+    rest = parts + other
+    return {"rest_ms_if_alone": rest, "share_if_alone": res["matrix_ms"] / (res["matrix_ms"] + rest)}
+
+
+# profiler op names (after step_worker._short) of each part of the step outside the matrix calls
+PARTS = {
+    "loss softmax + logit gradient": ("icl_fused::softmax_cross_entropy_grad",),
+    "attention, outside its products": ("icl_fused::causal_attention_fwd", "icl_fused::causal_attention_bwd"),
+    "AdamW": ("aten::_fused_adamw_",),
+    "clipping (norms, scale)": ("aten::linalg_vector_norm", "aten::_foreach_norm", "aten::mul_", "aten::_foreach_mul_",
+                                "aten::stack", "aten::clamp", "aten::add", "aten::reciprocal", "aten::div"),
+    "inductor's elementwise kernels (layer norms, residual adds, casts, embedding)":
+        ("compiled elementwise kernels (inductor)",),
+    "RoPE kernels": ("icl_fused::rope_split_qkv", "icl_fused::rope_split_qkv_bwd"),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="attn2")
+    ap.add_argument("--profile-name", default="laptop")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=7, help="repetitions of each part alone (medians)")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from icl_core import data as D
+    from icl_core import fused_attention
+    from icl_core import model as M
+    from icl_core import train as T
+    from icl_core.profiles import load_profile
+    from icl_core.runs import cache_dir
+    from step_worker import MATRIX_OPS, _short, attention_products, trainer_step
+
+    torch.set_num_threads(1)
+    T.reuse_freed_memory()
+    cfg = load_profile(a.profile_name).run_config(a.run)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))
+    if not fused_attention.available():
+        raise SystemExit("nonmatrix_floor: the fused CPU kernels are not built here (they need avx512_bf16 and a C++ compiler)")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # name inductor's kernels in the profile
+    step, batches = trainer_step(D, T, cfg, D.Corpus(cfg.data, cache_dir()), True, a.steps)
+    for i in range(3):
+        step(batches[i % len(batches)])
+    times = []
+    for x in batches:
+        t = time.perf_counter()
+        step(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    step_ms = statistics.median(times)
+    fused_attention.attention_cycles(True)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for x in batches:
+            step(x)
+    ticks = fused_attention.attention_cycles(False)
+    by_op: dict[str, float] = {}
+    for k in p.key_averages():  # ms per step
+        by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total / a.steps / 1e3
+    total = sum(by_op.values())
+    aten = sum(t for op, t in by_op.items() if op in MATRIX_OPS)
+    prod = attention_products(by_op, ticks, aten, total)
+    matrix_ms = prod.get("matrix_share_with_attention", aten / total) * total
+    attn_products_ms = prod.get("attention_products_share", 0.0) * total
+    in_step = {part: sum(by_op.get(op, 0.0) for op in ops) for part, ops in PARTS.items()}
+    in_step["attention, outside its products"] -= attn_products_ms
+
+    # each part alone, on the step's shapes, hot in cache
+    mc, B, Tn = cfg.model, cfg.train.batch_size, cfg.model.n_ctx
+    rows, V, d, H, dh = B * (Tn - 1), mc.d_vocab, mc.d_model, mc.n_heads, mc.d_head
+    g = torch.Generator().manual_seed(0)
+    chunk = min(M.CE_CHUNK_ROWS, rows)
+    logits = torch.randn(chunk, V, generator=g).mul_(2).to(torch.bfloat16)
+    targets = torch.randint(0, V, (chunk,), generator=g)
+    alone = {"loss softmax + logit gradient": math.ceil(rows / chunk) * median_ms(
+        lambda: fused_attention.softmax_cross_entropy_grad(logits, targets, 1.0 / rows), reps=a.reps)}
+    alone["attention, outside its products"] = None  # a model whose attention the kernel does not take
+    if fused_attention.takes_shape(Tn, dh):
+        q, k, v, dO = (torch.randn(B * H, Tn, dh, generator=g).to(torch.bfloat16) for _ in range(4))
+        O, P = torch.ops.icl_fused.causal_attention_fwd(q, k, v)
+        fused_attention.attention_cycles(True)
+        fwd = median_ms(lambda: torch.ops.icl_fused.causal_attention_fwd(q, k, v), reps=a.reps)
+        bwd = median_ms(lambda: torch.ops.icl_fused.causal_attention_bwd(dO, q, k, v, P), reps=a.reps)
+        tk = fused_attention.attention_cycles(False)
+        alone["attention, outside its products"] = mc.n_layers * (
+            fwd * (1 - tk["fwd_products"] / tk["fwd_total"]) + bwd * (1 - tk["bwd_products"] / tk["bwd_total"]))
+    params = [pp.detach().clone() for pp in T.init_model(cfg).parameters()]
+    grads = [torch.randn(pp.shape, generator=g) * 1e-3 for pp in params]
+    exp_avg, exp_avg_sq = [torch.zeros_like(pp) for pp in params], [torch.zeros_like(pp) for pp in params]
+    steps_t = [torch.tensor(1.0) for _ in params]
+    alone["AdamW"] = median_ms(lambda: torch._fused_adamw_(
+        params, grads, exp_avg, exp_avg_sq, [], steps_t, amsgrad=False, lr=1e-3, beta1=0.9, beta2=0.95,
+        weight_decay=0.1, eps=1e-8, maximize=False, grad_scale=None, found_inf=None), reps=a.reps)
+
+    def clip():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+
+    alone["clipping (norms, scale)"] = median_ms(clip, reps=a.reps)
+    x = torch.randn(B * Tn, d, generator=g, requires_grad=True)
+    w, b = torch.ones(d, requires_grad=True), torch.zeros(d, requires_grad=True)
+    dy = torch.randn(B * Tn, d, generator=g)
+
+    def layer_norm():
+        torch.nn.functional.layer_norm(x, (d,), w, b, 1e-5).backward(dy)
+
+    n_ln = mc.n_layers * (1 if mc.attn_only else 2) + 1
+    alone["inductor's elementwise kernels (layer norms, residual adds, casts, embedding)"] = n_ln * median_ms(
+        layer_norm, reps=a.reps)
+    alone["RoPE kernels"] = None  # no separate floor measured: one read and one write of (tokens, 3 d_model)
+    resid, resid2 = torch.randn(B * Tn, d, generator=g), torch.empty(B * Tn, d)
+    one_pass = median_ms(lambda: resid2.copy_(resid), calls=200, reps=a.reps)
+    t16 = torch.randn(16, 16, generator=g).to(torch.bfloat16)
+    o16 = torch.empty(16, 16, dtype=torch.bfloat16)
+    call_us = median_ms(lambda: torch.mm(t16, t16, out=o16), calls=2000, reps=a.reps) * 1e3
+
+    # the matrix calls' own times are the same with and without the profiler (step_worker.unprofiled_share)
+    res = {"run": a.run, "steps": a.steps, "step_ms_unprofiled": step_ms, "step_ms_profiled": total,
+           "matrix_ms": matrix_ms, "aten_matrix_ms": aten, "attention_products_ms": attn_products_ms,
+           "matrix_share_unprofiled": matrix_ms / step_ms, "matrix_share_profiled": matrix_ms / total,
+           "rest_ms_unprofiled": step_ms - matrix_ms, "rest_ms_profiled": total - matrix_ms,
+           "budget_rest_ms_60": share_budget(matrix_ms, 0.6), "in_step_ms": in_step, "alone_ms": alone,
+           "one_pass_over_residual_ms": one_pass, "call_us": call_us,
+           "other_ms_profiled": total - matrix_ms - sum(in_step.values())}
+    res.update(share_if_alone(res))
+    print(f"`{a.run}` bf16 step: {step_ms:.2f} ms unprofiled ({total:.2f} under the profiler); matrix work "
+          f"{matrix_ms:.2f} ms (ATen {aten:.2f} + attention products {attn_products_ms:.2f}) = "
+          f"{matrix_ms / step_ms:.1%} of the unprofiled step ({matrix_ms / total:.1%} profiled). "
+          f"For 60% the rest may take {res['budget_rest_ms_60']:.2f} ms; it takes {step_ms - matrix_ms:.2f} "
+          f"({total - matrix_ms:.2f} under the profiler). With every part as fast as alone (unmeasured parts as in "
+          f"the step, the rest less the profiler's own time), the rest would take {res['rest_ms_if_alone']:.2f} ms "
+          f"and the matrix share be {res['share_if_alone']:.1%}.")
+    print("\n| part | in the step, ms (profiler) | alone, ms |\n|---|---|---|")
+    for part in PARTS:
+        al = alone.get(part)
+        print(f"| {part} | {in_step[part]:.2f} | {'-' if al is None else f'{al:.2f}'} |")
+    print(f"| everything else (inductor's wrapper, autograd, dynamo, small ops) | {res['other_ms_profiled']:.2f} | "
+          f"a call through the dispatcher: {call_us:.1f} us |")
+    print(f"\nOne pass over the residual stream ({B * Tn} x {d} fp32): {one_pass:.3f} ms.")
+    if a.out:
+        a.out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
