@@ -446,7 +446,8 @@ def side_by_side_lines(res: dict) -> list[str]:
              "alternating fresh processes; tokens/s medians over rounds (min-max); matrix share = "
              "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps), plus, where the attention "
              "kernel's own clock splits its calls (fused_attention.attention_cycles), the attention's products, "
-             "with the share of all fused CPU kernels in brackets; % of peak against "
+             "with the share of all fused CPU kernels in brackets, and where measured (since the fourteenth pass) the "
+             "same matrix milliseconds over the step's median time without the profiler; % of peak against "
              "this machine's matmul peak in the same precision and thread count.", "",
              "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
              "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) "

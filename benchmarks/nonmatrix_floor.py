@@ -13,7 +13,8 @@ in cache, repeated, medians:
 - the attention kernels' non-product time (the call minus its products, by their clock), forward and
   backward, times the layers;
 - AdamW (``torch._fused_adamw_``) on the model's parameters and clipping's norm and scale;
-- a layer norm's forward and backward on the residual stream (ATen's kernel), times the layer norms;
+- a layer norm's forward and backward on the residual stream (ATen's kernels, called without
+  autograd), times the layer norms;
 - one copy of the residual stream (fp32, tokens x d_model): what one pass over it costs;
 - a 16 x 16 bf16 matmul called from Python: the price of one call through the dispatcher.
 
@@ -167,12 +168,13 @@ def main(argv=None):
         torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
 
     alone["clipping (norms, scale)"] = median_ms(clip, reps=a.reps)
-    x = torch.randn(B * Tn, d, generator=g, requires_grad=True)
-    w, b = torch.ones(d, requires_grad=True), torch.zeros(d, requires_grad=True)
-    dy = torch.randn(B * Tn, d, generator=g)
+    x, dy = torch.randn(B * Tn, d, generator=g), torch.randn(B * Tn, d, generator=g)
+    w, b = torch.ones(d), torch.zeros(d)
+    _y, mean, rstd = torch.native_layer_norm(x, (d,), w, b, 1e-5)
 
-    def layer_norm():
-        torch.nn.functional.layer_norm(x, (d,), w, b, 1e-5).backward(dy)
+    def layer_norm():  # ATen's kernels, forward and backward, without autograd's own calls
+        torch.native_layer_norm(x, (d,), w, b, 1e-5)
+        torch.ops.aten.native_layer_norm_backward(dy, x, (d,), mean, rstd, w, b, [True, True, True])
 
     n_ln = mc.n_layers * (1 if mc.attn_only else 2) + 1
     alone["inductor's elementwise kernels (layer norms, residual adds, casts, embedding)"] = n_ln * median_ms(
