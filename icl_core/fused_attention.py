@@ -152,6 +152,10 @@ def _register():
 
     torch.library.register_autograd("icl_fused::causal_attention_fwd", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("icl_fused::softmax_cross_entropy_grad_")
+    def _(logits, targets, scale):
+        return logits.new_empty((), dtype=torch.float32)
+
     @torch.library.register_fake("icl_fused::bias_gelu_fwd")
     def _(m, b):
         return torch.empty_like(m)
@@ -216,6 +220,13 @@ def softmax_cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scal
     pass per row, one exp per logit (``csrc/cross_entropy.cpp``). The sum is fp32, the gradient bf16.
     Not differentiable: :class:`icl_core.model._LinearCrossEntropy` supplies the backward."""
     return torch.ops.icl_fused.softmax_cross_entropy_grad(logits.contiguous(), targets, scale)
+
+
+def softmax_cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`softmax_cross_entropy_grad` with the gradient written over ``logits`` (contiguous, and
+    no longer needed as logits): returns the loss sum. Bit for bit the same values; one (rows, V)
+    buffer between the logits' product and the gradient's products instead of two."""
+    return torch.ops.icl_fused.softmax_cross_entropy_grad_(logits, targets, scale)
 
 
 def bias_gelu_usable(m: torch.Tensor, b: torch.Tensor) -> bool:

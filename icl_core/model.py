@@ -486,8 +486,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, CE_CHUNK_ROWS):
             tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
             if fused:
-                part_loss, g = fused_attention.softmax_cross_entropy_grad(lowp_matmul(rows, W), tgt[:, 0], 1.0 / n)
-                total += part_loss
+                # the chunk's logits overwritten by their gradient: one (rows, V) buffer in cache between
+                # the three products, not two (x1.025 attn2, x1.013 attn3 interleaved; cpu_trainer.md,
+                # "Fourteenth pass"); the same bits as softmax_cross_entropy_grad
+                g = lowp_matmul(rows, W)
+                total += fused_attention.softmax_cross_entropy_grad_(g, tgt[:, 0], 1.0 / n)
             else:
                 logp = torch.log_softmax(lowp_matmul(rows, W).to(acc), -1)  # (rows, V)
                 total -= logp.gather(1, tgt).sum()

@@ -67,6 +67,20 @@ def test_cross_entropy_bitwise_repeatable_and_thread_independent():
         assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
 
 
+def test_cross_entropy_in_place_is_the_same_bits():
+    """The gradient written over the logits: the same loss and gradient, bit for bit, at 1 and 2
+    threads; bad input refused in one line, the logits untouched."""
+    x, t = ce_inputs(R=300, V=512)
+    want = fa.softmax_cross_entropy_grad(x, t, 1 / 299)
+    outs = threads_outputs(lambda: (lambda g: (fa.softmax_cross_entropy_grad_(g, t, 1 / 299), g))(x.clone()))
+    for loss, g in outs:
+        assert torch.equal(loss, want[0]) and torch.equal(g, want[1])
+    bad = x.clone()
+    with pytest.raises(RuntimeError, match="target 512 at row 3 outside \\[0, 512\\)"):
+        fa.softmax_cross_entropy_grad_(bad, t.index_fill(0, torch.tensor([3]), 512), 1.0)
+    assert torch.equal(bad, x)
+
+
 def test_cross_entropy_bad_input_one_clear_line():
     x, t = ce_inputs()
     with pytest.raises(RuntimeError, match="target 256 at row 3 outside \\[0, 256\\)"):
@@ -89,8 +103,8 @@ def test_linear_cross_entropy_training_takes_the_kernel_evaluation_does_not(monk
     W = (0.1 * torch.randn(64, 256, generator=g)).bfloat16()
     tok = torch.randint(0, 256, (2, 129), generator=g)
     calls = []
-    orig = fa.softmax_cross_entropy_grad
-    monkeypatch.setattr(fa, "softmax_cross_entropy_grad", lambda *a: calls.append(1) or orig(*a))
+    orig = fa.softmax_cross_entropy_grad_
+    monkeypatch.setattr(fa, "softmax_cross_entropy_grad_", lambda *a: calls.append(1) or orig(*a))
     with torch.no_grad():
         l_eval = M.linear_cross_entropy(h, W, tok)
     assert calls == []
@@ -270,7 +284,7 @@ def test_model_training_step_fused_against_torch_ops(monkeypatch):
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_vocab=256, n_ctx=64, attn_only=False, positional="rope")
     x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     calls = {}
-    for name in ("rope_split_qkv", "bias_gelu", "softmax_cross_entropy_grad"):
+    for name in ("rope_split_qkv", "bias_gelu", "softmax_cross_entropy_grad_"):
         orig = getattr(fa, name)
         monkeypatch.setattr(fa, name, lambda *a, _o=orig, _n=name: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _o(*a))
 
@@ -283,10 +297,10 @@ def test_model_training_step_fused_against_torch_ops(monkeypatch):
         return loss.item(), {n: p.grad for n, p in net.named_parameters()}
 
     l_fused, g_fused = step()
-    assert calls == {"rope_split_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad": 1}
+    assert calls == {"rope_split_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad_": 1}
     monkeypatch.setitem(fa._state, "ok", False)
     l_torch, g_torch = step()
-    assert calls == {"rope_split_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad": 1}
+    assert calls == {"rope_split_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad_": 1}
     assert abs(l_fused - l_torch) < 5e-3 * l_torch
     for n in g_torch:
         assert rel(g_fused[n], g_torch[n].double()) < 5e-2, n

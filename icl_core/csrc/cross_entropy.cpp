@@ -56,12 +56,8 @@ void softmax_grad_row(const bf16* x, int64_t V, int64_t t, float scale, float* e
   g[t] = c10::BFloat16((e[t] * inv_s - 1.0f) * scale).x;  // round to nearest even
 }
 
-}  // namespace
-
-// logits: (R, V) bf16, V a multiple of 16; targets: (R,) int64 in [0, V). Returns (loss sum (fp32
-// scalar), gradient (R, V) bf16).
-std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_grad(const at::Tensor& logits, const at::Tensor& targets,
-                                                              double scale) {
+// The logits' and targets' checks, one clear line each; returns the targets, contiguous.
+at::Tensor checked_targets(const at::Tensor& logits, const at::Tensor& targets) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kBFloat16 && logits.dim() == 2 &&
                   logits.is_contiguous() && logits.size(1) % 16 == 0,
               "fused cross-entropy: logits must be a contiguous (rows, V) bf16 CPU tensor with V a multiple of 16");
@@ -73,6 +69,18 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_grad(const at::Tensor& 
   const int64_t* t = tg.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(t[r] >= 0 && t[r] < V, "fused cross-entropy: target ", t[r], " at row ", r, " outside [0, ", V, ")");
+  return tg;
+}
+
+}  // namespace
+
+// logits: (R, V) bf16, V a multiple of 16; targets: (R,) int64 in [0, V). Returns (loss sum (fp32
+// scalar), gradient (R, V) bf16).
+std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_grad(const at::Tensor& logits, const at::Tensor& targets,
+                                                              double scale) {
+  at::Tensor tg = checked_targets(logits, targets);
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const int64_t* t = tg.data_ptr<int64_t>();
   at::Tensor g = at::empty({R, V}, logits.options());
   std::vector<float> row_loss(R);
   const bf16* x = reinterpret_cast<const bf16*>(logits.data_ptr<at::BFloat16>());
@@ -87,10 +95,31 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_grad(const at::Tensor& 
   return {at::scalar_tensor(total, logits.options().dtype(at::kFloat)), g};
 }
 
+// As softmax_cross_entropy_grad, the gradient written over the logits (each row is read whole, into
+// the fp32 softmax buffer, before its gradient is written): one (R x V) bf16 buffer instead of two
+// in cache between the logits' product and the gradient's two products. Returns the loss sum.
+at::Tensor softmax_cross_entropy_grad_(at::Tensor& logits, const at::Tensor& targets, double scale) {
+  at::Tensor tg = checked_targets(logits, targets);
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const int64_t* t = tg.data_ptr<int64_t>();
+  std::vector<float> row_loss(R);
+  bf16* x = reinterpret_cast<bf16*>(logits.data_ptr<at::BFloat16>());
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(V);
+    for (int64_t r = r0; r < r1; ++r) softmax_grad_row(x + r * V, V, t[r], sc, e.data(), x + r * V, &row_loss[r]);
+  });
+  float total = 0.0f;
+  for (int64_t r = 0; r < R; ++r) total += row_loss[r];
+  return at::scalar_tensor(total, logits.options().dtype(at::kFloat));
+}
+
 TORCH_LIBRARY_FRAGMENT(icl_fused, m) {
   m.def("softmax_cross_entropy_grad(Tensor logits, Tensor targets, float scale) -> (Tensor, Tensor)");
+  m.def("softmax_cross_entropy_grad_(Tensor(a!) logits, Tensor targets, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(icl_fused, CPU, m) {
   m.impl("softmax_cross_entropy_grad", &softmax_cross_entropy_grad);
+  m.impl("softmax_cross_entropy_grad_", &softmax_cross_entropy_grad_);
 }
