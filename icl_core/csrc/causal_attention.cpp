@@ -279,7 +279,8 @@ void check_inputs(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) and (N, T, T) bf16.
+// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) and (N, T, T) bf16; P's entries past each row's
+// diagonal are zero up to the next multiple of 32 keys and unset beyond (nothing reads them).
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v) {
   check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
@@ -306,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       const bf16* Q = qd + n * T * D;
       bf16* Pn = pd + n * T * T;
       // scale, mask and softmax of rows i0..i0+RB-1, whose scores (keys up to i0+RB-1) are in Sb
-      // (RB rows of T floats); P's rows written as bf16, zero past the diagonal's vector
+      // (RB rows of T floats); P's rows written as bf16, zero past the diagonal's vector up to the
+      // next multiple of 32 keys, unwritten beyond
       auto softmax_rows = [&](int i0, float* Sb) {
         // the block's RB rows side by side (independent chains for the exp's latency): rows i0..i0+RB-1
         // lie in one vector of 16 keys (RB divides 16), so each holds keys in the same nv vectors
@@ -339,7 +341,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
           const float* s = Sb + (int64_t)r * T;
           bf16* prow = Pn + (int64_t)(i0 + r) * T;
           for (int c = 0; c < nv; ++c) store_bf16x16(prow + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv[r]));
-          std::memset(prow + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
+          // zeros only up to the next multiple of 32 keys, the most that the products read past
+          // the diagonal's vector (P V reads whole AMX tiles of 16 pairs; the backward reads P only
+          // up to each row's diagonal vector): the rest of the row is never read, and writing its
+          // zeros cost x1.027 of an attn2 step (benchmarks/cpu_trainer.md, "Fourteenth pass")
+          std::memset(prow + 16 * nv, 0, sizeof(bf16) * (size_t)(std::min(T, (16 * nv + 31) / 32 * 32) - 16 * nv));
         }
       };
       auto store_rows = [&](int i0, int rows) {  // O's rows i0.. from Of (fp32, D per row)
