@@ -8,7 +8,7 @@ clock on, so their products count as matrix work), and the median time of the sa
 the profiler. Then each non-matrix part of the step alone, on inputs of the step's shapes that stay
 in cache, repeated, medians:
 
-- the loss's softmax and logit gradient (``fused_attention.softmax_cross_entropy_grad``), one chunk
+- the loss's softmax and logit gradient (``fused_attention.softmax_cross_entropy_grad_``), one chunk
   of ``model.CE_CHUNK_ROWS`` rows, times the chunks of a step;
 - the attention kernels' non-product time (the call minus its products, by their clock), forward and
   backward, times the layers;
@@ -71,7 +71,7 @@ def share_if_alone(res: dict) -> dict:
 
 # profiler op names (after step_worker._short) of each part of the step outside the matrix calls
 PARTS = {
-    "loss softmax + logit gradient": ("icl_fused::softmax_cross_entropy_grad",),
+    "loss softmax + logit gradient": ("icl_fused::softmax_cross_entropy_grad", "icl_fused::softmax_cross_entropy_grad_"),
     "attention, outside its products": ("icl_fused::causal_attention_fwd", "icl_fused::causal_attention_bwd"),
     "AdamW": ("aten::_fused_adamw_",),
     "clipping (norms, scale)": ("aten::linalg_vector_norm", "aten::_foreach_norm", "aten::mul_", "aten::_foreach_mul_",
@@ -143,8 +143,9 @@ def main(argv=None):
     chunk = min(M.CE_CHUNK_ROWS, rows)
     logits = torch.randn(chunk, V, generator=g).mul_(2).to(torch.bfloat16)
     targets = torch.randint(0, V, (chunk,), generator=g)
+    # in place, as the trainer calls it (after the first call the buffer holds gradients: the same work)
     alone = {"loss softmax + logit gradient": math.ceil(rows / chunk) * median_ms(
-        lambda: fused_attention.softmax_cross_entropy_grad(logits, targets, 1.0 / rows), reps=a.reps)}
+        lambda: fused_attention.softmax_cross_entropy_grad_(logits, targets, 1.0 / rows), reps=a.reps)}
     alone["attention, outside its products"] = None  # a model whose attention the kernel does not take
     if fused_attention.takes_shape(Tn, dh):
         q, k, v, dO = (torch.randn(B * H, Tn, dh, generator=g).to(torch.bfloat16) for _ in range(4))
