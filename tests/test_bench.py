@@ -451,3 +451,21 @@ def test_nonmatrix_floor_runs_on_the_smoke_profile(tmp_path):
     assert res["budget_rest_ms_60"] == pytest.approx(res["matrix_ms"] * 2 / 3)
     assert res["in_step_ms"]["loss softmax + logit gradient"] > 0 and res["alone_ms"]["AdamW"] > 0
     assert res["call_us"] > 0 and res["one_pass_over_residual_ms"] > 0
+
+
+def test_flag_ab_ratio_known_answer():
+    """Steps of 2 ms (A) against 1 ms (B): A / B is x2 in every pair."""
+    import flag_ab
+
+    got = flag_ab.ratio_summary([0.002] * 5, [0.001] * 5)
+    assert got["ratio"] == pytest.approx(2.0) and got["q1"] == pytest.approx(2.0) and got["q3"] == pytest.approx(2.0)
+    assert got["a_ms"] == pytest.approx(2.0) and got["pairs"] == 5
+
+
+def test_flag_ab_names_a_missing_attribute():
+    import flag_ab
+
+    with pytest.raises(SystemExit, match="flag_ab: icl_core.model has no attribute 'NO_SUCH_FLAG'"):
+        flag_ab.main(["icl_core.model.NO_SUCH_FLAG"])
+    with pytest.raises(SystemExit, match="flag_ab: no module 'icl_core.no_such_module'"):
+        flag_ab.main(["icl_core.no_such_module.X"])
