@@ -72,45 +72,42 @@ at::Tensor checked_targets(const at::Tensor& logits, const at::Tensor& targets) 
   return tg;
 }
 
+
+// logits: (R, V) bf16, V a multiple of 16; targets: (R,) int64 in [0, V). Returns (loss sum (fp32
+// scalar), gradient (R, V) bf16).
+// The rows' softmax step, each row's gradient written to out (out may be the logits themselves: a row
+// is read whole before its gradient is written); returns the rows' loss sum, added in row order.
+float softmax_rows(const at::Tensor& logits, const at::Tensor& targets, double scale, bf16* out) {
+  at::Tensor tg = checked_targets(logits, targets);
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const int64_t* t = tg.data_ptr<int64_t>();
+  std::vector<float> row_loss(R);
+  const bf16* x = reinterpret_cast<const bf16*>(logits.data_ptr<at::BFloat16>());
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(V);
+    for (int64_t r = r0; r < r1; ++r) softmax_grad_row(x + r * V, V, t[r], sc, e.data(), out + r * V, &row_loss[r]);
+  });
+  float total = 0.0f;
+  for (int64_t r = 0; r < R; ++r) total += row_loss[r];
+  return total;
+}
+
 }  // namespace
 
 // logits: (R, V) bf16, V a multiple of 16; targets: (R,) int64 in [0, V). Returns (loss sum (fp32
 // scalar), gradient (R, V) bf16).
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_grad(const at::Tensor& logits, const at::Tensor& targets,
                                                               double scale) {
-  at::Tensor tg = checked_targets(logits, targets);
-  const int64_t R = logits.size(0), V = logits.size(1);
-  const int64_t* t = tg.data_ptr<int64_t>();
-  at::Tensor g = at::empty({R, V}, logits.options());
-  std::vector<float> row_loss(R);
-  const bf16* x = reinterpret_cast<const bf16*>(logits.data_ptr<at::BFloat16>());
-  bf16* gd = reinterpret_cast<bf16*>(g.data_ptr<at::BFloat16>());
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> e(V);
-    for (int64_t r = r0; r < r1; ++r) softmax_grad_row(x + r * V, V, t[r], sc, e.data(), gd + r * V, &row_loss[r]);
-  });
-  float total = 0.0f;
-  for (int64_t r = 0; r < R; ++r) total += row_loss[r];
+  at::Tensor g = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  const float total = softmax_rows(logits, targets, scale, reinterpret_cast<bf16*>(g.data_ptr()));
   return {at::scalar_tensor(total, logits.options().dtype(at::kFloat)), g};
 }
 
-// As softmax_cross_entropy_grad, the gradient written over the logits (each row is read whole, into
-// the fp32 softmax buffer, before its gradient is written): one (R x V) bf16 buffer instead of two
-// in cache between the logits' product and the gradient's two products. Returns the loss sum.
+// As softmax_cross_entropy_grad, the gradient written over the logits: one (R x V) bf16 buffer instead
+// of two in cache between the logits' product and the gradient's two products. Returns the loss sum.
 at::Tensor softmax_cross_entropy_grad_(at::Tensor& logits, const at::Tensor& targets, double scale) {
-  at::Tensor tg = checked_targets(logits, targets);
-  const int64_t R = logits.size(0), V = logits.size(1);
-  const int64_t* t = tg.data_ptr<int64_t>();
-  std::vector<float> row_loss(R);
-  bf16* x = reinterpret_cast<bf16*>(logits.data_ptr<at::BFloat16>());
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> e(V);
-    for (int64_t r = r0; r < r1; ++r) softmax_grad_row(x + r * V, V, t[r], sc, e.data(), x + r * V, &row_loss[r]);
-  });
-  float total = 0.0f;
-  for (int64_t r = 0; r < R; ++r) total += row_loss[r];
+  const float total = softmax_rows(logits, targets, scale, reinterpret_cast<bf16*>(logits.data_ptr()));
   return at::scalar_tensor(total, logits.options().dtype(at::kFloat));
 }
 
