@@ -4,7 +4,8 @@
 //   m = max_j x_j,  e_j = exp(x_j - m),  s = sum_j e_j            (fp32)
 //   loss_r = m + log(s) - x_t                                      (fp32: -log softmax(x)_t)
 //   g_j = e_j / s * scale,   g_t = (e_t / s - 1) * scale            (fp32, rounded to bf16)
-// Returns (sum_r loss_r, g). The same quantities as icl_core.model._LinearCrossEntropy's torch ops
+// Returns (sum_r loss_r, g), or with softmax_cross_entropy_grad_ (what the trainer calls) g written
+// over x, each row's logits read whole before its gradient is written. The same quantities as icl_core.model._LinearCrossEntropy's torch ops
 // (fp32 log-softmax of the bf16 logits, its exp, minus the one-hot, times 1/N, cast to bf16);
 // what differs: one exp per logit instead of two (the softmax is kept from the sum's pass, in
 // cache), an exp within 1.24 ulp (avx512_bf16.h) instead of inductor's 20-ulp one, and one pass
@@ -72,9 +73,6 @@ at::Tensor checked_targets(const at::Tensor& logits, const at::Tensor& targets) 
   return tg;
 }
 
-
-// logits: (R, V) bf16, V a multiple of 16; targets: (R,) int64 in [0, V). Returns (loss sum (fp32
-// scalar), gradient (R, V) bf16).
 // The rows' softmax step, each row's gradient written to out (out may be the logits themselves: a row
 // is read whole before its gradient is written); returns the rows' loss sum, added in row order.
 float softmax_rows(const at::Tensor& logits, const at::Tensor& targets, double scale, bf16* out) {
