@@ -74,6 +74,7 @@ PARTS = {
     "loss softmax + logit gradient": ("icl_fused::softmax_cross_entropy_grad", "icl_fused::softmax_cross_entropy_grad_"),
     "attention, outside its products": ("icl_fused::causal_attention_fwd", "icl_fused::causal_attention_bwd"),
     "AdamW": ("aten::_fused_adamw_",),
+    # the clipping's ops by name: a generic op (add, mul_, div) elsewhere outside the compiled graph counts here too
     "clipping (norms, scale)": ("aten::linalg_vector_norm", "aten::_foreach_norm", "aten::mul_", "aten::_foreach_mul_",
                                 "aten::stack", "aten::clamp", "aten::add", "aten::reciprocal", "aten::div"),
     "inductor's elementwise kernels (layer norms, residual adds, casts, embedding)":
@@ -92,7 +93,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from icl_core import data as D
     from icl_core import fused_attention
@@ -100,7 +100,7 @@ def main(argv=None):
     from icl_core import train as T
     from icl_core.profiles import load_profile
     from icl_core.runs import cache_dir
-    from step_worker import MATRIX_OPS, _short, attention_products, trainer_step
+    from step_worker import MATRIX_OPS, attention_products, profiled, trainer_step, unprofiled_share
 
     torch.set_num_threads(1)
     T.reuse_freed_memory()
@@ -120,18 +120,13 @@ def main(argv=None):
         step(x)
         times.append((time.perf_counter() - t) * 1e3)
     step_ms = statistics.median(times)
-    fused_attention.attention_cycles(True)
-    with profile(activities=[ProfilerActivity.CPU]) as p:
-        for x in batches:
-            step(x)
-    ticks = fused_attention.attention_cycles(False)
-    by_op: dict[str, float] = {}
-    for k in p.key_averages():  # ms per step
-        by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total / a.steps / 1e3
+    by_op, ticks = profiled(step, batches, a.steps)
+    by_op = {op: t / a.steps / 1e3 for op, t in by_op.items()}  # ms per step
     total = sum(by_op.values())
     aten = sum(t for op, t in by_op.items() if op in MATRIX_OPS)
     prod = attention_products(by_op, ticks, aten, total)
-    matrix_ms = prod.get("matrix_share_with_attention", aten / total) * total
+    shares = unprofiled_share({"matrix_share": aten / total, "step_ms": total, **prod}, step_ms)
+    matrix_ms = shares["matrix_ms"]
     attn_products_ms = prod.get("attention_products_share", 0.0) * total
     in_step = {part: sum(by_op.get(op, 0.0) for op in ops) for part, ops in PARTS.items()}
     in_step["attention, outside its products"] -= attn_products_ms
@@ -187,10 +182,9 @@ def main(argv=None):
     o16 = torch.empty(16, 16, dtype=torch.bfloat16)
     call_us = median_ms(lambda: torch.mm(t16, t16, out=o16), calls=2000, reps=a.reps) * 1e3
 
-    # the matrix calls' own times are the same with and without the profiler (step_worker.unprofiled_share)
     res = {"run": a.run, "steps": a.steps, "step_ms_unprofiled": step_ms, "step_ms_profiled": total,
            "matrix_ms": matrix_ms, "aten_matrix_ms": aten, "attention_products_ms": attn_products_ms,
-           "matrix_share_unprofiled": matrix_ms / step_ms, "matrix_share_profiled": matrix_ms / total,
+           "matrix_share_unprofiled": shares["matrix_share_unprofiled"], "matrix_share_profiled": matrix_ms / total,
            "rest_ms_unprofiled": step_ms - matrix_ms, "rest_ms_profiled": total - matrix_ms,
            "budget_rest_ms_60": share_budget(matrix_ms, 0.6), "in_step_ms": in_step, "alone_ms": alone,
            "one_pass_over_residual_ms": one_pass, "call_us": call_us,

@@ -84,22 +84,8 @@ def main(argv=None):
            "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb(), "bf16_matmul": _bf16_kernel(),
            "malloc_reuse": malloc_reuse, "minor_faults_per_step": faults / len(times)}
     if a.profile_steps:
-        from torch.profiler import ProfilerActivity, profile
-
-        # the attention kernels' own clock (checkouts since the thirteenth pass): the share of each
-        # attention call spent in its products, which the profiler cannot split out of the call
-        cycles = _attention_cycles()
-        if cycles:
-            cycles(True)
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            for i in range(a.profile_steps):
-                step(batches[i % len(batches)])
-        ticks = cycles(False) if cycles else None
-        ka = p.key_averages()
-        total = sum(k.self_cpu_time_total for k in ka)
-        by_op: dict[str, float] = {}
-        for k in ka:
-            by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total
+        by_op, ticks = profiled(step, batches, a.profile_steps)
+        total = sum(by_op.values())
         matrix = sum(t for op, t in by_op.items() if op in MATRIX_OPS)
         # the fused CPU kernels (icl_core/fused_attention.py; the attention does its products and
         # softmax in one call): their own share, reported beside the matrix share rather than inside it
@@ -111,6 +97,26 @@ def main(argv=None):
                           "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
         out["profile"].update(unprofiled_share(out["profile"], n_tok / out["tok_s"]["median"] * 1e3))
     print(json.dumps(out))
+
+
+def profiled(step, batches, n: int) -> tuple[dict, dict | None]:
+    """``n`` steps under ``torch.profiler``: each op's self time (us, summed over the steps; names
+    after :func:`_short`) and the attention kernels' own clock over them (checkouts since the
+    thirteenth pass; else None): the share of each attention call spent in its products, which the
+    profiler cannot split out of the call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cycles = _attention_cycles()
+    if cycles:
+        cycles(True)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for i in range(n):
+            step(batches[i % len(batches)])
+    ticks = cycles(False) if cycles else None
+    by_op: dict[str, float] = {}
+    for k in p.key_averages():
+        by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total
+    return by_op, ticks
 
 
 def _attention_cycles():
