@@ -9,7 +9,7 @@ the profiler. Then each non-matrix part of the step alone, on inputs of the step
 in cache, repeated, medians:
 
 - the loss's softmax and logit gradient (``fused_attention.softmax_cross_entropy_grad_``), one chunk
-  of ``model.CE_CHUNK_ROWS`` rows, times the chunks of a step;
+  of ``model.CE_FUSED_CHUNK_ROWS`` rows (as the trainer calls it), times the chunks of a step;
 - the attention kernels' non-product time (the call minus its products, by their clock), forward and
   backward, times the layers;
 - AdamW (``torch._fused_adamw_``) on the model's parameters and clipping's norm and scale;
@@ -135,7 +135,7 @@ def main(argv=None):
     mc, B, Tn = cfg.model, cfg.train.batch_size, cfg.model.n_ctx
     rows, V, d, H, dh = B * (Tn - 1), mc.d_vocab, mc.d_model, mc.n_heads, mc.d_head
     g = torch.Generator().manual_seed(0)
-    chunk = min(M.CE_CHUNK_ROWS, rows)
+    chunk = min(M.CE_FUSED_CHUNK_ROWS, rows)
     logits = torch.randn(chunk, V, generator=g).mul_(2).to(torch.bfloat16)
     targets = torch.randint(0, V, (chunk,), generator=g)
     # in place, as the trainer calls it (after the first call the buffer holds gradients: the same work)

@@ -203,9 +203,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The (N, T, T) bf16 attention pattern the kernel computes (for tests), zero above the diagonal
-    (the kernel leaves most of that triangle unwritten: its products never read it)."""
-    return torch.ops.icl_fused.causal_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())[1].tril()
+    """The (N, T, T) bf16 attention pattern the kernel computes (for tests), zero above the diagonal.
+    The kernel saves it for its backward by pairs of rows (``P[n, i // 2, j, i % 2]``) and leaves most
+    of the upper triangle unwritten (its products never read it): unpacked here."""
+    N, T, _d = q.shape
+    P = torch.ops.icl_fused.causal_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())[1]
+    return P.view(N, T // 2, T, 2).transpose(2, 3).reshape(N, T, T).tril()
 
 
 def cross_entropy_usable(h: torch.Tensor, W: torch.Tensor) -> bool:

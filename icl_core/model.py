@@ -433,6 +433,13 @@ def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean")
 # rows of logits per chunk of linear_cross_entropy: 256 x 2048 fp32 logits (2 MB) stay in a core's
 # L2 cache between the matmul, the log-softmax and the gradient (chunks of 128-512 measured alike)
 CE_CHUNK_ROWS = 256
+# rows per chunk of the training loss where its softmax step is the fused kernel (bf16 on a CPU with
+# AVX-512): bf16 logits overwritten by their gradient, a 4 MB buffer at 1,024 rows. Larger than L2,
+# and still faster than 256 rows (x1.036 attn2, x1.025 attn3, x1.055 d256 interleaved; 2,048 rows no
+# better): a quarter of the chunks, so of the calls and of the products' small-M overhead
+# (benchmarks/cpu_trainer.md, "Fifteenth pass"). Not bit for bit the 256-row chunks: W's gradient is
+# summed over fewer chunks (one bf16 product each) and the loss over fewer partial sums
+CE_FUSED_CHUNK_ROWS = 1024
 
 
 @torch.no_grad()
@@ -482,9 +489,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # training in bf16 on a CPU with AVX-512: the softmax step in one pass per row
         # (icl_core.fused_attention.softmax_cross_entropy_grad; benchmarks/cpu_trainer.md, "Tenth pass")
         fused = (want_h or want_W) and fused_attention.cross_entropy_usable(h, W)
-        minus_one = None if fused else torch.full((min(CE_CHUNK_ROWS, n), 1), -1.0, dtype=acc, device=h.device)
-        for s in range(0, n, CE_CHUNK_ROWS):
-            tgt, rows = targets[s:s + CE_CHUNK_ROWS, None], h[s:s + CE_CHUNK_ROWS]
+        chunk = CE_FUSED_CHUNK_ROWS if fused else CE_CHUNK_ROWS
+        minus_one = None if fused else torch.full((min(chunk, n), 1), -1.0, dtype=acc, device=h.device)
+        for s in range(0, n, chunk):
+            tgt, rows = targets[s:s + chunk, None], h[s:s + chunk]
             if fused:
                 # the chunk's logits overwritten by their gradient: one (rows, V) buffer in cache between
                 # the three products, not two (x1.025 attn2, x1.013 attn3 interleaved; cpu_trainer.md,

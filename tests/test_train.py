@@ -438,7 +438,8 @@ def test_malloc_policy_is_checked(monkeypatch):
 def test_clip_and_step_is_clip_grad_norm_then_adamw_bit_for_bit(tiny_run_cfg, clip):
     """ClipAndStep (the trainer's clipping + fused AdamW on lists built once) leaves weights, AdamW
     moments and step counts bit for bit as clip_grad_norm_ + opt.step() do, from the first step (which
-    creates the state) on, with clipping that binds (1e-3), that does not (1.0) and none (0); the
+    creates the state) on, with clipping that binds (1e-3), that does not (1.0: ClipAndStep skips the
+    product by 1) and none (0); the
     gradients are released after each step; an optimizer it does not know takes the library calls."""
     import dataclasses
 
@@ -450,6 +451,7 @@ def test_clip_and_step_is_clip_grad_norm_then_adamw_bit_for_bit(tiny_run_cfg, cl
     update = T.ClipAndStep(sides[1][1], sides[1][0].parameters(), clip)
     assert update.direct
     x = torch.randint(0, cfg.model.d_vocab, (4, cfg.model.n_ctx))
+    norms = []
     for step in range(5):
         for i, (model, opt) in enumerate(sides):
             for g in opt.param_groups:
@@ -457,13 +459,15 @@ def test_clip_and_step_is_clip_grad_norm_then_adamw_bit_for_bit(tiny_run_cfg, cl
             model(x, return_loss=True).backward()
             if i == 0:
                 if clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             else:
                 update()
         assert all(p.grad is None for p in sides[1][0].parameters())
     assert update.groups is not None  # the later steps took the direct kernels
+    if clip:  # 1e-3 binds at every step; 1.0 never does (ClipAndStep then skips the product by 1)
+        assert all(n > clip for n in norms) if clip < 1 else all(n < clip for n in norms)
     for a, b in zip(sides[0][0].parameters(), sides[1][0].parameters()):
         assert torch.equal(a, b)
         sa, sb = sides[0][1].state[a], sides[1][1].state[b]

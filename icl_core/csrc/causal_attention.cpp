@@ -268,6 +268,23 @@ inline void amx_rows(int ncol, int p0, int p1, const uint32_t* A, int lda, const
 // pairs [0, n) rounded up to whole tiles of 16 pairs, at most `limit`
 inline int whole_tiles(int n, int limit) { return std::min(limit, (n + 15) / 16 * 16); }
 
+// permutexvar index interleaving two rows of 16 bf16 (a vector [a0..a15 | b0..b15]) into pairs:
+// [a0, b0, a1, b1, ..., a15, b15], one 32-bit pair per key
+inline __m512i pair_interleave_index() {
+  alignas(64) static const uint16_t idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                               8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(idx);
+}
+
+// Zeros over [from, to) of a row (both multiples of 16): a few vector stores, where memset's call
+// cost more than the stores (each slice writes ~400 such spans of 0-48 values per pass)
+inline void zero_words(uint32_t* p, int from, int to) {
+  for (int c = from; c < to; c += 16) _mm512_storeu_si512(p + c, _mm512_setzero_si512());
+}
+inline void zero_bf16(bf16* p, int from, int to) {
+  for (int c = from; c < to; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), _mm256_setzero_si256());
+}
+
 constexpr int RB = 4;   // rows per block of the (T x T) products
 static_assert(16 % RB == 0, "a row block lies within one vector of 16 keys");
 constexpr int RO = 8;   // rows per block of the (T x d_head) products
@@ -279,8 +296,10 @@ void check_inputs(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) and (N, T, T) bf16; P's entries past each row's
-// diagonal are zero up to the next multiple of 32 keys and unset beyond (nothing reads them).
+// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) bf16, and P as the backward reads it: an (N, T, T)
+// bf16 buffer holding each slice's rows by pairs, P[n][i/2][j][i%2] (P[i][j] and P[i+1][j] in one
+// 32-bit word); past each pair's diagonal vector zero up to the end of its block of 64 keys and
+// unset beyond (nothing reads them). fused_attention.pattern unpacks it.
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v) {
   check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
@@ -295,20 +314,21 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
   const bf16* kd = reinterpret_cast<const bf16*>(k.data_ptr());
   const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
   bf16* od = reinterpret_cast<bf16*>(O.data_ptr());
-  bf16* pd = reinterpret_cast<bf16*>(P.data_ptr());
+  uint32_t* pd = reinterpret_cast<uint32_t*>(P.data_ptr());
   const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     SectionClock clock(0);
     std::vector<uint32_t> Kt((size_t)T * D / 2), Vp((size_t)T * D / 2);
+    std::unique_ptr<bf16[]> Pr(new bf16[(size_t)T * T]);  // the slice's P row-major, for P V
+    const __m512i kPairIdx = pair_interleave_index();
     std::vector<float> S((size_t)16 * T), Of((size_t)16 * D);
-    const __m512 sc = _mm512_set1_ps(scale);
+    const __m512 k2 = _mm512_set1_ps(scale * kLog2e);  // the scale and exp's base change in one product
     std::unique_ptr<AmxScope> tiles(amx ? new AmxScope : nullptr);
     for (int64_t n = begin; n < end; ++n) {
       const bf16* Q = qd + n * T * D;
-      bf16* Pn = pd + n * T * T;
+      uint32_t* Pn = pd + n * T * T / 2;  // the saved P, pairs of rows: Pn[i/2][j] = (P[i][j], P[i+1][j])
       // scale, mask and softmax of rows i0..i0+RB-1, whose scores (keys up to i0+RB-1) are in Sb
-      // (RB rows of T floats); P's rows written as bf16, zero past the diagonal's vector up to the
-      // next multiple of 32 keys, unwritten beyond
+      // (RB rows of T floats); P's rows written as bf16 to Pr and to the saved pairs Pn
       auto softmax_rows = [&](int i0, float* Sb) {
         // the block's RB rows side by side (independent chains for the exp's latency): rows i0..i0+RB-1
         // lie in one vector of 16 keys (RB divides 16), so each holds keys in the same nv vectors
@@ -320,32 +340,47 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
           mx[r] = _mm512_set1_ps(-INFINITY);
           sum[r] = _mm512_setzero_ps();
         }
+        // each row's max over its raw scores (the scale is positive: scale times it is the scaled
+        // scores' max), then e = 2^((s - max) scale log2 e), the masked keys exactly 0
         for (int c = 0; c < nv; ++c)
           for (int r = 0; r < RB; ++r) {
-            float* s = Sb + (int64_t)r * T + 16 * c;
-            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), sc);
+            __m512 x = _mm512_loadu_ps(Sb + (int64_t)r * T + 16 * c);
             if (c == nv - 1) x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), last[r], x);
-            _mm512_storeu_ps(s, x);
             mx[r] = _mm512_max_ps(mx[r], x);
           }
         for (int r = 0; r < RB; ++r) m[r] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
         for (int c = 0; c < nv; ++c)
           for (int r = 0; r < RB; ++r) {
             float* s = Sb + (int64_t)r * T + 16 * c;
-            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s), m[r]));
+            __m512 e = exp2_nonpos(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s), m[r]), k2));
+            if (c == nv - 1) e = _mm512_maskz_mov_ps(last[r], e);
             _mm512_storeu_ps(s, e);
             sum[r] = _mm512_add_ps(sum[r], e);
           }
         for (int r = 0; r < RB; ++r) inv[r] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
-        for (int r = 0; r < RB; ++r) {
-          const float* s = Sb + (int64_t)r * T;
-          bf16* prow = Pn + (int64_t)(i0 + r) * T;
-          for (int c = 0; c < nv; ++c) store_bf16x16(prow + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), inv[r]));
-          // zeros only up to the next multiple of 32 keys, the most that the products read past
-          // the diagonal's vector (P V reads whole AMX tiles of 16 pairs; the backward reads P only
-          // up to each row's diagonal vector): the rest of the row is never read, and writing its
-          // zeros cost x1.027 of an attn2 step (benchmarks/cpu_trainer.md, "Fourteenth pass")
-          std::memset(prow + 16 * nv, 0, sizeof(bf16) * (size_t)(std::min(T, (16 * nv + 31) / 32 * 32) - 16 * nv));
+        // P's rows by pairs: rounded to bf16 once (two rows in one conversion), stored row-major in
+        // Pr for P V and interleaved in the saved P, the layout the backward's dV^T product and dS
+        // pass read (benchmarks/cpu_trainer.md, "Fifteenth pass")
+        const int pcols = std::min(T, ((i0 + RB + 63) / 64) * 64);  // the backward reads pairs up to here
+        for (int r = 0; r < RB; r += 2) {
+          const float* sa = Sb + (int64_t)r * T;
+          const float* sb = sa + T;
+          bf16* ra = Pr.get() + (int64_t)(i0 + r) * T;
+          bf16* rb = ra + T;
+          uint32_t* pp = Pn + (int64_t)((i0 + r) / 2) * T;
+          for (int c = 0; c < nv; ++c) {
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sb + 16 * c), inv[r + 1]),
+                                                               _mm512_mul_ps(_mm512_loadu_ps(sa + 16 * c), inv[r]));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ra + 16 * c), _mm512_castsi512_si256(both));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(rb + 16 * c), _mm512_extracti64x4_epi64(both, 1));
+            _mm512_storeu_si512(pp + 16 * c, _mm512_permutexvar_epi16(kPairIdx, both));
+          }
+          // zeros past the diagonal's vector: in Pr up to the next multiple of 32 keys, the most that
+          // P V reads (whole AMX tiles of 16 pairs); in the saved pairs up to pcols
+          const int zr = std::min(T, (16 * nv + 31) / 32 * 32);
+          zero_bf16(ra, 16 * nv, zr);
+          zero_bf16(rb, 16 * nv, zr);
+          zero_words(pp, 16 * nv, pcols);
         }
       };
       auto store_rows = [&](int i0, int rows) {  // O's rows i0.. from Of (fp32, D per row)
@@ -356,13 +391,12 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       pack_transposed(kd + n * T * D, T, D, Kt.data());       // Kt[p][j] = k[j][2p..2p+1]
       pack_row_pairs(vd + n * T * D, T, D, D, Vp.data(), D);      // Vp[j/2][d] = (v[j][d], v[j+1][d])
       const uint32_t* Q32 = reinterpret_cast<const uint32_t*>(Q);
-      const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pn);
+      const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pr.get());
       if (amx) {
-        for (int i0 = 0; i0 < T; i0 += 16) {  // 16 query rows against keys 0..i0+15
+        for (int i0 = 0; i0 < T; i0 += 16) {  // 16 query rows against keys 0..i0+15, then their P V
           clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T); });
           for (int r = 0; r < 16; r += RB) softmax_rows(i0 + r, S.data() + (int64_t)r * T);
-        }
-        for (int i0 = 0; i0 < T; i0 += 16) {  // P rows i0..i0+15 are zero past key i0+15
+          // P rows i0..i0+15, just written (in L1), are zero past key i0+15
           clock.product([&] {
             amx_rows(D / 16, 0, whole_tiles((i0 + 16) / 2, T / 2), P32 + (int64_t)i0 * (T / 2), T / 2, Vp.data(), D,
                      Of.data(), D);
@@ -406,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   const bf16* qd = reinterpret_cast<const bf16*>(q.data_ptr());
   const bf16* kd = reinterpret_cast<const bf16*>(k.data_ptr());
   const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
-  const bf16* pd = reinterpret_cast<const bf16*>(P.data_ptr());
+  const uint32_t* pd = reinterpret_cast<const uint32_t*>(P.data_ptr());
   bf16* dqd = reinterpret_cast<bf16*>(dQ.data_ptr());
   bf16* dkd = reinterpret_cast<bf16*>(dK.data_ptr());
   bf16* dvd = reinterpret_cast<bf16*>(dV.data_ptr());
@@ -414,7 +448,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     SectionClock clock(2);
     std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2);
-    std::vector<uint32_t> Pp((size_t)T * T / 2), dSp((size_t)T * T / 2);
+    std::vector<uint32_t> dSp((size_t)T * T / 2);
+    const __m512i kPairIdx = pair_interleave_index();
+    const __m512i hi_half = _mm512_set1_epi32((int)0xFFFF0000u);
     std::vector<bf16> dS((size_t)T * T);
     std::vector<uint32_t> QT((size_t)T * D / 2), dOT((size_t)T * D / 2), tmp((size_t)T * D / 2);
     std::vector<float> dP((size_t)16 * T), Cf((size_t)D * T);
@@ -422,50 +458,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
     std::unique_ptr<AmxScope> tiles(amx ? new AmxScope : nullptr);
     for (int64_t n = begin; n < end; ++n) {
       const bf16* dOn = dod + n * T * D;
-      const bf16* Pn = pd + n * T * T;
+      const uint32_t* Pn = pd + n * T * T / 2;  // the forward's P by pairs of rows: Pn[i/2][j] = (P[i][j], P[i+1][j])
       // dS of rows i0..i0+RB-1 from their dP (keys up to i0+RB-1) in dPb (RB rows of T floats):
-      // dS row-major (for dQ) and, with P, as pairs of rows for dK^T and dV^T, whose column blocks
-      // of 64 read row i up to the end of its own block of 64 (zeros past the diagonal):
-      // Pp[i/2][j] = (P[i][j], P[i+1][j]), dSp likewise
+      // dS row-major (for dQ) and as pairs of rows (for dK^T, as P's pairs are for dV^T), whose
+      // column blocks of 64 read row i up to the end of its own block of 64 (zeros past the
+      // diagonal): dSp[i/2][j] = (dS[i][j], dS[i+1][j])
       auto ds_rows = [&](int i0, const float* dPb) {
         const int pcols = std::min(T, ((i0 + RB + 63) / 64) * 64);
         for (int r = 0; r < RB; r += 2) {
-          const int i = i0 + r;
-          const bf16* pa = Pn + (int64_t)i * T;
-          const bf16* pb = pa + T;
+          const int i = i0 + r;  // rows i, i+1 (i even): keys 0..i+1 lie in the same nv vectors
+          const int nv = i / 16 + 1;
+          const uint32_t* pp = Pn + (int64_t)(i / 2) * T;
           const float* da = dPb + (int64_t)r * T;
           const float* db = da + T;
           __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
-          for (int c = 0; c < i / 16 + 1; ++c)  // P is exactly 0 past key i, so whole vectors are safe
-            acc_a = _mm512_fmadd_ps(_mm512_loadu_ps(da + 16 * c), bf16x16_to_f32(pa + 16 * c), acc_a);
-          for (int c = 0; c < (i + 1) / 16 + 1; ++c)
-            acc_b = _mm512_fmadd_ps(_mm512_loadu_ps(db + 16 * c), bf16x16_to_f32(pb + 16 * c), acc_b);
+          for (int c = 0; c < nv; ++c) {  // P is exactly 0 past each row's key, so whole vectors are safe
+            const __m512i w = _mm512_loadu_si512(pp + 16 * c);
+            acc_a = _mm512_fmadd_ps(_mm512_loadu_ps(da + 16 * c), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc_a);
+            acc_b = _mm512_fmadd_ps(_mm512_loadu_ps(db + 16 * c), _mm512_castsi512_ps(_mm512_and_si512(w, hi_half)), acc_b);
+          }
           const __m512 rs_a = _mm512_set1_ps(_mm512_reduce_add_ps(acc_a));
           const __m512 rs_b = _mm512_set1_ps(_mm512_reduce_add_ps(acc_b));
           bf16* sa = dS.data() + (int64_t)i * T;
           bf16* sb = sa + T;
-          uint32_t* ppo = Pp.data() + (int64_t)(i / 2) * T;
           uint32_t* dso = dSp.data() + (int64_t)(i / 2) * T;
-          const int nv = (i + 1) / 16 + 1;  // vectors holding keys 0..i+1
           for (int c = 0; c < nv; ++c) {
-            const __m256i ra = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + 16 * c));
-            const __m256i rb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 16 * c));
-            const __m512i wa = _mm512_cvtepu16_epi32(ra), wb = _mm512_cvtepu16_epi32(rb);
-            _mm512_storeu_si512(ppo + 16 * c, _mm512_or_si512(wa, _mm512_slli_epi32(wb, 16)));
-            const __m512 fa = _mm512_castsi512_ps(_mm512_slli_epi32(wa, 16));
-            const __m512 fb = _mm512_castsi512_ps(_mm512_slli_epi32(wb, 16));
-            const __m256i ga = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(fa, _mm512_sub_ps(_mm512_loadu_ps(da + 16 * c), rs_a)), sc));
-            const __m256i gb = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(fb, _mm512_sub_ps(_mm512_loadu_ps(db + 16 * c), rs_b)), sc));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sa + 16 * c), ga);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb + 16 * c), gb);
-            _mm512_storeu_si512(dso + 16 * c, _mm512_or_si512(_mm512_cvtepu16_epi32(ga), _mm512_slli_epi32(_mm512_cvtepu16_epi32(gb), 16)));
+            const __m512i w = _mm512_loadu_si512(pp + 16 * c);
+            const __m512 fa = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            const __m512 fb = _mm512_castsi512_ps(_mm512_and_si512(w, hi_half));
+            const __m512 ga = _mm512_mul_ps(_mm512_mul_ps(fa, _mm512_sub_ps(_mm512_loadu_ps(da + 16 * c), rs_a)), sc);
+            const __m512 gb = _mm512_mul_ps(_mm512_mul_ps(fb, _mm512_sub_ps(_mm512_loadu_ps(db + 16 * c), rs_b)), sc);
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(gb, ga);  // [dS row i | dS row i+1], bf16
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sa + 16 * c), _mm512_castsi512_si256(both));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb + 16 * c), _mm512_extracti64x4_epi64(both, 1));
+            _mm512_storeu_si512(dso + 16 * c, _mm512_permutexvar_epi16(kPairIdx, both));
           }
-          std::memset(sa + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
-          std::memset(sb + 16 * nv, 0, sizeof(bf16) * (size_t)(T - 16 * nv));
-          if (pcols > 16 * nv) {
-            std::memset(ppo + 16 * nv, 0, sizeof(uint32_t) * (size_t)(pcols - 16 * nv));
-            std::memset(dso + 16 * nv, 0, sizeof(uint32_t) * (size_t)(pcols - 16 * nv));
-          }
+          // dQ reads dS up to the next multiple of 32 keys (whole AMX tiles of 16 pairs); the pairs
+          // up to pcols
+          const int zr = std::min(T, (16 * nv + 31) / 32 * 32);
+          zero_bf16(sa, 16 * nv, zr);
+          zero_bf16(sb, 16 * nv, zr);
+          zero_words(dso, 16 * nv, pcols);
         }
       };
       auto store_dq = [&](int i0, int rows) {
@@ -497,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
         // rows from j0 on are zero (or written zeros) past each row's diagonal up to j0+63 (ds_rows)
         for (int which = 0; which < 2; ++which) {
           const uint32_t* A = which == 0 ? QT.data() : dOT.data();
-          const uint32_t* B = which == 0 ? dSp.data() : Pp.data();
+          const uint32_t* B = which == 0 ? dSp.data() : Pn;
           float* C = Cf.data();
           clock.product([&] {
             for (int d0 = 0; d0 < D; d0 += 16)
@@ -529,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
       // dK^T = Q^T dS and dV^T = dO^T P: (D, T), columns j0.. need queries i >= j0
       for (int which = 0; which < 2; ++which) {
         const uint32_t* A = which == 0 ? QT.data() : dOT.data();
-        const uint32_t* B = which == 0 ? dSp.data() : Pp.data();
+        const uint32_t* B = which == 0 ? dSp.data() : Pn;
         float* C = Cf.data();  // (D, T)
         clock.product([&] {
           for (int d0 = 0; d0 < D; d0 += RB) {
