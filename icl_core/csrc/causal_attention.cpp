@@ -285,6 +285,26 @@ inline void zero_bf16(bf16* p, int from, int to) {
   for (int c = from; c < to; c += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c), _mm256_setzero_si256());
 }
 
+// Two rows i, i+1 of P or dS at keys 16c..16c+15 (fp32 a, b), rounded to bf16 in one conversion:
+// stored row-major (ra, rb) and as pairs of rows (pp, one 32-bit word per key)
+inline void store_row_pair(__m512 a, __m512 b, __m512i pair_idx, bf16* ra, bf16* rb, uint32_t* pp) {
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // [row i | row i+1]
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ra), _mm512_castsi512_si256(both));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(rb), _mm512_extracti64x4_epi64(both, 1));
+  _mm512_storeu_si512(pp, _mm512_permutexvar_epi16(pair_idx, both));
+}
+
+// Zeros past a row pair's diagonal vector (its data in the first nv vectors): in the rows up to the
+// next multiple of 32 keys, the most that the (T x d_head) products' AMX tiles of 16 pairs read; in
+// the pairs up to pcols, the end of the pair's block of 64 keys, the most that the (d_head x T)
+// products read
+inline void zero_pair_tail(bf16* ra, bf16* rb, uint32_t* pp, int nv, int T, int pcols) {
+  const int zr = std::min(T, (16 * nv + 31) / 32 * 32);
+  zero_bf16(ra, 16 * nv, zr);
+  zero_bf16(rb, 16 * nv, zr);
+  zero_words(pp, 16 * nv, pcols);
+}
+
 constexpr int RB = 4;   // rows per block of the (T x T) products
 static_assert(16 % RB == 0, "a row block lies within one vector of 16 keys");
 constexpr int RO = 8;   // rows per block of the (T x d_head) products
@@ -368,19 +388,11 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
           bf16* ra = Pr.get() + (int64_t)(i0 + r) * T;
           bf16* rb = ra + T;
           uint32_t* pp = Pn + (int64_t)((i0 + r) / 2) * T;
-          for (int c = 0; c < nv; ++c) {
-            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sb + 16 * c), inv[r + 1]),
-                                                               _mm512_mul_ps(_mm512_loadu_ps(sa + 16 * c), inv[r]));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(ra + 16 * c), _mm512_castsi512_si256(both));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(rb + 16 * c), _mm512_extracti64x4_epi64(both, 1));
-            _mm512_storeu_si512(pp + 16 * c, _mm512_permutexvar_epi16(kPairIdx, both));
-          }
-          // zeros past the diagonal's vector: in Pr up to the next multiple of 32 keys, the most that
-          // P V reads (whole AMX tiles of 16 pairs); in the saved pairs up to pcols
-          const int zr = std::min(T, (16 * nv + 31) / 32 * 32);
-          zero_bf16(ra, 16 * nv, zr);
-          zero_bf16(rb, 16 * nv, zr);
-          zero_words(pp, 16 * nv, pcols);
+          for (int c = 0; c < nv; ++c)
+            store_row_pair(_mm512_mul_ps(_mm512_loadu_ps(sa + 16 * c), inv[r]),
+                           _mm512_mul_ps(_mm512_loadu_ps(sb + 16 * c), inv[r + 1]), kPairIdx, ra + 16 * c,
+                           rb + 16 * c, pp + 16 * c);
+          zero_pair_tail(ra, rb, pp, nv, T, pcols);  // P V reads Pr up to 32 keys, dV^T the pairs up to pcols
         }
       };
       auto store_rows = [&](int i0, int rows) {  // O's rows i0.. from Of (fp32, D per row)
@@ -488,17 +500,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
             const __m512 fb = _mm512_castsi512_ps(_mm512_and_si512(w, hi_half));
             const __m512 ga = _mm512_mul_ps(_mm512_mul_ps(fa, _mm512_sub_ps(_mm512_loadu_ps(da + 16 * c), rs_a)), sc);
             const __m512 gb = _mm512_mul_ps(_mm512_mul_ps(fb, _mm512_sub_ps(_mm512_loadu_ps(db + 16 * c), rs_b)), sc);
-            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(gb, ga);  // [dS row i | dS row i+1], bf16
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sa + 16 * c), _mm512_castsi512_si256(both));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(sb + 16 * c), _mm512_extracti64x4_epi64(both, 1));
-            _mm512_storeu_si512(dso + 16 * c, _mm512_permutexvar_epi16(kPairIdx, both));
+            store_row_pair(ga, gb, kPairIdx, sa + 16 * c, sb + 16 * c, dso + 16 * c);
           }
-          // dQ reads dS up to the next multiple of 32 keys (whole AMX tiles of 16 pairs); the pairs
-          // up to pcols
-          const int zr = std::min(T, (16 * nv + 31) / 32 * 32);
-          zero_bf16(sa, 16 * nv, zr);
-          zero_bf16(sb, 16 * nv, zr);
-          zero_words(dso, 16 * nv, pcols);
+          zero_pair_tail(sa, sb, dso, nv, T, pcols);  // dQ reads dS up to 32 keys, dK^T the pairs up to pcols
         }
       };
       auto store_dq = [&](int i0, int rows) {
