@@ -9,6 +9,8 @@ namespace icl_fused {
 
 using bf16 = uint16_t;
 
+constexpr float kLog2e = 1.44269504088896341f;
+
 inline __m512 bf16x16_to_f32(const bf16* p) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -25,8 +27,7 @@ inline __m512 exp_nonpos(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654f);
   __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
   x = _mm512_max_ps(x, lo);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 y = _mm512_set1_ps(1.9875691500e-4f);
@@ -61,7 +62,5 @@ inline __m512 exp2_nonpos(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
-
-constexpr float kLog2e = 1.44269504088896341f;
 
 }  // namespace icl_fused

@@ -39,7 +39,7 @@ inline void rope_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf1
   }
 }
 
-// v's rows as they are: D bf16 (a multiple of 32) in 64-byte vectors (memcpy's call cost more)
+// v's rows as they are: D bf16 (a multiple of 32) in 64-byte vectors, inline (a memcpy call per row before)
 inline void copy_row(const bf16* src, int64_t D, bf16* dst) {
   for (int64_t j = 0; j < D; j += 32) _mm512_storeu_si512(dst + j, _mm512_loadu_si512(src + j));
 }
