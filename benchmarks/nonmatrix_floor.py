@@ -72,14 +72,17 @@ def share_if_alone(res: dict) -> dict:
 # profiler op names (after step_worker._short) of each part of the step outside the matrix calls
 PARTS = {
     "loss softmax + logit gradient": ("icl_fused::softmax_cross_entropy_grad", "icl_fused::softmax_cross_entropy_grad_"),
-    "attention, outside its products": ("icl_fused::causal_attention_fwd", "icl_fused::causal_attention_bwd"),
+    # with RoPE the attention reads the projection's output and rotates queries and keys itself (the
+    # sixteenth pass; before it the separate rope_split_qkv kernels, counted here too for older checkouts)
+    "attention, outside its products": ("icl_fused::causal_attention_fwd", "icl_fused::causal_attention_bwd",
+                                        "icl_fused::attention_qkv_fwd", "icl_fused::attention_qkv_bwd",
+                                        "icl_fused::rope_split_qkv", "icl_fused::rope_split_qkv_bwd"),
     "AdamW": ("aten::_fused_adamw_",),
     # the clipping's ops by name: a generic op (add, mul_, div) elsewhere outside the compiled graph counts here too
     "clipping (norms, scale)": ("aten::linalg_vector_norm", "aten::_foreach_norm", "aten::mul_", "aten::_foreach_mul_",
                                 "aten::stack", "aten::clamp", "aten::add", "aten::reciprocal", "aten::div"),
     "inductor's elementwise kernels (layer norms, residual adds, casts, embedding)":
         ("compiled elementwise kernels (inductor)",),
-    "RoPE kernels": ("icl_fused::rope_split_qkv", "icl_fused::rope_split_qkv_bwd"),
 }
 
 
@@ -143,11 +146,22 @@ def main(argv=None):
         lambda: fused_attention.softmax_cross_entropy_grad_(logits, targets, 1.0 / rows), reps=a.reps)}
     alone["attention, outside its products"] = None  # a model whose attention the kernel does not take
     if fused_attention.takes_shape(Tn, dh):
-        q, k, v, dO = (torch.randn(B * H, Tn, dh, generator=g).to(torch.bfloat16) for _ in range(4))
-        O, P = torch.ops.icl_fused.causal_attention_fwd(q, k, v)
+        ops = torch.ops.icl_fused
+        if mc.positional == "rope" and not mc.smeared_keys:  # as the step calls it: from the projection's output
+            qkv = torch.randn(B, Tn, 3, H, dh, generator=g).to(torch.bfloat16)
+            dO = torch.randn(B, Tn, H, dh, generator=g).to(torch.bfloat16)
+            cos, sin = (t[:Tn].to(torch.bfloat16).contiguous() for t in M.rope_tables(Tn, dh))
+            _O, P, QK = ops.attention_qkv_fwd(qkv, cos, sin)
+            fwd_call, bwd_call = (lambda: ops.attention_qkv_fwd(qkv, cos, sin)), (
+                lambda: ops.attention_qkv_bwd(dO, qkv, cos, sin, P, QK))
+        else:
+            q, k, v, dO = (torch.randn(B * H, Tn, dh, generator=g).to(torch.bfloat16) for _ in range(4))
+            _O, P = ops.causal_attention_fwd(q, k, v)
+            fwd_call, bwd_call = (lambda: ops.causal_attention_fwd(q, k, v)), (
+                lambda: ops.causal_attention_bwd(dO, q, k, v, P))
         fused_attention.attention_cycles(True)
-        fwd = median_ms(lambda: torch.ops.icl_fused.causal_attention_fwd(q, k, v), reps=a.reps)
-        bwd = median_ms(lambda: torch.ops.icl_fused.causal_attention_bwd(dO, q, k, v, P), reps=a.reps)
+        fwd = median_ms(fwd_call, reps=a.reps)
+        bwd = median_ms(bwd_call, reps=a.reps)
         tk = fused_attention.attention_cycles(False)
         alone["attention, outside its products"] = mc.n_layers * (
             fwd * (1 - tk["fwd_products"] / tk["fwd_total"]) + bwd * (1 - tk["bwd_products"] / tk["bwd_total"]))
@@ -175,7 +189,6 @@ def main(argv=None):
     n_ln = mc.n_layers * (1 if mc.attn_only else 2) + 1
     alone["inductor's elementwise kernels (layer norms, residual adds, casts, embedding)"] = n_ln * median_ms(
         layer_norm, reps=a.reps)
-    alone["RoPE kernels"] = None  # no separate floor measured: one read and one write of (tokens, 3 d_model)
     resid, resid2 = torch.randn(B * Tn, d, generator=g), torch.empty(B * Tn, d)
     one_pass = median_ms(lambda: resid2.copy_(resid), calls=200, reps=a.reps)
     t16 = torch.randn(16, 16, generator=g).to(torch.bfloat16)

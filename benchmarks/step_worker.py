@@ -130,6 +130,12 @@ def _attention_cycles():
     return fn if fn is not None and fused_attention.available() else None
 
 
+# the fused attention's ops per direction, each timed by the kernel's clock: on (N, T, d_head) inputs,
+# and reading the projection's output with RoPE (since the sixteenth pass)
+ATTENTION_OPS = {"fwd": ("icl_fused::causal_attention_fwd", "icl_fused::attention_qkv_fwd"),
+                 "bwd": ("icl_fused::causal_attention_bwd", "icl_fused::attention_qkv_bwd")}
+
+
 def attention_products(by_op: dict, ticks: dict | None, matrix: float, total: float) -> dict:
     """The attention's products as matrix work: each direction's call time (profiler self time, in
     ``by_op``) times the fraction of that call's thread time the kernel's own clock put in its
@@ -141,7 +147,7 @@ def attention_products(by_op: dict, ticks: dict | None, matrix: float, total: fl
         return {}
     frac = {part: ticks[f"{part}_products"] / ticks[f"{part}_total"] for part in ("fwd", "bwd")
             if ticks[f"{part}_total"] > 0}
-    prod = sum(by_op.get(f"icl_fused::causal_attention_{part}", 0.0) * f for part, f in frac.items())
+    prod = sum(by_op.get(op, 0.0) * f for part, f in frac.items() for op in ATTENTION_OPS[part])
     return {"attention_products_share": prod / total, "matrix_share_with_attention": (matrix + prod) / total,
             "attention_products_fraction": frac}
 

@@ -16,6 +16,10 @@ torch ops that made several passes over memory where one suffices (``benchmarks/
 out per head, one pass each way, ``csrc/rope_qkv.cpp``), :func:`softmax_cross_entropy_grad` (the
 loss's softmax and logit gradient, one exp per logit, ``csrc/cross_entropy.cpp``) and
 :func:`bias_gelu` (the MLP's bias + exact GELU, its backward in one pass, ``csrc/bias_gelu.cpp``).
+Since the sixteenth pass training calls :func:`attention_qkv` instead of :func:`rope_split_qkv` and
+:func:`attention`: the same rotation and attention, bit for bit, in one kernel per direction that reads
+the projection's output and writes z as W_O reads it; :func:`rope_split_qkv` stays as the composition
+it is tested against.
 Like the attention they run only where gradients are wanted; evaluation keeps the torch ops.
 
 On CPUs with AMX (``amx_bf16``, ``amx_tile``: Intel Xeon from Sapphire Rapids on) the attention's
@@ -152,6 +156,25 @@ def _register():
 
     torch.library.register_autograd("icl_fused::causal_attention_fwd", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("icl_fused::attention_qkv_fwd")
+    def _(qkv, cos, sin):
+        B, T, _three, H, D = qkv.shape
+        return qkv.new_empty((B, T, H, D)), qkv.new_empty((B * H, T, T)), qkv.new_empty((2, B * H, T, D))
+
+    @torch.library.register_fake("icl_fused::attention_qkv_bwd")
+    def _(dO, qkv, cos, sin, P, QK):
+        return torch.empty_like(qkv)
+
+    def qkv_setup(ctx, inputs, output):
+        qkv, cos, sin = inputs
+        ctx.save_for_backward(qkv, cos, sin, output[1], output[2])
+
+    def qkv_backward(ctx, dO, _dP, _dQK):
+        qkv, cos, sin, P, QK = ctx.saved_tensors
+        return torch.ops.icl_fused.attention_qkv_bwd(dO.contiguous(), qkv, cos, sin, P, QK), None, None
+
+    torch.library.register_autograd("icl_fused::attention_qkv_fwd", qkv_backward, setup_context=qkv_setup)
+
     @torch.library.register_fake("icl_fused::softmax_cross_entropy_grad_")
     def _(logits, targets, scale):
         return logits.new_empty((), dtype=torch.float32)
@@ -262,6 +285,18 @@ def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     T = qkv.shape[1]
     cos, sin = (t[:T].to(torch.bfloat16).contiguous() for t in (cos, sin))
     return torch.ops.icl_fused.rope_split_qkv(qkv.contiguous(), cos, sin)
+
+
+def attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The attention of :func:`rope_split_qkv`'s (q, k, v) as (B, T, H, d_head) bf16 (the layout W_O's
+    product reads), bit for bit ``attention(*rope_split_qkv(qkv, cos, sin))`` transposed, without
+    the separate passes: each (batch × head) slice's queries and keys are rotated as the kernel packs
+    them (and kept for the backward), values read in place, and the backward writes the
+    (B, T, 3, H, d_head) gradient directly
+    (``csrc/causal_attention.cpp``; benchmarks/cpu_trainer.md, "Sixteenth pass"). Differentiable in ``qkv``."""
+    T = qkv.shape[1]
+    cos, sin = (t[:T].to(torch.bfloat16).contiguous() for t in (cos, sin))
+    return torch.ops.icl_fused.attention_qkv_fwd(qkv.contiguous(), cos, sin)[0]
 
 
 def kernels_for(mc) -> list[str]:

@@ -206,14 +206,14 @@ class Attention(nn.Module):
             if cfg.attn_bias:
                 qkv = qkv + self._half_split(self.b_qkv.unsqueeze(0)).reshape(3 * H * dh)
             qkv = qkv.view(B, T, 3, H, dh)
-            # training in bf16 on a CPU with AVX-512 and nothing hooked: rotation and the (B·H, T, dh)
-            # layout in one pass each way (icl_core.fused_attention.rope_split_qkv), then the fused
-            # attention; the same formulas as the lines below (benchmarks/cpu_trainer.md, "Tenth pass")
+            # training in bf16 on a CPU with AVX-512 and nothing hooked: the fused attention reads the
+            # projection's output, rotating queries and keys as it packs them, and writes z in the
+            # (B, T, H, dh) layout W_O reads (icl_core.fused_attention.attention_qkv); the same formulas
+            # as the lines below (benchmarks/cpu_trainer.md, "Tenth pass", "Sixteenth pass")
             if (torch.is_grad_enabled() and qkv.requires_grad and not cfg.smeared_keys and not model._wants(name)
                     and torch.is_autocast_enabled(x.device.type) and fused_attention.rope_split_usable(qkv)):
-                q, k, v = fused_attention.rope_split_qkv(qkv, model.rope_cos_half, model.rope_sin_half)
-                z = fused_attention.attention(q, k, v)
-                return self._out(z.view(B, H, T, dh).transpose(1, 2).reshape(B, T, H * dh))
+                z = fused_attention.attention_qkv(qkv, model.rope_cos_half, model.rope_sin_half)
+                return self._out(z.reshape(B, T, H * dh))
             cos, sin = (t[:T, None].to(qkv.dtype) for t in (model.rope_cos_half, model.rope_sin_half))  # (T, 1, dh)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             q = q * cos + swap_halves(q) * sin  # apply_rope(q) with its dimensions in half-split order

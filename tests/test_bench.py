@@ -115,6 +115,9 @@ def test_attention_products_known_answer():
     # no attention calls timed (a model without the fused attention): nothing added
     idle = dict.fromkeys(ticks, 0)
     assert step_worker.attention_products(by_op, idle, 3.0, 10.0)["matrix_share_with_attention"] == pytest.approx(0.3)
+    # the attention reading the projection's output (RoPE models since the sixteenth pass): the same split
+    qkv_ops = {"icl_fused::attention_qkv_fwd": 2.0, "icl_fused::attention_qkv_bwd": 4.0, "aten::mm": 3.0}
+    assert step_worker.attention_products(qkv_ops, ticks, 3.0, 10.0)["attention_products_share"] == pytest.approx(0.25)
 
 
 def test_side_by_side_of_two_checkouts(tmp_path):

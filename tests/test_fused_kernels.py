@@ -1,6 +1,7 @@
 """The fused CPU kernels beside the attention (icl_core/csrc): the loss's softmax step
 (cross_entropy.cpp), the MLP's bias + GELU (bias_gelu.cpp) and the attention's RoPE'd inputs
-(rope_qkv.cpp), against float64 and the torch ops they replace; training takes them, evaluation not."""
+(rope_qkv.cpp, and inside the attention: causal_attention.cpp's attention_qkv), against float64 and
+the torch ops they replace; training takes them, evaluation not."""
 import math
 
 import pytest
@@ -296,6 +297,55 @@ def test_rope_split_bad_input_one_clear_line():
     assert not fa.rope_split_usable(qkv[:, :48].contiguous())  # T not a multiple of 32
 
 
+@pytest.mark.parametrize("B,T,H,D", [(2, 64, 3, 32), (3, 96, 2, 64), (1, 256, 4, 32), (2, 160, 2, 32)])
+def test_attention_qkv_is_rope_split_then_attention_bit_for_bit(B, T, H, D):
+    """The attention reading the projection's output (queries and keys rotated as it packs them, z
+    written as (B, T, H, D), the gradient as (B, T, 3, H, D)) is the two kernels it replaces, bit for
+    bit: output, pattern and gradient, on both product paths (where the CPU has AMX) and at 1 and 2
+    threads."""
+    qkv, cos, sin = rope_inputs(B=B, T=T, H=H, D=D)
+    qkv = qkv * 2
+    dO = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(5)).bfloat16()
+    before = fa.amx()
+    paths = [False, True] if fa.amx(True) else [False]
+    try:
+        for use in paths:
+            fa.amx(use)
+
+            def both():
+                x1, x2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+                q, k, v = fa.rope_split_qkv(x1, cos, sin)
+                z1 = fa.attention(q, k, v).view(B, H, T, D).transpose(1, 2)
+                z1.backward(dO)
+                z2 = fa.attention_qkv(x2, cos, sin)
+                z2.backward(dO)
+                c, s = (t[:T].bfloat16().contiguous() for t in (cos, sin))
+                P2 = torch.ops.icl_fused.attention_qkv_fwd(qkv, c, s)[1]
+                unpack = lambda P: P.view(B * H, T // 2, T, 2).transpose(2, 3).reshape(B * H, T, T).tril()  # noqa: E731
+                assert torch.equal(z2, z1) and torch.equal(x2.grad, x1.grad)
+                assert torch.equal(unpack(P2), fa.pattern(q.detach(), k.detach(), v.detach()))
+                return z2.detach(), x2.grad
+
+            outs = threads_outputs(both, counts=(1, 2))
+            assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
+    finally:
+        fa.amx(before)
+
+
+def test_attention_qkv_bad_input_one_clear_line():
+    qkv, cos, sin = rope_inputs()
+    c, s = cos.bfloat16().contiguous(), sin.bfloat16().contiguous()
+    with pytest.raises(RuntimeError, match="qkv must be a contiguous \\(B, T, 3, H, d_head\\) bf16 CPU tensor"):
+        torch.ops.icl_fused.attention_qkv_fwd(qkv[:, :48].contiguous(), c, s)  # T not a multiple of 32
+    with pytest.raises(RuntimeError, match="cos and sin must be contiguous bf16 CPU tables"):
+        torch.ops.icl_fused.attention_qkv_fwd(qkv, c[:10].contiguous(), s)
+    O, P, QK = torch.ops.icl_fused.attention_qkv_fwd(qkv, c, s)
+    with pytest.raises(RuntimeError, match="dO must be a contiguous \\(B, T, H, d_head\\) bf16 CPU tensor"):
+        torch.ops.icl_fused.attention_qkv_bwd(O.float(), qkv, c, s, P, QK)
+    with pytest.raises(RuntimeError, match="QK must be the forward's"):
+        torch.ops.icl_fused.attention_qkv_bwd(O, qkv, c, s, P, QK[:1].contiguous())
+
+
 def test_model_training_step_fused_against_torch_ops(monkeypatch):
     """A bf16 training step of a model with RoPE and MLPs (n_ctx 64, d_head 32, d_vocab 256): with
     the kernels and with the torch ops, the same loss to bf16 precision and gradients within its
@@ -306,7 +356,7 @@ def test_model_training_step_fused_against_torch_ops(monkeypatch):
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_vocab=256, n_ctx=64, attn_only=False, positional="rope")
     x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     calls = {}
-    for name in ("rope_split_qkv", "bias_gelu", "softmax_cross_entropy_grad_"):
+    for name in ("attention_qkv", "bias_gelu", "softmax_cross_entropy_grad_"):
         orig = getattr(fa, name)
         monkeypatch.setattr(fa, name, lambda *a, _o=orig, _n=name: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _o(*a))
 
@@ -319,10 +369,10 @@ def test_model_training_step_fused_against_torch_ops(monkeypatch):
         return loss.item(), {n: p.grad for n, p in net.named_parameters()}
 
     l_fused, g_fused = step()
-    assert calls == {"rope_split_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad_": 1}
+    assert calls == {"attention_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad_": 1}
     monkeypatch.setitem(fa._state, "ok", False)
     l_torch, g_torch = step()
-    assert calls == {"rope_split_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad_": 1}
+    assert calls == {"attention_qkv": 2, "bias_gelu": 2, "softmax_cross_entropy_grad_": 1}
     assert abs(l_fused - l_torch) < 5e-3 * l_torch
     for n in g_torch:
         assert rel(g_fused[n], g_torch[n].double()) < 5e-2, n

@@ -1,5 +1,5 @@
-// Shared AVX-512 helpers of the fused CPU kernels (causal_attention.cpp, cross_entropy.cpp, bias_gelu.cpp):
-// bf16 <-> fp32 conversions and exponentials for non-positive arguments.
+// Shared AVX-512 helpers of the fused CPU kernels (causal_attention.cpp, cross_entropy.cpp, bias_gelu.cpp,
+// rope_qkv.cpp): bf16 <-> fp32 conversions, exponentials for non-positive arguments, RoPE's rotation of a row.
 #pragma once
 #include <immintrin.h>
 
@@ -61,6 +61,20 @@ inline __m512 exp2_nonpos(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// RoPE (rope_qkv.cpp, and causal_attention.cpp's attention_qkv): one row of D (a multiple of 32)
+// bf16 values: x * cos + swap_halves(x) * sin (the rotation), or with
+// Transpose its transpose g * cos + swap_halves(g * sin) (the rotation's backward).
+template <bool Transpose>
+inline void rope_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf16* out) {
+  const int64_t h = D / 2;
+  for (int64_t j = 0; j < D; j += 16) {
+    const int64_t partner = j < h ? j + h : j - h;
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(bf16x16_to_f32(x + j), bf16x16_to_f32(c + j)),
+                             _mm512_mul_ps(bf16x16_to_f32(x + partner), bf16x16_to_f32(s + (Transpose ? partner : j))));
+    store_bf16x16(out + j, y);
+  }
 }
 
 }  // namespace icl_fused

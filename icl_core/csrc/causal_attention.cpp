@@ -122,32 +122,33 @@ inline void transpose16x16(__m512 r[16]) {
   }
 }
 
-// Transpose a row-major (rows x cols) matrix of 32-bit words into (cols x rows), by 16 x 16 blocks
-// (rows and cols multiples of 16).
-void transpose32(const uint32_t* in, int rows, int cols, uint32_t* out) {
+// Transpose a row-major (rows x cols) matrix of 32-bit words (rows ld_in words apart) into (cols x
+// rows), by 16 x 16 blocks (rows and cols multiples of 16).
+void transpose32(const uint32_t* in, int rows, int cols, int64_t ld_in, uint32_t* out) {
   __m512 r[16];
   for (int i = 0; i < rows; i += 16)
     for (int c = 0; c < cols; c += 16) {
-      for (int k = 0; k < 16; ++k) r[k] = _mm512_castsi512_ps(_mm512_loadu_si512(in + (int64_t)(i + k) * cols + c));
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_castsi512_ps(_mm512_loadu_si512(in + (int64_t)(i + k) * ld_in + c));
       transpose16x16(r);
       for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + (int64_t)(c + k) * rows + i, _mm512_castps_si512(r[k]));
     }
 }
 
 // Pair-pack the transpose: out[p][i] = (in[i][2p], in[i][2p+1]) for a row-major (rows x cols) bf16
-// matrix (rows and cols / 2 multiples of 16): a transpose of 32-bit words.
-void pack_transposed(const bf16* in, int rows, int cols, uint32_t* out) {
-  transpose32(reinterpret_cast<const uint32_t*>(in), rows, cols / 2, out);
+// matrix, rows ld_in values apart (rows and cols / 2 multiples of 16): a transpose of 32-bit words.
+void pack_transposed(const bf16* in, int rows, int cols, int64_t ld_in, uint32_t* out) {
+  transpose32(reinterpret_cast<const uint32_t*>(in), rows, cols / 2, ld_in / 2, out);
 }
 
-// out[j][0..D) (bf16) = C[0..D)[j] for a row-major (D x T) fp32 C; D and T multiples of 16.
-void store_transposed(const float* C, int D, int T, bf16* out) {
+// out[j][0..D) (bf16, rows ld_out values apart) = C[0..D)[j] for a row-major (D x T) fp32 C; D and T
+// multiples of 16.
+void store_transposed(const float* C, int D, int T, bf16* out, int64_t ld_out) {
   __m512 r[16];
   for (int d0 = 0; d0 < D; d0 += 16)
     for (int j0 = 0; j0 < T; j0 += 16) {
       for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(C + (int64_t)(d0 + k) * T + j0);
       transpose16x16(r);
-      for (int k = 0; k < 16; ++k) store_bf16x16(out + (int64_t)(j0 + k) * D + d0, r[k]);
+      for (int k = 0; k < 16; ++k) store_bf16x16(out + (int64_t)(j0 + k) * ld_out + d0, r[k]);
     }
 }
 
@@ -314,27 +315,44 @@ void check_inputs(const at::Tensor& t, const char* name) {
               "fused causal attention: ", name, " must be a contiguous (N, T, d_head) bf16 CPU tensor");
 }
 
-}  // namespace
+// Where slice n = b heads + h of an operand lives: its rows at base + b bstride + h D + t ld (bf16
+// values). (N, T, D) tensors: heads 1, bstride T D, ld D; q, k or v inside the projection's
+// (B, T, 3, H, D) output: heads H, bstride 3 T H D, ld 3 H D; O and dO as (B, T, H, D): ld H D.
+struct Rows {
+  bf16* base;
+  int64_t heads, bstride, ld;
+  bf16* at(int64_t n, int D) const { return base + (n / heads) * bstride + (n % heads) * D; }
+};
 
-// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) bf16, and P as the backward reads it: an (N, T, T)
-// bf16 buffer holding each slice's rows by pairs, P[n][i/2][j][i%2] (P[i][j] and P[i+1][j] in one
-// 32-bit word); past each pair's diagonal vector zero up to the end of its block of 64 keys and
-// unset beyond (nothing reads them). fused_attention.pattern unpacks it.
-std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v) {
-  check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
-  const int64_t N = q.size(0);
-  const int T = (int)q.size(1), D = (int)q.size(2);
-  TORCH_CHECK(T % 32 == 0 && D % 32 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "fused causal attention: T and d_head must be multiples of 32 and q, k, v of one shape");
-  auto O = at::empty({N, T, D}, q.options());
-  auto P = at::empty({N, (int64_t)T, (int64_t)T}, q.options());
+Rows contiguous(const at::Tensor& t) {  // an (N, T, D) tensor
+  return {reinterpret_cast<bf16*>(t.data_ptr()), 1, t.size(1) * t.size(2), t.size(2)};
+}
+
+// RoPE's (T, D) tables in the half-split order (rope_qkv.cpp), or none
+struct Rope {
+  const bf16* cos = nullptr;
+  const bf16* sin = nullptr;
+  explicit operator bool() const { return cos != nullptr; }
+};
+
+// slice n's queries (or keys) as the products read them: rotated into buf (T x D) with rope (the same
+// rows rope_qkv.cpp's rope_split_qkv writes), else in place. Returns the rows and their stride.
+inline const bf16* rotated(const Rows& x, int64_t n, int T, int D, const Rope& rope, bf16* buf, int64_t& ld) {
+  const bf16* src = x.at(n, D);
+  if (!rope) {
+    ld = x.ld;
+    return src;
+  }
+  for (int t = 0; t < T; ++t) rope_row<false>(src + t * x.ld, rope.cos + (int64_t)t * D, rope.sin + (int64_t)t * D, D, buf + (int64_t)t * D);
+  ld = D;
+  return buf;
+}
+
+// The forward of N slices: q, k, v in (with rope q and k rotated first, into qr and kr: (N, T, D),
+// kept for the backward), O out; P saved by pairs of rows at pd.
+void attention_forward(int64_t N, int T, int D, const Rows& q, const Rows& k, const Rows& v, const Rope& rope,
+                       const Rows& o, uint32_t* pd, bf16* qr = nullptr, bf16* kr = nullptr) {
   const float scale = 1.0f / std::sqrt((float)D);
-  const bf16* qd = reinterpret_cast<const bf16*>(q.data_ptr());
-  const bf16* kd = reinterpret_cast<const bf16*>(k.data_ptr());
-  const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
-  bf16* od = reinterpret_cast<bf16*>(O.data_ptr());
-  uint32_t* pd = reinterpret_cast<uint32_t*>(P.data_ptr());
   const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     SectionClock clock(0);
@@ -345,7 +363,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
     const __m512 k2 = _mm512_set1_ps(scale * kLog2e);  // the scale and exp's base change in one product
     std::unique_ptr<AmxScope> tiles(amx ? new AmxScope : nullptr);
     for (int64_t n = begin; n < end; ++n) {
-      const bf16* Q = qd + n * T * D;
+      int64_t ldq, ldk;
+      const bf16* Q = rotated(q, n, T, D, rope, rope ? qr + n * T * D : nullptr, ldq);
+      const bf16* K = rotated(k, n, T, D, rope, rope ? kr + n * T * D : nullptr, ldk);
       uint32_t* Pn = pd + n * T * T / 2;  // the saved P, pairs of rows: Pn[i/2][j] = (P[i][j], P[i+1][j])
       // scale, mask and softmax of rows i0..i0+RB-1, whose scores (keys up to i0+RB-1) are in Sb
       // (RB rows of T floats); P's rows written as bf16 to Pr and to the saved pairs Pn
@@ -395,18 +415,19 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
           zero_pair_tail(ra, rb, pp, nv, T, pcols);  // P V reads Pr up to 32 keys, dV^T the pairs up to pcols
         }
       };
+      bf16* On = o.at(n, D);
       auto store_rows = [&](int i0, int rows) {  // O's rows i0.. from Of (fp32, D per row)
-        bf16* orow = od + n * T * D + (int64_t)i0 * D;
         for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < D / 16; ++c) store_bf16x16(orow + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Of.data() + r * D + 16 * c));
+          for (int c = 0; c < D / 16; ++c) store_bf16x16(On + (i0 + r) * o.ld + 16 * c, _mm512_loadu_ps(Of.data() + r * D + 16 * c));
       };
-      pack_transposed(kd + n * T * D, T, D, Kt.data());       // Kt[p][j] = k[j][2p..2p+1]
-      pack_row_pairs(vd + n * T * D, T, D, D, Vp.data(), D);      // Vp[j/2][d] = (v[j][d], v[j+1][d])
+      pack_transposed(K, T, D, ldk, Kt.data());                 // Kt[p][j] = k[j][2p..2p+1]
+      pack_row_pairs(v.at(n, D), T, D, (int)v.ld, Vp.data(), D);  // Vp[j/2][d] = (v[j][d], v[j+1][d])
       const uint32_t* Q32 = reinterpret_cast<const uint32_t*>(Q);
+      const int lq = (int)(ldq / 2);
       const uint32_t* P32 = reinterpret_cast<const uint32_t*>(Pr.get());
       if (amx) {
         for (int i0 = 0; i0 < T; i0 += 16) {  // 16 query rows against keys 0..i0+15, then their P V
-          clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T); });
+          clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, Q32 + (int64_t)i0 * lq, lq, Kt.data(), T, S.data(), T); });
           for (int r = 0; r < 16; r += RB) softmax_rows(i0 + r, S.data() + (int64_t)r * T);
           // P rows i0..i0+15, just written (in L1), are zero past key i0+15
           clock.product([&] {
@@ -419,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       }
       for (int i0 = 0; i0 < T; i0 += RB) {
         const int ncols = ((i0 + RB + 15) / 16) * 16;  // keys 0..i0+RB-1, in whole vectors
-        clock.product([&] { row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * (D / 2), D / 2, Kt.data(), T, S.data(), T); });
+        clock.product([&] { row_block<RB>(ncols / 16, 0, D / 2, Q32 + (int64_t)i0 * lq, lq, Kt.data(), T, S.data(), T); });
         softmax_rows(i0, S.data());
       }
       for (int i0 = 0; i0 < T; i0 += RO) {
@@ -434,33 +455,20 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
       }
     }
   });
-  return {O, P};
 }
 
-// dO, q, k, v: (N, T, D) bf16; P: (N, T, T) bf16 from the forward. Returns (dQ, dK, dV).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Tensor& dO, const at::Tensor& q,
-                                                                    const at::Tensor& k, const at::Tensor& v,
-                                                                    const at::Tensor& P) {
-  check_inputs(dO, "dO"); check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
-  const int64_t N = q.size(0);
-  const int T = (int)q.size(1), D = (int)q.size(2);
-  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.size(0) == N && P.size(1) == T && P.size(2) == T,
-              "fused causal attention: P must be the forward's (N, T, T) bf16 pattern");
-  auto dQ = at::empty({N, T, D}, q.options()), dK = at::empty({N, T, D}, q.options()), dV = at::empty({N, T, D}, q.options());
+// The backward of N slices: dO, q, k, v (q and k as the products read them: rotated, with rope) and
+// the saved P in; dQ, dK, dV out (with rope dQ and dK rotated back: the gradient of the rotation,
+// rope_qkv.cpp's rope_split_qkv_bwd, of the same bf16 values).
+void attention_backward(int64_t N, int T, int D, const Rows& dO, const Rows& q, const Rows& k, const Rows& v,
+                        const Rope& rope, const uint32_t* pd, const Rows& dq, const Rows& dk, const Rows& dv) {
   const float scale = 1.0f / std::sqrt((float)D);
-  const bf16* dod = reinterpret_cast<const bf16*>(dO.data_ptr());
-  const bf16* qd = reinterpret_cast<const bf16*>(q.data_ptr());
-  const bf16* kd = reinterpret_cast<const bf16*>(k.data_ptr());
-  const bf16* vd = reinterpret_cast<const bf16*>(v.data_ptr());
-  const uint32_t* pd = reinterpret_cast<const uint32_t*>(P.data_ptr());
-  bf16* dqd = reinterpret_cast<bf16*>(dQ.data_ptr());
-  bf16* dkd = reinterpret_cast<bf16*>(dK.data_ptr());
-  bf16* dvd = reinterpret_cast<bf16*>(dV.data_ptr());
   const bool amx = amx_on();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     SectionClock clock(2);
     std::vector<uint32_t> Vt((size_t)T * D / 2), Kp((size_t)T * D / 2);
     std::vector<uint32_t> dSp((size_t)T * T / 2);
+    std::unique_ptr<bf16[]> G(rope ? new bf16[(size_t)T * D] : nullptr);  // dQ or dK before the rotation back
     const __m512i kPairIdx = pair_interleave_index();
     const __m512i hi_half = _mm512_set1_epi32((int)0xFFFF0000u);
     std::vector<bf16> dS((size_t)T * T);
@@ -469,7 +477,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
     const __m512 sc = _mm512_set1_ps(scale);
     std::unique_ptr<AmxScope> tiles(amx ? new AmxScope : nullptr);
     for (int64_t n = begin; n < end; ++n) {
-      const bf16* dOn = dod + n * T * D;
+      const bf16* dOn = dO.at(n, D);
+      const bf16* Q = q.at(n, D);
+      const bf16* K = k.at(n, D);
+      const int64_t ldq = q.ld, ldk = k.ld;
       const uint32_t* Pn = pd + n * T * T / 2;  // the forward's P by pairs of rows: Pn[i/2][j] = (P[i][j], P[i+1][j])
       // dS of rows i0..i0+RB-1 from their dP (keys up to i0+RB-1) in dPb (RB rows of T floats):
       // dS row-major (for dQ) and as pairs of rows (for dK^T, as P's pairs are for dV^T), whose
@@ -505,22 +516,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
           zero_pair_tail(sa, sb, dso, nv, T, pcols);  // dQ reads dS up to 32 keys, dK^T the pairs up to pcols
         }
       };
+      // dQ's rows i0.. from Cf: to dQ, or with rope to G (rotated back below)
+      bf16* dQo = rope ? G.get() : dq.at(n, D);
+      const int64_t ldo = rope ? D : dq.ld;
       auto store_dq = [&](int i0, int rows) {
-        bf16* out = dqd + n * T * D + (int64_t)i0 * D;
         for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < D / 16; ++c) store_bf16x16(out + (int64_t)r * D + 16 * c, _mm512_loadu_ps(Cf.data() + r * D + 16 * c));
+          for (int c = 0; c < D / 16; ++c) store_bf16x16(dQo + (i0 + r) * ldo + 16 * c, _mm512_loadu_ps(Cf.data() + r * D + 16 * c));
       };
-      pack_transposed(vd + n * T * D, T, D, Vt.data());       // Vt[p][j] = v[j][2p..2p+1]
-      pack_row_pairs(kd + n * T * D, T, D, D, Kp.data(), D);      // Kp[j/2][d]
-      pack_row_pairs(qd + n * T * D, T, D, D, tmp.data(), D);      // (T/2, D) pairs of query rows
-      transpose32(tmp.data(), T / 2, D, QT.data());             // QT[d][i/2] = (q[i][d], q[i+1][d])
-      pack_row_pairs(dOn, T, D, D, tmp.data(), D);
-      transpose32(tmp.data(), T / 2, D, dOT.data());
+      // G's rows rotated back into out's (the rotation's transpose: rope_qkv.cpp's backward)
+      auto rotate_back = [&](const Rows& out) {
+        bf16* dst = out.at(n, D);
+        for (int t = 0; t < T; ++t)
+          rope_row<true>(G.get() + (int64_t)t * D, rope.cos + (int64_t)t * D, rope.sin + (int64_t)t * D, D, dst + t * out.ld);
+      };
+      // dK^T (which 0) or dV^T (1), (D x T) in C, stored as dK or dV
+      auto store_dkv = [&](int which, const float* C) {
+        if (which == 0 && rope) {
+          store_transposed(C, D, T, G.get(), D);
+          rotate_back(dk);
+        } else {
+          const Rows& out = which == 0 ? dk : dv;
+          store_transposed(C, D, T, out.at(n, D), out.ld);
+        }
+      };
+      pack_transposed(v.at(n, D), T, D, v.ld, Vt.data());         // Vt[p][j] = v[j][2p..2p+1]
+      pack_row_pairs(K, T, D, (int)ldk, Kp.data(), D);            // Kp[j/2][d]
+      pack_row_pairs(Q, T, D, (int)ldq, tmp.data(), D);           // (T/2, D) pairs of query rows
+      transpose32(tmp.data(), T / 2, D, D, QT.data());            // QT[d][i/2] = (q[i][d], q[i+1][d])
+      pack_row_pairs(dOn, T, D, (int)dO.ld, tmp.data(), D);
+      transpose32(tmp.data(), T / 2, D, D, dOT.data());
       const uint32_t* dO32 = reinterpret_cast<const uint32_t*>(dOn);
+      const int lo = (int)(dO.ld / 2);
       const uint32_t* dS32 = reinterpret_cast<const uint32_t*>(dS.data());
       if (amx) {
         for (int i0 = 0; i0 < T; i0 += 16) {  // dP = dO V^T, 16 rows against keys 0..i0+15; then dS
-          clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T); });
+          clock.product([&] { amx_rows(i0 / 16 + 1, 0, D / 2, dO32 + (int64_t)i0 * lo, lo, Vt.data(), T, dP.data(), T); });
           for (int r = 0; r < 16; r += RB) ds_rows(i0 + r, dP.data() + (int64_t)r * T);
         }
         for (int i0 = 0; i0 < T; i0 += 16) {  // dQ = dS K: dS rows i0..i0+15 are zero past key i0+15
@@ -530,6 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
           });
           store_dq(i0, 16);
         }
+        if (rope) rotate_back(dq);
         // dK^T = Q^T dS and dV^T = dO^T P, (D, T): columns j0..j0+63 need queries i >= j0, and pairs of
         // rows from j0 on are zero (or written zeros) past each row's diagonal up to j0+63 (ds_rows)
         for (int which = 0; which < 2; ++which) {
@@ -542,13 +573,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
                 amx_rows(std::min(4, (T - j0) / 16), j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T,
                          C + (int64_t)d0 * T + j0, T);
           });
-          store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
+          store_dkv(which, C);
         }
         continue;
       }
       for (int i0 = 0; i0 < T; i0 += RB) {
         const int ncols = ((i0 + RB + 15) / 16) * 16;
-        clock.product([&] { row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * (D / 2), D / 2, Vt.data(), T, dP.data(), T); });
+        clock.product([&] { row_block<RB>(ncols / 16, 0, D / 2, dO32 + (int64_t)i0 * lo, lo, Vt.data(), T, dP.data(), T); });
         ds_rows(i0, dP.data());
       }
       // dQ = dS K: rows i0..i0+RO-1 need keys up to i0+RO-1
@@ -563,6 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
         });
         store_dq(i0, RO);
       }
+      if (rope) rotate_back(dq);
       // dK^T = Q^T dS and dV^T = dO^T P: (D, T), columns j0.. need queries i >= j0
       for (int which = 0; which < 2; ++which) {
         const uint32_t* A = which == 0 ? QT.data() : dOT.data();
@@ -577,11 +609,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
               kernel<RB, 1>(j0 / 2, T / 2, A + (int64_t)d0 * (T / 2), T / 2, B + j0, T, C + (int64_t)d0 * T + j0, T);
           }
         });
-        store_transposed(C, D, T, (which == 0 ? dkd : dvd) + n * T * D);
+        store_dkv(which, C);
       }
     }
   });
+}
+
+void check_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kBFloat16 && qkv.dim() == 5 && qkv.size(2) == 3 &&
+                  qkv.is_contiguous() && qkv.size(1) % 32 == 0 && qkv.size(4) % 32 == 0,
+              "fused causal attention: qkv must be a contiguous (B, T, 3, H, d_head) bf16 CPU tensor, T and d_head "
+              "multiples of 32");
+  const int64_t T = qkv.size(1), D = qkv.size(4);
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) >= T && t->size(1) == D,
+                "fused causal attention: cos and sin must be contiguous bf16 CPU tables of at least (T, d_head)");
+}
+
+// q, k or v (which 0, 1, 2) of slice n = b H + h inside a (B, T, 3, H, D) projection
+Rows qkv_rows(const at::Tensor& qkv, int which) {
+  const int64_t T = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
+  return {reinterpret_cast<bf16*>(qkv.data_ptr()) + which * H * D, H, T * 3 * H * D, 3 * H * D};
+}
+
+Rows bthd_rows(const at::Tensor& t) {  // a (B, T, H, D) tensor
+  return {reinterpret_cast<bf16*>(t.data_ptr()), t.size(2), t.size(1) * t.size(2) * t.size(3), t.size(2) * t.size(3)};
+}
+
+}  // namespace
+
+// q, k, v: (N, T, D) bf16. Returns (O, P): (N, T, D) bf16, and P as the backward reads it: an (N, T, T)
+// bf16 buffer holding each slice's rows by pairs, P[n][i/2][j][i%2] (P[i][j] and P[i+1][j] in one
+// 32-bit word); past each pair's diagonal vector zero up to the end of its block of 64 keys and
+// unset beyond (nothing reads them). fused_attention.pattern unpacks it.
+std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v) {
+  check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
+  const int64_t N = q.size(0);
+  const int T = (int)q.size(1), D = (int)q.size(2);
+  TORCH_CHECK(T % 32 == 0 && D % 32 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "fused causal attention: T and d_head must be multiples of 32 and q, k, v of one shape");
+  auto O = at::empty({N, T, D}, q.options());
+  auto P = at::empty({N, (int64_t)T, (int64_t)T}, q.options());
+  attention_forward(N, T, D, contiguous(q), contiguous(k), contiguous(v), Rope{}, contiguous(O),
+                    reinterpret_cast<uint32_t*>(P.data_ptr()));
+  return {O, P};
+}
+
+// dO, q, k, v: (N, T, D) bf16; P: (N, T, T) bf16 from the forward. Returns (dQ, dK, dV).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Tensor& dO, const at::Tensor& q,
+                                                                    const at::Tensor& k, const at::Tensor& v,
+                                                                    const at::Tensor& P) {
+  check_inputs(dO, "dO"); check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
+  const int64_t N = q.size(0);
+  const int T = (int)q.size(1), D = (int)q.size(2);
+  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.size(0) == N && P.size(1) == T && P.size(2) == T,
+              "fused causal attention: P must be the forward's (N, T, T) bf16 pattern");
+  auto dQ = at::empty({N, T, D}, q.options()), dK = at::empty({N, T, D}, q.options()), dV = at::empty({N, T, D}, q.options());
+  attention_backward(N, T, D, contiguous(dO), contiguous(q), contiguous(k), contiguous(v), Rope{},
+                     reinterpret_cast<const uint32_t*>(P.data_ptr()), contiguous(dQ), contiguous(dK), contiguous(dV));
   return {dQ, dK, dV};
+}
+
+// qkv: the projection's (B, T, 3, H, D) bf16 output with the query and key columns in RoPE's
+// half-split order; cos, sin: (>= T, D) bf16 tables in that order (rope_qkv.cpp). The attention of
+// rope_split_qkv's (q, k, v), bit for bit, without the separate passes: each slice's queries and keys
+// are rotated as the kernel packs them (into QK, which the backward reads), values read in place.
+// Returns (O, P, QK): O as (B, T, H, D), the layout W_O's product reads (no transposing copy), P as
+// causal_attention_fwd's, QK the rotated queries and keys (2, B H, T, D).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_fwd(const at::Tensor& qkv, const at::Tensor& cos,
+                                                                 const at::Tensor& sin) {
+  check_qkv(qkv, cos, sin);
+  const int64_t B = qkv.size(0), T = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
+  auto O = at::empty({B, T, H, D}, qkv.options());
+  auto P = at::empty({B * H, T, T}, qkv.options());
+  auto QK = at::empty({2, B * H, T, D}, qkv.options());
+  const Rope rope{reinterpret_cast<const bf16*>(cos.data_ptr()), reinterpret_cast<const bf16*>(sin.data_ptr())};
+  bf16* qk = reinterpret_cast<bf16*>(QK.data_ptr());
+  attention_forward(B * H, (int)T, (int)D, qkv_rows(qkv, 0), qkv_rows(qkv, 1), qkv_rows(qkv, 2), rope, bthd_rows(O),
+                    reinterpret_cast<uint32_t*>(P.data_ptr()), qk, qk + B * H * T * D);
+  return {O, P, QK};
+}
+
+// dO: (B, T, H, D) bf16; qkv, cos, sin, P, QK as attention_qkv_fwd took and returned them. Returns
+// dqkv (B, T, 3, H, D): causal_attention_bwd's dQ, dK, dV through rope_split_qkv_bwd, bit for bit.
+at::Tensor attention_qkv_bwd(const at::Tensor& dO, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& P, const at::Tensor& QK) {
+  check_qkv(qkv, cos, sin);
+  const int64_t B = qkv.size(0), T = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
+  TORCH_CHECK(dO.device().is_cpu() && dO.scalar_type() == at::kBFloat16 && dO.is_contiguous() && dO.dim() == 4 &&
+                  dO.size(0) == B && dO.size(1) == T && dO.size(2) == H && dO.size(3) == D,
+              "fused causal attention: dO must be a contiguous (B, T, H, d_head) bf16 CPU tensor");
+  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.size(0) == B * H && P.size(1) == T && P.size(2) == T,
+              "fused causal attention: P must be the forward's (B H, T, T) bf16 pattern");
+  TORCH_CHECK(QK.is_contiguous() && QK.scalar_type() == at::kBFloat16 && QK.dim() == 4 && QK.size(0) == 2 &&
+                  QK.size(1) == B * H && QK.size(2) == T && QK.size(3) == D,
+              "fused causal attention: QK must be the forward's (2, B H, T, d_head) rotated queries and keys");
+  auto dqkv = at::empty_like(qkv);
+  bf16* qk = reinterpret_cast<bf16*>(QK.data_ptr());
+  const Rows qr{qk, 1, T * D, D}, kr{qk + B * H * T * D, 1, T * D, D};
+  const Rope rope{reinterpret_cast<const bf16*>(cos.data_ptr()), reinterpret_cast<const bf16*>(sin.data_ptr())};
+  attention_backward(B * H, (int)T, (int)D, bthd_rows(dO), qr, kr, qkv_rows(qkv, 2), rope,
+                     reinterpret_cast<const uint32_t*>(P.data_ptr()), qkv_rows(dqkv, 0), qkv_rows(dqkv, 1),
+                     qkv_rows(dqkv, 2));
+  return dqkv;
 }
 
 // mode < 0: ask; 0: the dot-product loop; 1: AMX where the CPU and the OS allow it. Returns whether
@@ -605,6 +737,8 @@ std::vector<int64_t> attention_cycles(int64_t mode) {
 TORCH_LIBRARY(icl_fused, m) {
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def("causal_attention_bwd(Tensor dO, Tensor q, Tensor k, Tensor v, Tensor P) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_qkv_fwd(Tensor qkv, Tensor cos, Tensor sin) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_qkv_bwd(Tensor dO, Tensor qkv, Tensor cos, Tensor sin, Tensor P, Tensor QK) -> Tensor");
   m.def("amx(int mode) -> bool", &amx);
   m.def("attention_cycles(int mode) -> int[]", &attention_cycles);
 }
@@ -612,4 +746,6 @@ TORCH_LIBRARY(icl_fused, m) {
 TORCH_LIBRARY_IMPL(icl_fused, CPU, m) {
   m.impl("causal_attention_fwd", &causal_attention_fwd);
   m.impl("causal_attention_bwd", &causal_attention_bwd);
+  m.impl("attention_qkv_fwd", &attention_qkv_fwd);
+  m.impl("attention_qkv_bwd", &attention_qkv_bwd);
 }

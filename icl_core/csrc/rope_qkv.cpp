@@ -26,19 +26,6 @@ namespace {
 
 using namespace icl_fused;
 
-// One row of D (a multiple of 32) bf16 values: x * cos + swap_halves(x) * sin (the rotation), or with
-// Transpose its transpose g * cos + swap_halves(g * sin) (the rotation's backward).
-template <bool Transpose>
-inline void rope_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf16* out) {
-  const int64_t h = D / 2;
-  for (int64_t j = 0; j < D; j += 16) {
-    const int64_t partner = j < h ? j + h : j - h;
-    __m512 y = _mm512_add_ps(_mm512_mul_ps(bf16x16_to_f32(x + j), bf16x16_to_f32(c + j)),
-                             _mm512_mul_ps(bf16x16_to_f32(x + partner), bf16x16_to_f32(s + (Transpose ? partner : j))));
-    store_bf16x16(out + j, y);
-  }
-}
-
 // v's rows as they are: D bf16 (a multiple of 32) in 64-byte vectors, inline (a memcpy call per row before)
 inline void copy_row(const bf16* src, int64_t D, bf16* dst) {
   for (int64_t j = 0; j < D; j += 32) _mm512_storeu_si512(dst + j, _mm512_loadu_si512(src + j));
