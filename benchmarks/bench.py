@@ -238,33 +238,43 @@ def unpack_commit(ref: str, dest: Path) -> Path:
 
 
 def worker(tree: Path, run: str, precision: str, threads: int = 1, steps: int = 20, profile_steps: int = 0,
-           compile: str = "auto", profile_name: str = "laptop") -> dict:
+           compile: str = "auto", profile_name: str = "laptop", clocked_steps: int = 0) -> dict:
     """One measurement by benchmarks/step_worker.py in a fresh process on ``tree``'s code."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_worker.py"), "--tree", str(tree), "--run", run,
            "--profile-name", profile_name,
            "--precision", precision, "--threads", str(threads), "--steps", str(steps),
            "--profile-steps", str(profile_steps), "--compile", compile]
+    if clocked_steps:  # checkouts before the sixteenth pass's step_worker: it runs from this checkout
+        cmd += ["--clocked-steps", str(clocked_steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if out.returncode:
         raise RuntimeError(f"step_worker failed on {tree} {run} {precision}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# steps per process whose matrix calls are clocked without the profiler (step_worker.clocked_matrix)
+CLOCKED_STEPS = 10
+
+
 def side_by_side(baseline: Path, runs, precisions, rounds: int, steps: int, profile_steps: int = 5,
                  profile_name: str = "laptop") -> list[dict]:
     """The baseline commit's trainer and this checkout's, alternating in fresh processes for
     ``rounds`` rounds per (run, precision): median tokens/s of each and their ratio, both profiled
-    once (share of the step in matrix products), and their peak resident memory."""
+    once (share of the step in matrix products), the matrix share clocked without the profiler in
+    every round (step_worker.clocked_matrix: compiled steps only), and their peak resident memory."""
     rows = []
     for run in runs:
         for precision in precisions:
             got = {"baseline": [], "current": []}
             prof, rss, faults = {}, {}, {"baseline": [], "current": []}
+            clocked = {"baseline": [], "current": []}
             for r in range(rounds):
                 for side, tree in (("baseline", baseline), ("current", ROOT)):
                     res = worker(tree, run, precision, steps=steps, profile_steps=profile_steps if r == 0 else 0,
-                                 profile_name=profile_name)
+                                 profile_name=profile_name, clocked_steps=CLOCKED_STEPS)
                     got[side].append(res["tok_s"]["median"])
+                    if res.get("clocked"):
+                        clocked[side].append(res["clocked"])
                     rss[side] = max(rss.get(side, 0), res["peak_rss_mb"] or 0)
                     if res.get("minor_faults_per_step") is not None:
                         faults[side].append(res["minor_faults_per_step"])
@@ -276,7 +286,13 @@ def side_by_side(baseline: Path, runs, precisions, rounds: int, steps: int, prof
                    "speedup": statistics.median(got["current"]) / statistics.median(got["baseline"]),
                    "profile": prof, "peak_rss_mb": rss, "flops_per_token": res["flops_per_token"],
                    # page faults per timed step (the allocator's cost; cpu_trainer.md "Fourth pass")
-                   "faults_per_step": {k: statistics.median(v) for k, v in faults.items() if v}}
+                   "faults_per_step": {k: statistics.median(v) for k, v in faults.items() if v},
+                   # per side: the rounds' clocked matrix shares (median, min-max) and components
+                   "clocked": {k: {"matrix_share": stats([c["matrix_share"] for c in v]),
+                                   "step_ms": statistics.median(c["step_ms"] for c in v),
+                                   "aten_matrix_ms": statistics.median(c["aten_matrix_ms"] for c in v),
+                                   "attention_products_ms": statistics.median(c["attention_products_ms"] for c in v)}
+                               for k, v in clocked.items() if v}}
             rows.append(row)
             print("side by side", run, precision, f"x{row['speedup']:.2f}",
                   {k: f"{v['matrix_share']:.0%} matrix" for k, v in prof.items()}, flush=True)
@@ -431,9 +447,17 @@ def share_text(profile: dict) -> str:
                 f"{profile['matrix_share_with_attention']:.0%} (fused kernels {fused:.0%} in all)")
     else:
         text += f" (+{fused:.0%} fused kernels)" if fused > 0 else ""
-    if profile.get("matrix_share_unprofiled"):  # results since the fourteenth pass
-        text += f"; {profile['matrix_share_unprofiled']:.0%} of the unprofiled step"
     return text
+
+
+def clocked_text(clocked: dict | None) -> str:
+    """The matrix share clocked in unprofiled steps (step_worker.clocked_matrix), median over rounds
+    (min-max), or "-" (an eager step, or results before the sixteenth pass)."""
+    if not clocked:
+        return "-"
+    s = clocked["matrix_share"]
+    return (f"{s['median']:.1%} ({s['min']:.1%}-{s['max']:.1%}): {clocked['aten_matrix_ms']:.1f} + "
+            f"{clocked['attention_products_ms']:.1f} of {clocked['step_ms']:.1f} ms")
 
 
 def side_by_side_lines(res: dict) -> list[str]:
@@ -446,13 +470,17 @@ def side_by_side_lines(res: dict) -> list[str]:
              "alternating fresh processes; tokens/s medians over rounds (min-max); matrix share = "
              "aten mm/bmm/baddbmm self time over the step's (torch.profiler, 5 steps), plus, where the attention "
              "kernel's own clock splits its calls (fused_attention.attention_cycles), the attention's products, "
-             "with the share of all fused CPU kernels in brackets, and where measured (since the fourteenth pass) the "
-             "same matrix milliseconds over the step's median time without the profiler; % of peak against "
-             "this machine's matmul peak in the same precision and thread count.", "",
-             "| model | precision | baseline tok/s | current tok/s | speedup | matrix share (baseline → current) "
-             "| % of peak (baseline → current) | compiled | peak RSS MB (baseline → current) "
-             "| page faults per step (baseline → current) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "with the share of all fused CPU kernels in brackets; clocked share = the same matrix work timed in "
+             f"{CLOCKED_STEPS} steps without the profiler (each compiled matrix call's wall time and the attention's "
+             "products by its clock, over each step's wall time; median over the rounds' processes, min-max: ATen "
+             "ms + attention products ms of the step's ms; benchmarks/step_worker.py clocked_matrix), the measure "
+             "of the step as it trains: the profiler lengthens the matrix calls it records (cpu_trainer.md, "
+             "\"Sixteenth pass\"); % of peak against this machine's matmul peak in the same precision and thread "
+             "count.", "",
+             "| model | precision | baseline tok/s | current tok/s | speedup | matrix share, profiled (baseline → current) "
+             "| matrix share, clocked (current) | % of peak (baseline → current) | compiled "
+             "| peak RSS MB (baseline → current) | page faults per step (baseline → current) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sb["rows"]:
         b, c = r["baseline_tok_s"], r["current_tok_s"]
         peak = pk[r["precision"]]["median"]
@@ -461,6 +489,7 @@ def side_by_side_lines(res: dict) -> list[str]:
         share = " → ".join(share_text(pr[k]) if k in pr else "-" for k in ("baseline", "current"))
         lines.append(f"| {r['run']} | {r['precision']} | {b['median']:.0f} ({b['min']:.0f}-{b['max']:.0f}) | "
                      f"{c['median']:.0f} ({c['min']:.0f}-{c['max']:.0f}) | x{r['speedup']:.2f} | {share} | "
+                     f"{clocked_text(r.get('clocked', {}).get('current'))} | "
                      f"{fb:.1%} → {fc:.1%} | {pr.get('current', {}).get('compiled', '-')} | "
                      f"{r['peak_rss_mb'].get('baseline', 0):.0f} → {r['peak_rss_mb'].get('current', 0):.0f} | "
                      + " → ".join(f"{faults[k]:.0f}" if k in faults else "-" for k in ("baseline", "current")) + " |")

@@ -2,11 +2,12 @@
 
     python benchmarks/nonmatrix_floor.py [--run attn2] [--profile-name laptop] [--steps 20] [--out F.json]
 
-One process, the threads the laptop runs use (one). First a ``torch.profiler`` profile of ``--steps``
-training steps as the trainer takes them (``step_worker.trainer_step``; the attention kernels' own
-clock on, so their products count as matrix work), and the median time of the same steps without
-the profiler. Then each non-matrix part of the step alone, on inputs of the step's shapes that stay
-in cache, repeated, medians:
+One process, the threads the laptop runs use (one). First ``--steps`` training steps as the trainer
+takes them (``step_worker.trainer_step``) with their matrix calls and the attention's products clocked
+without the profiler (``step_worker.clocked_matrix``: the matrix share and milliseconds the headline
+gives), then a ``torch.profiler`` profile of as many steps (the attention kernels' own clock on, so their
+products count as matrix work there too) for the split of the rest into parts. Then each non-matrix
+part of the step alone, on inputs of the step's shapes that stay in cache, repeated, medians:
 
 - the loss's softmax and logit gradient (``fused_attention.softmax_cross_entropy_grad_``), one chunk
   of ``model.CE_FUSED_CHUNK_ROWS`` rows (as the trainer calls it), times the chunks of a step;
@@ -62,9 +63,11 @@ def share_budget(matrix_ms: float, share: float) -> float:
 def share_if_alone(res: dict) -> dict:
     """The rest of the step if each part took what it takes alone (``alone_ms``; parts without a
     measurement as in the step), plus the remainder outside the named parts less the profiler's own
-    time (profiled minus unprofiled step; not below zero), and the matrix share that would give."""
+    time (the rest of the profiled step minus the rest of the clocked one; not below zero), and the
+    matrix share that would give."""
     parts = sum(res["alone_ms"][p] if res["alone_ms"].get(p) is not None else t for p, t in res["in_step_ms"].items())
-    other = max(0.0, res["other_ms_profiled"] - (res["step_ms_profiled"] - res["step_ms_unprofiled"]))
+    # the profiler's own time outside the matrix work: the rest profiled minus the rest clocked
+    other = max(0.0, res["other_ms_profiled"] - (res["rest_ms_profiled"] - res["rest_ms_unprofiled"]))
     rest = parts + other
     return {"rest_ms_if_alone": rest, "share_if_alone": res["matrix_ms"] / (res["matrix_ms"] + rest)}
 
@@ -103,7 +106,7 @@ def main(argv=None):
     from icl_core import train as T
     from icl_core.profiles import load_profile
     from icl_core.runs import cache_dir
-    from step_worker import MATRIX_OPS, attention_products, profiled, trainer_step, unprofiled_share
+    from step_worker import MATRIX_OPS, attention_products, clocked_matrix, profiled, trainer_step
 
     torch.set_num_threads(1)
     T.reuse_freed_memory()
@@ -117,22 +120,19 @@ def main(argv=None):
     step, batches = trainer_step(D, T, cfg, D.Corpus(cfg.data, cache_dir()), True, a.steps)
     for i in range(3):
         step(batches[i % len(batches)])
-    times = []
-    for x in batches:
-        t = time.perf_counter()
-        step(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    step_ms = statistics.median(times)
+    # the step as it trains: matrix calls and the attention's products clocked without the profiler
+    clocked = clocked_matrix(step, batches, a.steps)
+    step_ms, aten, attn_products_ms = clocked["step_ms"], clocked["aten_matrix_ms"], clocked["attention_products_ms"]
+    matrix_ms = aten + attn_products_ms
+    # where the rest goes: the profiler's split of the same steps (it lengthens what it records)
     by_op, ticks = profiled(step, batches, a.steps)
     by_op = {op: t / a.steps / 1e3 for op, t in by_op.items()}  # ms per step
     total = sum(by_op.values())
-    aten = sum(t for op, t in by_op.items() if op in MATRIX_OPS)
-    prod = attention_products(by_op, ticks, aten, total)
-    shares = unprofiled_share({"matrix_share": aten / total, "step_ms": total, **prod}, step_ms)
-    matrix_ms = shares["matrix_ms"]
-    attn_products_ms = prod.get("attention_products_share", 0.0) * total
+    aten_prof = sum(t for op, t in by_op.items() if op in MATRIX_OPS)
+    prod = attention_products(by_op, ticks, aten_prof, total)
+    matrix_prof = aten_prof + prod.get("attention_products_share", 0.0) * total
     in_step = {part: sum(by_op.get(op, 0.0) for op in ops) for part, ops in PARTS.items()}
-    in_step["attention, outside its products"] -= attn_products_ms
+    in_step["attention, outside its products"] -= prod.get("attention_products_share", 0.0) * total
 
     # each part alone, on the step's shapes, hot in cache
     mc, B, Tn = cfg.model, cfg.train.batch_size, cfg.model.n_ctx
@@ -197,19 +197,20 @@ def main(argv=None):
 
     res = {"run": a.run, "steps": a.steps, "step_ms_unprofiled": step_ms, "step_ms_profiled": total,
            "matrix_ms": matrix_ms, "aten_matrix_ms": aten, "attention_products_ms": attn_products_ms,
-           "matrix_share_unprofiled": shares["matrix_share_unprofiled"], "matrix_share_profiled": matrix_ms / total,
-           "rest_ms_unprofiled": step_ms - matrix_ms, "rest_ms_profiled": total - matrix_ms,
+           "matrix_ms_profiled": matrix_prof, "matrix_share_clocked": clocked["matrix_share"],
+           "matrix_share_profiled": matrix_prof / total,
+           "rest_ms_unprofiled": step_ms - matrix_ms, "rest_ms_profiled": total - matrix_prof,
            "budget_rest_ms_60": share_budget(matrix_ms, 0.6), "in_step_ms": in_step, "alone_ms": alone,
            "one_pass_over_residual_ms": one_pass, "call_us": call_us,
-           "other_ms_profiled": total - matrix_ms - sum(in_step.values())}
+           "other_ms_profiled": total - matrix_prof - sum(in_step.values())}
     res.update(share_if_alone(res))
-    print(f"`{a.run}` bf16 step: {step_ms:.2f} ms unprofiled ({total:.2f} under the profiler); matrix work "
-          f"{matrix_ms:.2f} ms (ATen {aten:.2f} + attention products {attn_products_ms:.2f}) = "
-          f"{matrix_ms / step_ms:.1%} of the unprofiled step ({matrix_ms / total:.1%} profiled). "
-          f"For 60% the rest may take {res['budget_rest_ms_60']:.2f} ms; it takes {step_ms - matrix_ms:.2f} "
-          f"({total - matrix_ms:.2f} under the profiler). With every part as fast as alone (unmeasured parts as in "
-          f"the step, the rest less the profiler's own time), the rest would take {res['rest_ms_if_alone']:.2f} ms "
-          f"and the matrix share be {res['share_if_alone']:.1%}.")
+    print(f"`{a.run}` bf16 step: {step_ms:.2f} ms clocked without the profiler ({total:.2f} under it); matrix work "
+          f"{matrix_ms:.2f} ms (ATen {aten:.2f} + attention products {attn_products_ms:.2f}; under the profiler "
+          f"{matrix_prof:.2f}) = {res['matrix_share_clocked']:.1%} of the step (median of the steps' shares; "
+          f"{matrix_prof / total:.1%} profiled). For 60% the rest may take {res['budget_rest_ms_60']:.2f} ms; it takes "
+          f"{step_ms - matrix_ms:.2f} ({total - matrix_prof:.2f} under the profiler). With every part as fast as alone "
+          f"(unmeasured parts as in the step, the rest less the profiler's own time), the rest would take "
+          f"{res['rest_ms_if_alone']:.2f} ms and the matrix share be {res['share_if_alone']:.1%}.")
     print("\n| part | in the step, ms (profiler) | alone, ms |\n|---|---|---|")
     for part in PARTS:
         al = alone.get(part)

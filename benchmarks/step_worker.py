@@ -1,6 +1,6 @@
 """One benchmark measurement in a fresh process, on the code of any checkout (benchmarks/bench.py).
 
-    python benchmarks/step_worker.py --tree DIR --run attn2 --precision bf16 [--threads 1]
+    python benchmarks/step_worker.py --tree DIR --run attn2 --precision bf16 [--threads 1] [--clocked-steps 10]
                                      [--steps 20] [--warmup 3] [--profile-steps 0]
 
 Imports ``icl_core`` from ``DIR`` (this checkout, or an older commit's files that bench.py
@@ -39,6 +39,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=0)
+    ap.add_argument("--clocked-steps", type=int, default=0,
+                    help="steps whose matrix calls are clocked without the profiler (clocked_matrix; compiled steps)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="auto: as the checkout's Trainer would for this run on the CPU")
     a = ap.parse_args(argv)
@@ -83,6 +85,8 @@ def main(argv=None):
                                            "n": len(tok_s)},
            "flops_per_token": cfg.flops_per_token(), "peak_rss_mb": peak_rss_mb(), "bf16_matmul": _bf16_kernel(),
            "malloc_reuse": malloc_reuse, "minor_faults_per_step": faults / len(times)}
+    if a.clocked_steps and compile:
+        out["clocked"] = clocked_matrix(step, batches, a.clocked_steps)
     if a.profile_steps:
         by_op, ticks = profiled(step, batches, a.profile_steps)
         total = sum(by_op.values())
@@ -95,7 +99,6 @@ def main(argv=None):
                           "fused_share": fused / total,
                           **attention_products(by_op, ticks, matrix, total),
                           "top": [{"op": op, "ms": t / a.profile_steps / 1e3, "share": t / total} for op, t in top]}
-        out["profile"].update(unprofiled_share(out["profile"], n_tok / out["tok_s"]["median"] * 1e3))
     print(json.dumps(out))
 
 
@@ -117,6 +120,67 @@ def profiled(step, batches, n: int) -> tuple[dict, dict | None]:
     for k in p.key_averages():
         by_op[_short(k.key)] = by_op.get(_short(k.key), 0.0) + k.self_cpu_time_total
     return by_op, ticks
+
+
+def clocked_matrix(step, batches, n: int) -> dict | None:
+    """The matrix share of ``n`` compiled steps as they run without the profiler: each matrix call
+    inductor's wrapper makes (``extern_kernels.mm``, ``bmm``, ``addmm``, ``baddbmm``) timed with
+    ``time.perf_counter`` around it, the attention kernels' products by their own clock (ticks over
+    :func:`icl_core.fused_attention.tsc_hz`), against each step's wall time; medians over the steps.
+    The profiler's share divides matrix time measured under the profiler, which perturbs the matrix
+    calls themselves (in this pass's runs ATen's matrix calls took 7.1 ms of a step clocked this way
+    and 9.8 ms of the same process's profiled steps; benchmarks/cpu_trainer.md, "Sixteenth pass");
+    here nothing is recorded but the calls' own times (two clock reads per matrix call). Only the
+    compiled graphs' matrix calls are seen: None for an eager step, or where this PyTorch has no
+    ``extern_kernels``. The attention's products count only where the checkout has ``tsc_hz``."""
+    try:
+        from torch._inductor.select_algorithm import extern_kernels
+    except ImportError:
+        return None
+    names = [nm for nm in ("mm", "bmm", "addmm", "baddbmm") if hasattr(extern_kernels, nm)]
+    originals = {nm: getattr(extern_kernels, nm) for nm in names}
+    spent = {"s": 0.0, "calls": 0}
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent["s"] += time.perf_counter() - t
+                spent["calls"] += 1
+        return call
+
+    cycles = _attention_cycles()
+    try:
+        from icl_core import fused_attention
+        hz = fused_attention.tsc_hz() if cycles and hasattr(fused_attention, "tsc_hz") else None
+    except ImportError:
+        hz = None
+    products = lambda: sum(cycles()[k] for k in ("fwd_products", "bwd_products")) / hz if hz else 0.0  # noqa: E731
+    for nm in names:
+        setattr(extern_kernels, nm, timed(originals[nm]))
+    try:
+        if cycles:
+            cycles(True)
+        walls, aten, prods = [], [], []
+        for i in range(n):
+            t, m0, p0 = time.perf_counter(), spent["s"], products()
+            step(batches[i % len(batches)])
+            walls.append(time.perf_counter() - t)
+            aten.append(spent["s"] - m0)
+            prods.append(products() - p0)
+        if cycles:
+            cycles(False)
+    finally:
+        for nm, fn in originals.items():
+            setattr(extern_kernels, nm, fn)
+    if spent["calls"] == 0:
+        return None
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+    return {"steps": n, "step_ms": med(walls), "aten_matrix_ms": med(aten), "attention_products_ms": med(prods),
+            "matrix_calls_per_step": spent["calls"] / n,
+            "matrix_share": statistics.median((m + p) / w for m, p, w in zip(aten, prods, walls))}
 
 
 def _attention_cycles():
@@ -150,18 +214,6 @@ def attention_products(by_op: dict, ticks: dict | None, matrix: float, total: fl
     prod = sum(by_op.get(op, 0.0) * f for part, f in frac.items() for op in ATTENTION_OPS[part])
     return {"attention_products_share": prod / total, "matrix_share_with_attention": (matrix + prod) / total,
             "attention_products_fraction": frac}
-
-
-def unprofiled_share(profile: dict, step_ms: float) -> dict:
-    """The matrix work's milliseconds per step under the profiler (ATen's matrix calls and, where
-    counted, the attention's products) over the step's time without the profiler, ``step_ms`` (the
-    median of the timed steps). The profiler records every op the step runs, and each record costs
-    ~1 us outside the op's own time (a 16 x 16 bf16 mm: self time 2.8-3.0 us profiled, the whole call
-    2.8-3.0 us unprofiled, 3.7-3.9 us profiled; cpu_trainer.md, "Fourteenth pass"), so the profiled
-    step is longer than the real one while the matrix calls' own times are not."""
-    share = profile.get("matrix_share_with_attention", profile["matrix_share"])
-    matrix_ms = share * profile["step_ms"]
-    return {"step_ms_unprofiled": step_ms, "matrix_ms": matrix_ms, "matrix_share_unprofiled": matrix_ms / step_ms}
 
 
 def compiles_on_cpu(T, cfg) -> bool:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -114,6 +115,19 @@ def attention_cycles(start: bool | None = None) -> dict[str, int] | None:
         return None
     mode = -1 if start is None else int(bool(start))
     return dict(zip(ATTENTION_TICKS, torch.ops.icl_fused.attention_cycles(mode)))
+
+
+def tsc_hz(seconds: float = 0.05) -> float | None:
+    """The time stamp counter's ticks per second (what :func:`attention_cycles` counts), measured
+    against ``time.perf_counter`` over ``seconds``; None where the kernels are not built. The CPUs
+    these kernels run on have an invariant counter (``constant_tsc``), so one measurement serves."""
+    if not available():
+        return None
+    read = lambda: torch.ops.icl_fused.attention_cycles(2)[0]  # noqa: E731
+    t0, c0 = time.perf_counter(), read()
+    time.sleep(seconds)
+    c1, t1 = read(), time.perf_counter()
+    return (c1 - c0) / (t1 - t0)
 
 
 def takes_shape(n_ctx: int, d_head: int) -> bool:

@@ -84,22 +84,37 @@ def test_share_text_counts_the_attention_products():
                              "matrix_share_with_attention": 0.48}) == "48%"
 
 
-def test_share_text_adds_the_unprofiled_step():
-    prof = {"matrix_share": 0.35, "fused_share": 0.46, "attention_products_share": 0.09,
-            "matrix_share_with_attention": 0.44, "matrix_share_unprofiled": 0.48}
-    assert bench.share_text(prof) == ("35% + 9% attention products = 44% (fused kernels 46% in all); "
-                                      "48% of the unprofiled step")
-    assert bench.share_text({"matrix_share": 0.5, "matrix_share_unprofiled": 0.55}) == "50%; 55% of the unprofiled step"
+def test_clocked_text():
+    clocked = {"matrix_share": {"median": 0.52, "min": 0.5, "max": 0.55, "n": 2}, "step_ms": 14.2,
+               "aten_matrix_ms": 6.1, "attention_products_ms": 1.3}
+    assert bench.clocked_text(clocked) == "52.0% (50.0%-55.0%): 6.1 + 1.3 of 14.2 ms"
+    assert bench.clocked_text(None) == "-"
 
 
-def test_unprofiled_share_known_answer():
-    """9 ms of matrix work in a 20 ms profiled step (45%) that takes 18 ms without the profiler: 50%."""
-    got = step_worker.unprofiled_share({"matrix_share": 0.35, "matrix_share_with_attention": 0.45, "step_ms": 20.0}, 18.0)
-    assert got["matrix_ms"] == pytest.approx(9.0)
-    assert got["matrix_share_unprofiled"] == pytest.approx(0.5)
-    assert got["step_ms_unprofiled"] == 18.0
-    # a checkout without the attention's clock: ATen's matrix calls alone
-    assert step_worker.unprofiled_share({"matrix_share": 0.4, "step_ms": 10.0}, 8.0)["matrix_share_unprofiled"] == pytest.approx(0.5)
+def test_clocked_matrix_known_answer(monkeypatch):
+    """A step that spends 4 ms in two matrix calls (a fake mm that sleeps 2 ms) and 4 ms outside them:
+    half of it clocked as matrix work; the real mm is back afterwards; a step without matrix calls
+    (an eager step) gives None."""
+    import time as _time
+
+    from torch._inductor.select_algorithm import extern_kernels
+
+    def fake_mm(*args, **kwargs):
+        _time.sleep(0.002)
+
+    monkeypatch.setattr(extern_kernels, "mm", fake_mm)
+
+    def step(_x):
+        extern_kernels.mm()
+        extern_kernels.mm()
+        _time.sleep(0.004)
+
+    got = step_worker.clocked_matrix(step, [None], 5)
+    assert extern_kernels.mm is fake_mm
+    assert got["matrix_calls_per_step"] == 2
+    assert got["aten_matrix_ms"] == pytest.approx(4.0, abs=1.0) and got["step_ms"] == pytest.approx(8.0, abs=2.0)
+    assert got["matrix_share"] == pytest.approx(0.5, abs=0.1)
+    assert step_worker.clocked_matrix(lambda _x: _time.sleep(0.001), [None], 2) is None
 
 
 def test_attention_products_known_answer():
@@ -424,19 +439,19 @@ def test_share_budget_known_answer():
 
 def test_share_if_alone_known_answer():
     """Parts of 3 + 2 ms in the step, 2 + (unmeasured) 2 alone; 2.5 ms outside them under the profiler,
-    which added 1 ms: the rest 2 + 2 + 1.5 = 5.5 ms beside 5.5 ms of matrix work, a 50% share."""
+    which added 1 ms to the rest: the rest 2 + 2 + 1.5 = 5.5 ms beside 5.5 ms of matrix work, a 50% share."""
     import nonmatrix_floor
 
     res = {"in_step_ms": {"a": 3.0, "b": 2.0}, "alone_ms": {"a": 2.0, "b": None}, "other_ms_profiled": 2.5,
-           "step_ms_profiled": 14.0, "step_ms_unprofiled": 13.0, "matrix_ms": 5.5}
+           "rest_ms_profiled": 8.5, "rest_ms_unprofiled": 7.5, "matrix_ms": 5.5}
     got = nonmatrix_floor.share_if_alone(res)
     assert got["rest_ms_if_alone"] == pytest.approx(5.5)
     assert got["share_if_alone"] == pytest.approx(0.5)
 
 
 def test_nonmatrix_floor_runs_on_the_smoke_profile(tmp_path):
-    """The floor table's numbers hang together: the matrix share is the matrix milliseconds over the
-    unprofiled step, the rest is the step minus them, and every part was measured."""
+    """The floor table's numbers hang together: matrix milliseconds inside the step clocked without and
+    with the profiler, the rest is the step minus them, and every part was measured."""
     from icl_core import fused_attention
 
     if not fused_attention.available():
@@ -448,8 +463,8 @@ def test_nonmatrix_floor_runs_on_the_smoke_profile(tmp_path):
                     "--steps", "2", "--reps", "1", "--out", str(out)], check=True, capture_output=True)
     res = json.loads(out.read_text())
     assert res["run"] == "attn2"
-    assert 0 < res["matrix_ms"] < res["step_ms_profiled"]
-    assert res["matrix_share_unprofiled"] == pytest.approx(res["matrix_ms"] / res["step_ms_unprofiled"])
+    assert 0 < res["matrix_ms"] < res["step_ms_unprofiled"] and 0 < res["matrix_ms_profiled"] < res["step_ms_profiled"]
+    assert 0 < res["matrix_share_clocked"] < 1
     assert res["rest_ms_unprofiled"] == pytest.approx(res["step_ms_unprofiled"] - res["matrix_ms"])
     assert res["budget_rest_ms_60"] == pytest.approx(res["matrix_ms"] * 2 / 3)
     assert res["in_step_ms"]["loss softmax + logit gradient"] > 0 and res["alone_ms"]["AdamW"] > 0

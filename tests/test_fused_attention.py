@@ -162,6 +162,30 @@ def test_attention_clock_counts_products_and_changes_nothing(amx_path):
         assert fa.attention_cycles() == ticks
 
 
+def test_tsc_hz_converts_the_clock_to_seconds():
+    """The counter's rate turns an attention call's ticks into its wall time: one thread, 20 forward
+    calls of ~1 ms, their ticks over tsc_hz within 25% of perf_counter's time (the calls' Python
+    around the kernel is outside the ticks); the rate is that of a GHz-class counter."""
+    import time
+
+    hz = fa.tsc_hz()
+    assert 1e8 < hz < 1e10
+    q, k, v = inputs(N=16, T=256, d=32)
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fa.attention(q, k, v)
+        fa.attention_cycles(True)
+        t = time.perf_counter()
+        for _ in range(20):
+            fa.attention(q, k, v)
+        wall = time.perf_counter() - t
+        ticks = fa.attention_cycles(False)["fwd_total"]
+    finally:
+        torch.set_num_threads(n0)
+    assert ticks / hz == pytest.approx(wall, rel=0.25)
+
+
 def test_usable_only_for_its_inputs():
     q = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
     assert fa.usable(q)

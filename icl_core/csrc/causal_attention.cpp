@@ -724,8 +724,10 @@ bool amx(int64_t mode) {
 }
 
 // mode 1: start timing (counters zeroed), 0: stop, < 0: leave as is. Returns the ticks summed so far:
-// {forward products, forward threads' total, backward products, backward threads' total}.
+// {forward products, forward threads' total, backward products, backward threads' total}. Mode 2: the
+// time stamp counter now, {ticks} (to convert ticks to seconds: fused_attention.tsc_hz).
 std::vector<int64_t> attention_cycles(int64_t mode) {
+  if (mode == 2) return {(int64_t)__rdtsc()};
   if (mode == 1)
     for (auto& t : g_ticks) t.store(0, std::memory_order_relaxed);
   if (mode >= 0) g_timing.store(mode == 1, std::memory_order_relaxed);
