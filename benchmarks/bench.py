@@ -243,9 +243,7 @@ def worker(tree: Path, run: str, precision: str, threads: int = 1, steps: int = 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_worker.py"), "--tree", str(tree), "--run", run,
            "--profile-name", profile_name,
            "--precision", precision, "--threads", str(threads), "--steps", str(steps),
-           "--profile-steps", str(profile_steps), "--compile", compile]
-    if clocked_steps:  # checkouts before the sixteenth pass's step_worker: it runs from this checkout
-        cmd += ["--clocked-steps", str(clocked_steps)]
+           "--profile-steps", str(profile_steps), "--compile", compile, "--clocked-steps", str(clocked_steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if out.returncode:
         raise RuntimeError(f"step_worker failed on {tree} {run} {precision}: {out.stderr[-2000:]}")

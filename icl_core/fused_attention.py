@@ -291,14 +291,17 @@ def rope_split_usable(qkv: torch.Tensor) -> bool:
             and takes_shape(qkv.shape[1], qkv.shape[4]) and available())
 
 
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, T: int):
+    """The first T rows of RoPE's (n_ctx, d_head) tables as the kernels take them: contiguous bf16."""
+    return tuple(t[:T].to(torch.bfloat16).contiguous() for t in (cos, sin))
+
+
 def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(q, k, v), each (B·H, T, d_head) bf16, from the (B, T, 3, H, d_head) product of
     :class:`icl_core.model.Attention`'s half-split W_qkv: q and k rotated as ``x * cos +
     swap_halves(x) * sin`` with the (T, d_head) tables in that order; differentiable in ``qkv``
     (``csrc/rope_qkv.cpp``)."""
-    T = qkv.shape[1]
-    cos, sin = (t[:T].to(torch.bfloat16).contiguous() for t in (cos, sin))
-    return torch.ops.icl_fused.rope_split_qkv(qkv.contiguous(), cos, sin)
+    return torch.ops.icl_fused.rope_split_qkv(qkv.contiguous(), *_rope_tables(cos, sin, qkv.shape[1]))
 
 
 def attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -308,9 +311,7 @@ def attention_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     them (and kept for the backward), values read in place, and the backward writes the
     (B, T, 3, H, d_head) gradient directly
     (``csrc/causal_attention.cpp``; benchmarks/cpu_trainer.md, "Sixteenth pass"). Differentiable in ``qkv``."""
-    T = qkv.shape[1]
-    cos, sin = (t[:T].to(torch.bfloat16).contiguous() for t in (cos, sin))
-    return torch.ops.icl_fused.attention_qkv_fwd(qkv.contiguous(), cos, sin)[0]
+    return torch.ops.icl_fused.attention_qkv_fwd(qkv.contiguous(), *_rope_tables(cos, sin, qkv.shape[1]))[0]
 
 
 def kernels_for(mc) -> list[str]:

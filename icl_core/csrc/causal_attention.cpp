@@ -615,7 +615,8 @@ void attention_backward(int64_t N, int T, int D, const Rows& dO, const Rows& q, 
   });
 }
 
-void check_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin) {
+// qkv's and the tables' checks, one clear line each; returns the tables as the kernels take them
+Rope checked_rope(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kBFloat16 && qkv.dim() == 5 && qkv.size(2) == 3 &&
                   qkv.is_contiguous() && qkv.size(1) % 32 == 0 && qkv.size(4) % 32 == 0,
               "fused causal attention: qkv must be a contiguous (B, T, 3, H, d_head) bf16 CPU tensor, T and d_head "
@@ -625,6 +626,13 @@ void check_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == 2 &&
                     t->size(0) >= T && t->size(1) == D,
                 "fused causal attention: cos and sin must be contiguous bf16 CPU tables of at least (T, d_head)");
+  return {reinterpret_cast<const bf16*>(cos.data_ptr()), reinterpret_cast<const bf16*>(sin.data_ptr())};
+}
+
+void check_pattern(const at::Tensor& P, int64_t N, int64_t T) {
+  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.dim() == 3 && P.size(0) == N && P.size(1) == T &&
+                  P.size(2) == T,
+              "fused causal attention: P must be the forward's (N, T, T) bf16 pattern");
 }
 
 // q, k or v (which 0, 1, 2) of slice n = b H + h inside a (B, T, 3, H, D) projection
@@ -664,8 +672,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
   check_inputs(dO, "dO"); check_inputs(q, "q"); check_inputs(k, "k"); check_inputs(v, "v");
   const int64_t N = q.size(0);
   const int T = (int)q.size(1), D = (int)q.size(2);
-  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.size(0) == N && P.size(1) == T && P.size(2) == T,
-              "fused causal attention: P must be the forward's (N, T, T) bf16 pattern");
+  check_pattern(P, N, T);
   auto dQ = at::empty({N, T, D}, q.options()), dK = at::empty({N, T, D}, q.options()), dV = at::empty({N, T, D}, q.options());
   attention_backward(N, T, D, contiguous(dO), contiguous(q), contiguous(k), contiguous(v), Rope{},
                      reinterpret_cast<const uint32_t*>(P.data_ptr()), contiguous(dQ), contiguous(dK), contiguous(dV));
@@ -680,12 +687,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(const at::Te
 // causal_attention_fwd's, QK the rotated queries and keys (2, B H, T, D).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_fwd(const at::Tensor& qkv, const at::Tensor& cos,
                                                                  const at::Tensor& sin) {
-  check_qkv(qkv, cos, sin);
+  const Rope rope = checked_rope(qkv, cos, sin);
   const int64_t B = qkv.size(0), T = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
   auto O = at::empty({B, T, H, D}, qkv.options());
   auto P = at::empty({B * H, T, T}, qkv.options());
   auto QK = at::empty({2, B * H, T, D}, qkv.options());
-  const Rope rope{reinterpret_cast<const bf16*>(cos.data_ptr()), reinterpret_cast<const bf16*>(sin.data_ptr())};
   bf16* qk = reinterpret_cast<bf16*>(QK.data_ptr());
   attention_forward(B * H, (int)T, (int)D, qkv_rows(qkv, 0), qkv_rows(qkv, 1), qkv_rows(qkv, 2), rope, bthd_rows(O),
                     reinterpret_cast<uint32_t*>(P.data_ptr()), qk, qk + B * H * T * D);
@@ -696,20 +702,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_fwd(const at::Tenso
 // dqkv (B, T, 3, H, D): causal_attention_bwd's dQ, dK, dV through rope_split_qkv_bwd, bit for bit.
 at::Tensor attention_qkv_bwd(const at::Tensor& dO, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                              const at::Tensor& P, const at::Tensor& QK) {
-  check_qkv(qkv, cos, sin);
+  const Rope rope = checked_rope(qkv, cos, sin);
   const int64_t B = qkv.size(0), T = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
   TORCH_CHECK(dO.device().is_cpu() && dO.scalar_type() == at::kBFloat16 && dO.is_contiguous() && dO.dim() == 4 &&
                   dO.size(0) == B && dO.size(1) == T && dO.size(2) == H && dO.size(3) == D,
               "fused causal attention: dO must be a contiguous (B, T, H, d_head) bf16 CPU tensor");
-  TORCH_CHECK(P.is_contiguous() && P.scalar_type() == at::kBFloat16 && P.size(0) == B * H && P.size(1) == T && P.size(2) == T,
-              "fused causal attention: P must be the forward's (B H, T, T) bf16 pattern");
+  check_pattern(P, B * H, T);
   TORCH_CHECK(QK.is_contiguous() && QK.scalar_type() == at::kBFloat16 && QK.dim() == 4 && QK.size(0) == 2 &&
                   QK.size(1) == B * H && QK.size(2) == T && QK.size(3) == D,
               "fused causal attention: QK must be the forward's (2, B H, T, d_head) rotated queries and keys");
   auto dqkv = at::empty_like(qkv);
   bf16* qk = reinterpret_cast<bf16*>(QK.data_ptr());
   const Rows qr{qk, 1, T * D, D}, kr{qk + B * H * T * D, 1, T * D, D};
-  const Rope rope{reinterpret_cast<const bf16*>(cos.data_ptr()), reinterpret_cast<const bf16*>(sin.data_ptr())};
   attention_backward(B * H, (int)T, (int)D, bthd_rows(dO), qr, kr, qkv_rows(qkv, 2), rope,
                      reinterpret_cast<const uint32_t*>(P.data_ptr()), qkv_rows(dqkv, 0), qkv_rows(dqkv, 1),
                      qkv_rows(dqkv, 2));
