@@ -134,7 +134,7 @@ def before_after_steps(run, min_share: float = 0.5) -> tuple[int, int, str]:
 
 
 def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, pca_seed: int = 0,
-                           n_steps_full: int | None = None) -> dict:
+                           n_steps_full: int | None = None, modes=("pp", "full")) -> dict:
     """Single-head ablations over training (:func:`icl_core.analysis.ablations`, cached in the run).
 
     Pattern-preserving ablation ('pp', the paper's main view) at ~``n_steps`` snapshots, full
@@ -143,13 +143,15 @@ def ablation_over_training(run, n_steps: int | None = 12, n_examples: int = 64, 
     mode: steps_<mode>, tokens_<mode> (S,), clean_icl_<mode> (S,), delta_icl_<mode> (S, L, H) and
     projection_<mode> (S, L, H) = u . (L_ablated - L_clean), u the before-and-after vector of that
     mode's clean loss vectors; ``seconds`` (compute time of both modes, as cached) and
-    ``wall_seconds`` (this call)."""
+    ``wall_seconds`` (this call). ``modes``: a subset of ("pp", "full") computes only those (:func:`warm`)."""
     t0 = time.time()
     s0, s1, ba_label = before_after_steps(run)
     n_layers, n_heads = run.config.model.n_layers, run.config.model.n_heads
     out = {"ba_steps": (s0, s1), "ba_label": ba_label, "seconds": 0.0,
            "n_examples": len(run.eval_data.tokens[:n_examples])}
     for mode, pp, n in (("pp", True, n_steps), ("full", False, n_steps if n_steps_full is None else n_steps_full)):
+        if mode not in modes:
+            continue
         steps = sorted(set(A.select_steps(run, n)) | {s0, s1})
         r = A.ablations(run, steps, n_examples=n_examples, pattern_preserving=pp, pca_seed=pca_seed)
         cvec, avec = r["clean_vec"].numpy(), r["ablated_vec"].numpy()  # (S, N), (S, L*H, N)
@@ -244,6 +246,27 @@ def compute(prof, runs: list[str], n_steps: int = 12, n_examples: int = 64, n_ra
     tables = {name: final_ablation_table(run, labels[name], n_examples=n_table_examples, n_draws=n_random_draws)
               for name, run in R.items()}
     return Ablation(R, overview, labels, main_runs, evidence, res, tables, n_random_draws, started)
+
+
+#: the independent parts of :func:`compute`'s work for one run, each cached in the run's folder
+PARTS = ("pp", "full", "sets")
+
+
+def warm(run, part: str, n_steps: int = 12, n_examples: int = 64, n_random_draws: int = 20,
+         n_steps_full: int = 6, n_table_examples: int = 256) -> float:
+    """Compute and cache one part of what :func:`compute` (same arguments) reads for ``run``: the
+    single-head ablations over training, pattern-preserving ("pp") or full ("full"), or the head-set
+    table at the final snapshot ("sets"). Parts of several runs can run in separate processes
+    (``benchmarks/gpu/run_profile.py`` starts them as runs finish training); :func:`compute` then only
+    loads. Returns the seconds this call took."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
+    t0 = time.time()
+    if part == "sets":
+        final_ablation_table(run, head_labels(run), n_examples=n_table_examples, n_draws=n_random_draws)
+    else:
+        ablation_over_training(run, n_steps=n_steps, n_examples=n_examples, n_steps_full=n_steps_full, modes=(part,))
+    return time.time() - t0
 
 
 def choices_summary(a: Ablation) -> str:

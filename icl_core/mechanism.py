@@ -277,6 +277,17 @@ class Mechanism:
         return timing_table({m: rise_timing(s) for m, s in self.scores.items()})
 
 
+def warm(run, part: str = "scores", n_steps: int | None = 12) -> float:
+    """Compute and cache what :func:`compute` (same ``n_steps``) reads for ``run``: its per-head
+    scores over training (the one part, "scores"), e.g. in a separate process while other runs train
+    (``benchmarks/gpu/run_profile.py``). Returns the seconds this call took."""
+    if part != "scores":
+        raise ValueError(f"unknown part {part!r}: expected 'scores'")
+    t0 = time.time()
+    scores_over_training(run, n_steps)
+    return time.time() - t0
+
+
 def compute(prof, runs: list[str], n_steps: int | None = 12) -> Mechanism:
     """Load the runs and their per-head scores at ``n_steps`` snapshots (cached in the run folders)."""
     models = {name: prof.run(name) for name in runs}

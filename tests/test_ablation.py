@@ -116,6 +116,27 @@ def test_on_a_tiny_trained_run(tiny_run_cfg, tmp_path):
     assert len(AB.table_frame({"tiny": t})) == 4
 
 
+def test_warm_caches_exactly_what_compute_reads(tiny_run_cfg, tmp_path):
+    """Each part warmed alone (as benchmarks/gpu/run_profile.py does in separate processes) leaves the
+    chapter's own calls nothing to compute: no new cache file, the same numbers."""
+    from icl_core.runs import get_or_train
+
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    kw = dict(n_steps=3, n_examples=4, n_random_draws=5, n_steps_full=2, n_table_examples=6)
+    for part in AB.PARTS:
+        assert AB.warm(run, part, **kw) >= 0
+    files = sorted(p.name for p in (run.path / "analysis").iterdir())
+    assert sum(f.startswith("ablations-") for f in files) == 4 and any(f.startswith("ablation_sets-") for f in files)
+    res = AB.ablation_over_training(run, n_steps=3, n_examples=4, n_steps_full=2)
+    t = AB.final_ablation_table(run, AB.head_labels(run), n_examples=6, n_draws=5)
+    assert sorted(p.name for p in (run.path / "analysis").iterdir()) == files  # all loaded, nothing new
+    assert {"delta_icl_pp", "delta_icl_full"} <= set(res) and t["n_examples"] == 6
+    only_pp = AB.ablation_over_training(run, n_steps=3, n_examples=4, n_steps_full=2, modes=("pp",))
+    assert "delta_icl_full" not in only_pp and np.array_equal(only_pp["delta_icl_pp"], res["delta_icl_pp"])
+    with pytest.raises(ValueError, match="unknown part 'nope'"):
+        AB.warm(run, "nope", **kw)
+
+
 def fake_run(icl_band):
     from types import SimpleNamespace
     steps = [0] + [2 ** i for i in range(len(icl_band) - 1)]

@@ -144,6 +144,20 @@ def test_failure_names_chapter_and_cell_and_keeps_other_outputs(project):
     assert not (out / "01_second.failed.ipynb").exists()
 
 
+def test_keep_going_runs_the_chapters_after_a_failure_and_still_fails(project):
+    paths, prof = project
+    _notebook(paths.root / "chapters" / "00_first.ipynb", "raise ValueError('deliberate failure')")
+    with pytest.raises(book.ChapterFailed):  # by default the build stops at the first failure
+        _run(paths, prof)
+    assert not (paths.executed("tiny") / "01_second.ipynb").exists()
+    with pytest.raises(book.ChapterFailed) as e:
+        _run(paths, prof, keep_going=True)
+    assert e.value.chapter == "00_first" and "1 chapter(s) failed (00_first)" in str(e.value)
+    out = paths.executed("tiny")
+    assert _stdout(out / "01_second.ipynb").strip() == "second tiny 3"  # the later chapter ran
+    assert (out / "00_first.failed.ipynb").exists() and not (out / "00_first.ipynb").exists()
+
+
 def test_cli_reports_failure(project, capsys, monkeypatch):
     paths, prof = project
     _notebook(paths.root / "chapters" / "00_first.ipynb", "1/0")
@@ -165,7 +179,26 @@ def test_a_chapter_whose_runs_are_missing_fails_before_running(project):
         _run(paths, prof, chapters=["00"])
 
 
-# --- the real book's configuration ----------------------------------------------------------
+def test_precompute_tasks_and_notebook_defaults():
+    """The pieces benchmarks/gpu/run_profile.py computes ahead of chapter 3: every run it reads, every
+    part; parameters the profile leaves out come from the notebook's own parameters cell."""
+    gpu = load_profile("gpu")
+    tasks = pipeline.precompute_tasks(gpu)
+    runs = gpu.chapters["03_ablation"]["runs"]
+    assert tasks == ([("03_ablation", r, p) for r in runs for p in ("pp", "full", "sets")]
+                     + [("05_mechanism", r, "scores") for r in gpu.chapters["05_mechanism"]["runs"]])
+    assert pipeline.precompute_tasks(gpu, ["00_intro"]) == []
+    d = book.chapter_notebooks(ROOT)
+    defaults = pipeline.notebook_defaults(d["03_ablation"])
+    assert defaults["profile"] == "laptop" and isinstance(defaults["n_steps"], int) and "runs" in defaults
+    import inspect
+    from icl_core import ablation
+    from icl_core import mechanism
+    assert set(inspect.signature(ablation.warm).parameters) - {"run", "part"} <= set(defaults)
+    assert set(inspect.signature(mechanism.warm).parameters) - {"run", "part"} <= set(pipeline.notebook_defaults(d["05_mechanism"]))
+
+
+# --- the real book's configuration ----------------------------------------------------------# --- the real book's configuration ----------------------------------------------------------
 
 def test_profiles_share_chapters_and_name_known_runs():
     names = available_profiles()

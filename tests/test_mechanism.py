@@ -220,3 +220,18 @@ def test_logged_seconds_sums_each_cached_analysis_and_skips_corrupt_ones(tiny_ru
     f = sorted((run.path / "analysis").glob("circuits-*.safetensors"))[0]
     f.write_bytes(f.read_bytes()[:-3] + b"xyz")
     assert set(A.logged_seconds(run)) == {"circuits"} and "not counted" in capsys.readouterr().out
+
+
+def test_warm_caches_what_compute_reads(tiny_run_cfg, tmp_path):
+    """The scores warmed alone (benchmarks/gpu/run_profile.py, in another process) leave the chapter's
+    call nothing to compute: no new cache file, the same scores."""
+    from icl_core.runs import get_or_train
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    assert Me.warm(run, "scores", n_steps=3) >= 0
+    files = sorted(p.name for p in (run.path / "analysis").iterdir())
+    assert files and all(f.startswith("heads-") for f in files)
+    s = Me.scores_over_training(run, 3)
+    assert sorted(p.name for p in (run.path / "analysis").iterdir()) == files
+    assert s["prefix"].shape[0] == len(Me.A.select_steps(run, 3))
+    with pytest.raises(ValueError, match="unknown part 'x'"):
+        Me.warm(run, "x")

@@ -132,8 +132,9 @@ def test_dry_run_smoke_on_cpu(tmp_path):
     assert pc.main(["--profile", "smoke", "--dest", str(carry), "--skip", "site", "--skip", "vendor"]) == 0
     assert (carry / "corpora.tar.xz").exists() and json.loads((carry / "carry.json").read_text())["corpora"]
     summary = tmp_path / "summary"
-    r = _run(["--profile", "smoke", "--chapter", "00_intro", "--carry", str(carry), "--work", str(tmp_path / "work"),
-              "--out", str(tmp_path / "out"), "--summary", str(summary), "--jobs", "1",
+    r = _run(["--profile", "smoke", "--chapter", "00_intro", "--chapter", "03_ablation", "--carry", str(carry),
+              "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--summary", str(summary), "--jobs", "1",
+              "--precompute-jobs", "2", "--precompute-threads", "1", "--keep-going",
               "--site-archive", str(tmp_path / "site.tar.gz")],
              env_extra={"ICL_RUNS_DIR": str(tmp_path / "runs")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -146,7 +147,12 @@ def test_dry_run_smoke_on_cpu(tmp_path):
     assert all(c["prebuilt"] for c in prov["corpora"].values())
     run = prov["runs"]["smear2"]
     assert run["done"] and run["trained_here"] and run["train_s"] > 0 and len(run["curve"]) == run["snapshots"]
-    assert prov["chapters"]["00_intro"]["seconds"] > 0
+    assert prov["chapters"]["00_intro"]["seconds"] > 0 and prov["chapters"]["03_ablation"]["seconds"] > 0
+    pre = prov["precompute"]  # chapter 3's per-run pieces, computed as each run finished training
+    from icl_core.profiles import load_profile
+    ch3_runs = load_profile("smoke").chapters["03_ablation"]["runs"]
+    assert pre["tasks"] == 3 * len(ch3_runs) and not pre["failed"] and len(pre["done"]) == pre["tasks"]
+    assert "OMP_NUM_THREADS" in (summary / "build.log").read_text()  # chapter 0 ran beside the pieces, on fewer threads
     assert "n_files" in prov["results"] and json.loads((summary / "results.json").read_text())["profile"] == "smoke"
     assert (tmp_path / "site.tar.gz").stat().st_size > 0
     left = sorted(p.name for p in summary.rglob("*") if p.is_file())

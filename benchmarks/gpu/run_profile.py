@@ -2,7 +2,7 @@
 train, execute the chapters, render the site, and write a small summary with provenance.
 
     python3 benchmarks/gpu/run_profile.py --profile gpu --carry .gpu-carry --require-gpu \\
-        --summary "$OUT" [--jobs 4] [--out DIR] [--site-archive "$OUT/site.tar.gz"]
+        --summary "$OUT" [--jobs 4] [--precompute-jobs 7] [--keep-going] [--out DIR] [--site-archive "$OUT/site.tar.gz"]
 
 Stages, each timed (wall seconds; on a GPU machine also the mean GPU utilisation NVML reported):
 
@@ -18,7 +18,16 @@ corpus   every data config of the profile must have its ``corpus-<key>`` folder 
 train    ``icl_core.book.pipeline.train`` with ``--jobs`` workers; on CUDA they share the one GPU
          (default 4 there: small runs leave the GPU idle while Python issues the next step; the
          gain is UNMEASURED, see benchmarks/gpu/README.md).
-execute  ``icl_core.book.pipeline.execute`` (papermill, one chapter at a time).
+(precompute)  with ``--precompute-jobs N``: the chapters' heavy per-run analyses
+         (``icl_core.book.pipeline.PRECOMPUTE``: chapter 3's ablations, in three parts per run) in N
+         processes of ``--precompute-threads`` torch threads on the CPU, each run's pieces started as
+         soon as it is trained, while the GPU trains the others; the chapters before chapter 3 run
+         beside the last pieces (on the cores they leave), chapter 3 waits for them and then only loads
+         them from the runs' caches. ``provenance.json``'s ``precompute`` gives each piece's seconds.
+         Why: at the gpu profile's shapes chapter 3 alone took 1,300 s on a 2-core CPU (models of 50
+         steps), the other chapters about 4 minutes together.
+execute  ``icl_core.book.pipeline.execute`` (papermill, one chapter at a time; ``--keep-going``: the
+         later chapters run after a failed one, and the stage still fails).
 render   ``icl_core.book.site.render`` (Jupyter Book).
 
 The summary folder (``--summary``) gets ``provenance.json`` (commit, dirty flag, GPU, torch, date,
@@ -350,6 +359,90 @@ def archive_site(html: Path, dest: Path) -> int:
     return dest.stat().st_size
 
 
+# --- precompute: the chapters' per-run analyses while the GPU trains -----------------------------------
+
+#: the precompute processes' niceness: the training processes (one core each, issuing the GPU's work
+#: from Python) come first; once training ends the pieces have every core
+PRECOMPUTE_NICE = 10
+
+
+class Precompute:
+    """A pool of ``--precompute-jobs`` processes (``--precompute-threads`` torch threads each) that
+    computes the (chapter, run, part) pieces of ``icl_core.book.pipeline.PRECOMPUTE`` for each run as
+    soon as it is trained, so that the chapter only loads them from the run's cache. A piece that
+    fails is logged and left to the chapter, which computes it itself (and reports its error)."""
+
+    def __init__(self, profile, a, log):
+        import multiprocessing as mp
+
+        from icl_core.book.chapters import PROJECT_ROOT, chapter_notebooks, select_chapters
+        from icl_core.book.pipeline import precompute_tasks
+
+        chapters = select_chapters(list(chapter_notebooks(PROJECT_ROOT)), a.chapter)
+        self.tasks = precompute_tasks(profile, chapters)
+        self.args = (profile.name, a.profiles_dir)
+        self.threads, self.log = a.precompute_threads, log
+        self.pool = mp.get_context("spawn").Pool(a.precompute_jobs) if self.tasks else None
+        self.pending, self.started, self._env_saved = [], time.time(), {}
+        self.busy_threads = a.precompute_jobs * a.precompute_threads
+        self.record = {"jobs": a.precompute_jobs, "threads": a.precompute_threads, "tasks": len(self.tasks),
+                       "done": {}, "failed": {}}
+
+    def submit(self, run: str) -> None:
+        from icl_core.book.pipeline import precompute_one
+
+        for chapter, r, part in self.tasks:
+            if r == run and self.pool is not None:
+                args = (*self.args, chapter, r, part, self.threads, PRECOMPUTE_NICE)
+                self.pending.append(((chapter, r, part), self.pool.apply_async(precompute_one, (args,))))
+
+    def before_chapter(self, chapter: str) -> None:
+        """Called before each chapter runs: a chapter with precomputed pieces waits for them all (then
+        the chapters have every core); one without runs beside them on the cores they leave
+        (``OMP_NUM_THREADS`` for its kernel: oversubscribed OpenMP threads slow a kernel several-fold)."""
+        from icl_core.book.pipeline import PRECOMPUTE
+
+        if chapter in PRECOMPUTE or not self.pending:
+            if self.pending:
+                t = time.time()
+                self.log(f"[precompute] {chapter} waits for {len(self.pending)} piece(s)")
+                self.wait()
+                self.record["waited_s"] = round(self.record.get("waited_s", 0.0) + time.time() - t, 2)
+            self._restore_threads()
+        elif "OMP_NUM_THREADS" not in self._env_saved:
+            self._env_saved["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) - self.busy_threads))
+            self.log(f"[precompute] chapters beside it get OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+
+    def _restore_threads(self) -> None:
+        for k, v in self._env_saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._env_saved = {}
+
+    def wait(self) -> None:
+        for (chapter, r, part), res in self.pending:
+            name = f"{chapter} {r} {part}"
+            try:
+                sec = res.get()[3]
+                self.record["done"][name] = round(sec, 2)
+                self.log(f"[precompute] {name}: {sec:.1f}s")
+            except Exception as e:  # the chapter computes it itself, and reports the error there
+                self.record["failed"][name] = f"{type(e).__name__}: {e}"[:500]
+                self.log(f"[precompute] {name}: FAILED ({type(e).__name__}: {e}); the chapter will compute it")
+        self.record["wall_s_after_start"] = round(time.time() - self.started, 2)
+        self.pending = []
+
+    def close(self) -> None:
+        self._restore_threads()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 def default_jobs(device: str, cores: int) -> int:
@@ -371,8 +464,14 @@ def parse(argv):
                     "carried ones with --carry, else the usual cache, which builds what is missing)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="training workers (default 4 on CUDA, sharing the GPU: unmeasured; CPU: 1-2)")
+    ap.add_argument("--precompute-jobs", type=int, default=0,
+                    help="processes that compute the chapters' per-run analyses (pipeline.PRECOMPUTE) as each run "
+                         "finishes training, on the CPU cores the training leaves idle (default 0: the chapters compute them)")
+    ap.add_argument("--precompute-threads", type=int, default=2, help="torch threads per precompute process (default 2)")
     ap.add_argument("--require-gpu", action="store_true", help="exit 2 unless torch sees a CUDA device")
     ap.add_argument("--force", action="store_true", help="re-execute chapters even if up to date")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="after a failed chapter, execute the later ones too (the stage still fails, and the site is not rendered)")
     ap.add_argument("--no-strict", action="store_true", help="render without -W")
     ap.add_argument("--site-archive", default=None, help="also write the HTML site as this .tar.gz")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -401,7 +500,7 @@ def main(argv=None) -> int:
     stages = prov["stages"]
     code = 0
     trained_wall: dict[str, float] = {}
-    profile = names = paths = None
+    profile = names = paths = pre = None
     stage = "setup"
     lock = threading.Lock()
 
@@ -493,21 +592,31 @@ def main(argv=None) -> int:
         prov["corpora"] = check_corpora(profile, corpora, names, log)
         stages["corpus"] = {"wall_s": round(time.time() - t, 2)}
 
-        from icl_core.book.pipeline import _device, execute, train
+        from icl_core.book.pipeline import _device, execute, missing_runs, train
         from icl_core.book.site import render
         device = _device()
         jobs = a.jobs if a.jobs else default_jobs(device, os.cpu_count() or 1)
         prov.update(train_device=device, jobs=jobs)
+        pre = Precompute(profile, a, log) if a.precompute_jobs > 0 else None
+        if pre is not None:
+            prov["precompute"] = pre.record
+            absent = set(missing_runs(profile, names))
+            for n in names:  # runs already trained (cached) start at once, the others as they finish
+                if n not in absent:
+                    pre.submit(n)
 
         def train_log(msg):
             log(msg)
             if msg.startswith("[train] ") and " done in " in msg:
                 name, sec = msg[len("[train] "):].split(" done in ")
                 trained_wall[name] = float(sec.rstrip("s"))
+                if pre is not None:
+                    pre.submit(name)
 
         for stage, fn in (("train", lambda: train(profile, names, jobs=jobs, profiles_dir=a.profiles_dir, log=train_log)),
-                          ("execute", lambda: execute(profile, paths, a.chapter, force=a.force,
-                                                      profiles_dir=a.profiles_dir, log=log)),
+                          ("execute", lambda: execute(profile, paths, a.chapter, force=a.force, profiles_dir=a.profiles_dir,
+                                                      log=log, keep_going=a.keep_going,
+                                                      before_chapter=pre.before_chapter if pre is not None else None)),
                           ("render", lambda: render(profile, paths, strict=not a.no_strict, log=log))):
             t = time.time()
             with GpuSampler() as gs:
@@ -532,6 +641,8 @@ def main(argv=None) -> int:
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if pre is not None:
+            pre.close()
         write_summary()
         log(f"[summary] {summary}/provenance.json: status {prov['status']}, {prov['wall_s']:.1f}s")
         log_file.close()

@@ -107,6 +107,25 @@ def chapter_parameters(profile: Profile, chapter: str) -> dict:
     return {"profile": profile.name, **profile.chapter_params(chapter)}
 
 
+def notebook_defaults(nb_path: Path) -> dict:
+    """The literal values a notebook's ``parameters`` cell assigns (what papermill's injected values
+    override): ``{name: value}``; assignments that are not literals are left out."""
+    import ast
+
+    nb = json.loads(Path(nb_path).read_text())
+    out = {}
+    for c in nb.get("cells", []):
+        if c.get("cell_type") == "code" and "parameters" in c.get("metadata", {}).get("tags", []):
+            for node in ast.parse("".join(c.get("source", ""))).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        out[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        pass
+            break
+    return out
+
+
 def runs_named_in(params, run_names) -> list[str]:
     """Run names that appear anywhere in a chapter's parameters (lists, dicts, pairs)."""
     found = []

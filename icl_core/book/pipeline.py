@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..profiles import PROFILES_DIR, Profile, load_profile
 from .chapters import (PROJECT_ROOT, BookError, ChapterFailed, Paths, chapter_key, chapter_notebooks, chapter_parameters,
-                       is_up_to_date, profile_hash, runs_named_in, select_chapters, source_hash)
+                       is_up_to_date, notebook_defaults, profile_hash, runs_named_in, select_chapters, source_hash)
 
 #: where a chapter's kernel writes its scorecard rows: :data:`icl_core.scorecard.RESULTS_ENV` (not
 #: imported, so that the build's process does not load torch; tests/test_scorecard.py checks they agree)
@@ -85,6 +85,48 @@ def train(profile: Profile, names=None, jobs: int | None = None, profiles_dir=No
                 log(f"[train] {name} done in {sec:.1f}s")
     log(f"[train] {len(todo)} run(s) trained in {time.time() - t0:.1f}s")
     return todo
+
+
+# --- precompute: a chapter's per-run analyses in parallel, before the chapter runs ----------------
+
+#: chapters whose heavy analyses split into independent (run, part) pieces, each cached in the run's
+#: folder: (module, function, parts); ``function(run, part, **the chapter's parameters it takes)``
+#: computes one piece exactly as the chapter's own ``compute`` would, which then only loads it.
+PRECOMPUTE = {"03_ablation": ("icl_core.ablation", "warm", ("pp", "full", "sets")),
+              "05_mechanism": ("icl_core.mechanism", "warm", ("scores",))}
+
+
+def precompute_tasks(profile: Profile, chapters: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """(chapter, run, part) for every :data:`PRECOMPUTE` chapter of ``profile`` (or of ``chapters``)."""
+    ids = [c for c in PRECOMPUTE if c in profile.chapters and (chapters is None or c in chapters)]
+    return [(c, r, part) for c in ids for r in profile.chapters[c].get("runs", []) for part in PRECOMPUTE[c][2]]
+
+
+def precompute_one(args) -> tuple[str, str, str, float]:
+    """Worker: one (chapter, run, part) of :func:`precompute_tasks`, with ``threads`` torch threads, its
+    process niced by ``nice`` (below the training processes it runs beside)."""
+    profile_name, profiles_dir, chapter, run_name, part, threads, nice = args
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:  # not allowed here: run at the same priority
+            pass
+    import importlib
+    import inspect
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    prof = load_profile(profile_name, profiles_dir)
+    mod, fn_name, _ = PRECOMPUTE[chapter]
+    fn = getattr(importlib.import_module(mod), fn_name)
+    takes = inspect.signature(fn).parameters
+    given = {**notebook_defaults(chapter_notebooks(PROJECT_ROOT)[chapter]), **chapter_parameters(prof, chapter)}
+    params = {k: v for k, v in given.items() if k in takes and k not in ("run", "part")}
+    t = time.time()
+    fn(prof.run(run_name), part, **params)
+    return chapter, run_name, part, time.time() - t
 
 
 # --- execute ---------------------------------------------------------------------------------
@@ -177,8 +219,14 @@ def execute_chapter(chapter: str, nb_path: Path, out_dir: Path, params: dict, ke
 
 
 def execute(profile: Profile, paths: Paths, chapters: list[str] | None = None, force: bool = False,
-            profiles_dir=None, log=print) -> dict[str, str]:
-    """Execute the chapters that are not up to date, in book order. Returns {chapter: status}."""
+            profiles_dir=None, log=print, keep_going: bool = False, before_chapter=None) -> dict[str, str]:
+    """Execute the chapters that are not up to date, in book order. Returns {chapter: status}.
+
+    A failed chapter raises :class:`ChapterFailed` at once; with ``keep_going`` the later chapters
+    still run (a one-shot build on a lent machine keeps what it can) and the first failure is raised
+    at the end, its message naming every chapter that failed. ``before_chapter(chapter)`` is called
+    before a chapter that is not up to date runs (``benchmarks/gpu/run_profile.py`` waits there for
+    the chapter's precomputed pieces)."""
     nbs = chapter_notebooks(paths.root)
     missing_nb = [c for c in profile.chapters if c not in nbs]
     if missing_nb:
@@ -188,7 +236,7 @@ def execute(profile: Profile, paths: Paths, chapters: list[str] | None = None, f
     prof_h = profile_hash(profile, Path(profiles_dir) if profiles_dir else PROFILES_DIR)
     src_h = source_hash()
     out_dir = paths.executed(profile.name)
-    status = {}
+    status, failures = {}, []
     for c in ids:
         params = chapter_parameters(profile, c)
         key = chapter_key(nbs[c], params, prof_h, src_h)
@@ -199,13 +247,27 @@ def execute(profile: Profile, paths: Paths, chapters: list[str] | None = None, f
             continue
         need = runs_named_in(params, profile.runs)
         absent = missing_runs(profile, need)
-        if absent:
-            raise ChapterFailed(c, None, f"chapter {c} needs run(s) {', '.join(absent)} of profile "
-                                f"{profile.name!r}, which are not trained; run without --no-train")
-        log(f"[execute] {c}: running {nbs[c].relative_to(paths.root)} with {json.dumps(params)}")
-        sec = execute_chapter(c, nbs[c], out_dir, params, key, log=log)
+        try:
+            if absent:
+                raise ChapterFailed(c, None, f"chapter {c} needs run(s) {', '.join(absent)} of profile "
+                                    f"{profile.name!r}, which are not trained; run without --no-train")
+            if before_chapter is not None:
+                before_chapter(c)
+            log(f"[execute] {c}: running {nbs[c].relative_to(paths.root)} with {json.dumps(params)}")
+            sec = execute_chapter(c, nbs[c], out_dir, params, key, log=log)
+        except ChapterFailed as e:
+            if not keep_going:
+                raise
+            failures.append(e)
+            status[c] = f"failed: {e}"
+            log(f"[execute] {c}: FAILED ({e}); going on with the next chapter")
+            continue
         status[c] = f"executed in {sec:.1f}s"
         log(f"[execute] {c}: done in {sec:.1f}s")
+    if failures:
+        first = failures[0]
+        names = ", ".join(f.chapter for f in failures)
+        raise ChapterFailed(first.chapter, first.cell, f"{len(failures)} chapter(s) failed ({names}); first: {first}")
     return status
 
 
