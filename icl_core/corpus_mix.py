@@ -6,6 +6,10 @@
   states); the evaluation windows are drawn per document, half prose and half code
   (:func:`icl_core.data.eval_window_sources`; until issue 22 they were drawn per token, so long
   sympy files made up 143 of 256 windows).
+* :func:`icl_by_window`: the ICL score split by the windows' kind (prose or code) and place (a
+  document's first window, which starts at its EOS, or a later one): at 512-token windows the first
+  windows of code files put the early index in their opening lines (the gpu build's positive
+  scores; results/gpu/README.md).
 * :func:`bos_artefact`: the loss at the first index. Windows now tile documents from their start
   (a document's first window begins with its EOS, as in training; the others have no BOS); the
   earlier rule put BOS before mid-document text, which training never shows, and its first-index
@@ -111,6 +115,31 @@ def eval_rule_text(shares: pd.DataFrame) -> str:
             "code get equal numbers of windows; within each, documents are shuffled and dealt round-robin (every "
             "document's first window, then every second one, ...), so each document counts rather than each token "
             f"(shares computed for `{a['run']}`).")
+
+
+def icl_by_window(run, step: int | None = None, band: bool = False) -> pd.DataFrame:
+    """The ICL score of ``run`` at snapshot ``step`` (default the last; from the per-token losses
+    logged there), over all evaluation windows and over each group of them by kind (prose/code,
+    :func:`kind`) and place ("first": a document's first window, from its EOS; "later": the rest),
+    with each group's number of windows. The "all" row is the logged score."""
+    from . import metrics as M
+
+    cfg = run.config
+    step = run.steps[-1] if step is None else step
+    losses = run.eval_losses(step)
+    if losses is None:
+        raise ValueError(f"run {run.name} kept no per-token losses at step {step}")
+    docs, starts = D.eval_window_sources(run.corpus, cfg.data.n_eval, cfg.model.n_ctx, cfg.data.eval_seed)
+    first = starts == run.corpus.val_offsets[docs]
+    kinds = np.array([kind(run.corpus.val_ids[d]) for d in docs])
+    groups = {"all": np.ones(len(docs), bool)}
+    for k in ("prose", "code"):
+        for place, m in (("first", first), ("later", ~first)):
+            groups[f"{k}, {place}"] = (kinds == k) & m
+    rows = [{"windows": name, "n": int(m.sum()),
+             "icl": M.icl_score_from_losses(losses[m], cfg.model.n_ctx, band=band) if m.any() else float("nan")}
+            for name, m in groups.items()]
+    return pd.DataFrame(rows).set_index("windows")
 
 
 def bos_artefact(losses, vocab_size: int) -> dict:

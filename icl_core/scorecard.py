@@ -458,11 +458,80 @@ def faithful_text(faithful: str | Path = FAITHFUL_DIR) -> str:
                 "its one command is `benchmarks/gpu/run_profile.py` (`benchmarks/gpu/README.md`). When a GPU build's "
                 f"`results.json` and `provenance.json` are committed under `{Path(faithful).relative_to(PROJECT_ROOT) if Path(faithful).is_relative_to(PROJECT_ROOT) else faithful}/`, "
                 "the column above fills in from them, in every profile's build.")
-    commit = str((prov.get("git") or {}).get("commit") or "unknown")[:10]
+    commit = faithful_commit(prov)[:10]
     gpu = (prov.get("device") or {}).get("gpu", "an unknown device")
     return (f"**At the faithful scale.** The column above is read from a committed `{prov.get('profile', 'gpu')}` build "
             f"(`benchmarks/gpu/run_profile.py`): commit `{commit}` on {gpu}, started {prov.get('started_utc', '?')}, "
-            f"status {prov.get('status', '?')}, {float(prov.get('wall_s', float('nan'))):.0f} s of wall time; {len(rows)} claims.")
+            f"status {prov.get('status', '?')}, {float(prov.get('wall_s', float('nan'))):.0f} s of wall time; {len(rows)} claims"
+            f" from the chapters it executed ({join(sorted(prov.get('chapters') or {})) or 'none'}).")
+
+
+def faithful_commit(prov: dict) -> str:
+    """The commit a GPU build ran: the one ``pack_carry.py`` recorded in the carry (the machine's own
+    copy of ``.git`` may be stale) when the build's ``icl_core`` source hash matches the carry's,
+    else what the machine's git said (or "unknown")."""
+    carry = (((prov.get("setup") or {}).get("carry_manifest") or {}).get("git") or {})
+    here = prov.get("git") or {}
+    if carry.get("commit") and carry.get("icl_core_source") and carry["icl_core_source"] == here.get("icl_core_source"):
+        return str(carry["commit"])
+    return str(here.get("commit") or "unknown")
+
+
+#: the logged snapshot metrics a GPU build's provenance keeps per run (benchmarks/gpu/run_profile.py)
+CURVE = ("tokens", "loss", "icl", "prefix_max", "prev_token_max")
+
+
+def faithful_runs(directory: str | Path = FAITHFUL_DIR) -> pd.DataFrame | None:
+    """One row per run of the committed GPU build, from the snapshot metrics its provenance logged
+    (``icl``: the single-index ICL score, loss at the late index minus the early one): the tokens at
+    which the top prefix-matching score first reached :data:`INDUCTION_THRESHOLD`, the ICL score at
+    the snapshot before that, its highest value, and both at the end. None without a committed build."""
+    _, prov = faithful_rows(directory)
+    if prov is None:
+        return None
+    rows = []
+    for name, r in (prov.get("runs") or {}).items():
+        curve = r.get("curve") or []
+        if r.get("curve_columns", list(CURVE))[:len(CURVE)] != list(CURVE) or not curve:
+            raise ScorecardError(f"{Path(directory) / 'provenance.json'}: run {name!r} has no curve of columns {CURVE}")
+        c = pd.DataFrame([row[:len(CURVE)] for row in curve], columns=CURVE).astype(float)
+        crossed = np.flatnonzero(c["prefix_max"].to_numpy() >= INDUCTION_THRESHOLD)
+        first = int(crossed[0]) if len(crossed) else None
+        peak = int(c["icl"].idxmax())
+        rows.append({"run": name, "layers": r.get("layers"), "d_model": r.get("d_model"),
+                     "tokens": c["tokens"].iloc[-1], "final loss": c["loss"].iloc[-1],
+                     "top prefix score": c["prefix_max"].iloc[-1], "prev-token score": c["prev_token_max"].iloc[-1],
+                     "prefix score reached 0.3 at": c["tokens"].iloc[first] if first is not None else np.nan,
+                     "ICL before": c["icl"].iloc[first - 1] if first else np.nan,
+                     "highest ICL": c["icl"].iloc[peak], "at": c["tokens"].iloc[peak],
+                     "final ICL": c["icl"].iloc[-1]})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def faithful_runs_text(table: pd.DataFrame | None) -> str:
+    """What :func:`faithful_runs` shows for the vanilla models (runs named ``attn<L>``, seeds
+    ``_s<k>``), against the paper's ICL before (above PAPER_ICL_BEFORE) and after (about PAPER_ICL_AFTER)."""
+    if table is None:
+        return "No GPU build is committed, so there is no per-run table at the faithful scale."
+    van = table[table.index.str.fullmatch(r"attn\d(_s\d+)?")]
+    formed = van[van["prefix score reached 0.3 at"].notna()]
+    deep = van[van["layers"] >= 2]
+    parts = [f"Of the {len(deep)} vanilla runs with two or more layers, {len(formed[formed['layers'] >= 2])} formed an "
+             f"induction head (top prefix-matching score ≥ {INDUCTION_THRESHOLD})"
+             + (f", at {join(f'{fmt_tokens(t)} ({n})' for n, t in formed['prefix score reached 0.3 at'].items())} tokens"
+                if len(formed) else "")
+             + f"; {len(van[van['layers'] == 1])} one-layer runs reached {fmt(van[van['layers'] == 1]['top prefix score'].max(), '.2f')} at most."]
+    if len(formed):
+        parts.append(f"In those runs the logged ICL score was {fmt(formed['ICL before'].min())} to {fmt(formed['ICL before'].max())} "
+                     f"nats at the snapshot before the crossing (paper: above {PAPER_ICL_BEFORE}) and "
+                     f"{fmt(formed['final ICL'].min())} to {fmt(formed['final ICL'].max())} at the end (paper: about {PAPER_ICL_AFTER}).")
+    cross = van["prefix score reached 0.3 at"]
+    pos = van[(van["highest ICL"] > 0) & (cross.isna() | (van["at"] < cross))]
+    if len(pos):
+        parts.append(f"In {len(pos)} of {len(van)} vanilla runs the ICL score rose above zero before any induction head "
+                     f"had formed (highest {fmt(pos['highest ICL'].max())} nats): the late token's loss was higher than "
+                     "the early token's, the opposite of in-context learning.")
+    return " ".join(parts)
 
 
 # --- the landing page -------------------------------------------------------------------------------

@@ -158,3 +158,33 @@ def test_dry_run_smoke_on_cpu(tmp_path):
     left = sorted(p.name for p in summary.rglob("*") if p.is_file())
     assert left == ["build.log", "provenance.json", "results.json"], left
     assert not [p for p in summary.rglob("*") if p.suffix in WEIGHTS_OR_NOTEBOOKS]
+
+
+def test_git_info_takes_the_carry_commit_and_keeps_what_git_said():
+    """The device machine's copy of .git was stale once (it named a commit two before the carry's):
+    with a carry, its commit is the build's; the local .git's is kept beside it."""
+    from icl_core.book.chapters import source_hash
+    carry = {"git": {"commit": "f" * 40, "dirty": False, "branch": "main", "icl_core_source": source_hash()}}
+    g = rp.git_info(ROOT, carry_manifest=carry)
+    assert g["commit"] == "f" * 40 and g["matches_carry"] is True and g["source"].startswith("carry.json")
+    assert g["git_here"]["commit"] and g["git_here"]["commit"] != "f" * 40
+    other = {"git": dict(carry["git"], icl_core_source="0" * 64)}
+    assert rp.git_info(ROOT, carry_manifest=other)["matches_carry"] is False
+    assert rp.git_info(ROOT)["source"] == "git" and "git_here" not in rp.git_info(ROOT)
+
+
+def test_pack_carry_fails_here_on_a_run_whose_validation_text_is_too_short(tmp_path, capsys):
+    """A run asking for more evaluation windows than its validation text holds stops the packing
+    with one line naming it (it stopped the first GPU build, on the machine, instead)."""
+    from dataclasses import replace
+
+    from icl_core.config import ConfigError
+    from icl_core.profiles import load_profile
+    pc = _load("pack_carry")
+    smoke = load_profile("smoke")
+    cfg = smoke.runs["attn2_prose"]
+    too_many = replace(cfg, data=replace(cfg.data, n_eval=10 ** 6))
+    prof = type(smoke)(smoke.name, smoke.description, smoke.banner, runs={"big": too_many}, chapters={})
+    with pytest.raises(ConfigError, match="run 'big' of profile 'smoke': the validation documents hold only"):
+        pc.profile_corpora(prof)
+    assert list(pc.profile_corpora(type(smoke)(smoke.name, "", "", runs={"ok": cfg}, chapters={})).values()) == [["ok"]]

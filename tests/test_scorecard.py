@@ -363,6 +363,62 @@ def test_faithful_scale_column_reads_a_committed_gpu_build(tmp_path):
         SC.faithful_rows(gpu)
 
 
+def _gpu_build(d, runs, git=None, carry=None):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps({"profile": "gpu", "files": {}}))
+    (d / "provenance.json").write_text(json.dumps({"profile": "gpu", "git": git or {"commit": "c" * 40},
+                                                   "setup": {"carry_manifest": {"git": carry}} if carry else {},
+                                                   "runs": runs, "chapters": {"00_intro": {}}}))
+    return d
+
+
+def _curve_run(layers, icl, prefix):
+    cols = ["tokens", "loss", "icl", "prefix_max", "prev_token_max"]
+    return {"layers": layers, "d_model": 64, "curve_columns": cols,
+            "curve": [[1e6 * (i + 1), 5.0 - i, a, p, 0.1] for i, (a, p) in enumerate(zip(icl, prefix))]}
+
+
+def test_faithful_runs_read_the_logged_curves_with_known_answers(tmp_path):
+    """Issue 23's report: per run of the committed GPU build, when the top prefix score crossed the
+    induction line and the ICL score before it, at its highest and at the end."""
+    assert SC.faithful_runs(tmp_path / "none") is None
+    assert "No GPU build" in SC.faithful_runs_text(None)
+    runs = {"attn2": _curve_run(2, [0.0, 0.3, 0.1, -0.4], [0.03, 0.05, 0.35, 0.6]),
+            "attn1": _curve_run(1, [0.0, 0.2, 0.2, 0.1], [0.03, 0.03, 0.03, 0.03]),
+            "smear1": _curve_run(1, [0.0, -0.1, -0.2, -0.3], [0.03, 0.4, 0.5, 0.5])}
+    t = SC.faithful_runs(_gpu_build(tmp_path / "g", runs))
+    a = t.loc["attn2"]
+    assert a["prefix score reached 0.3 at"] == 3e6 and a["ICL before"] == 0.3
+    assert a["highest ICL"] == 0.3 and a["at"] == 2e6 and a["final ICL"] == -0.4 and a["top prefix score"] == 0.6
+    assert np.isnan(t.loc["attn1", "prefix score reached 0.3 at"]) and np.isnan(t.loc["attn1", "ICL before"])
+    txt = SC.faithful_runs_text(t)
+    assert "Of the 1 vanilla runs with two or more layers, 1 formed an induction head" in txt
+    assert "3M (attn2)" in txt and "+0.30 to +0.30 nats at the snapshot before" in txt and "-0.40 to -0.40 at the end" in txt
+    assert "In 2 of 2 vanilla runs the ICL score rose above zero" in txt  # smear1 is not vanilla
+    bad = dict(runs, attn2={**runs["attn2"], "curve_columns": ["tokens", "loss"]})
+    with pytest.raises(SC.ScorecardError, match="no curve"):
+        SC.faithful_runs(_gpu_build(tmp_path / "b", bad))
+
+
+def test_faithful_commit_prefers_the_carry_when_the_source_matches(tmp_path):
+    """The device machine's .git was stale once: the carry's commit counts when its icl_core hash is the build's."""
+    carry = {"commit": "b" * 40, "icl_core_source": "h1"}
+    assert SC.faithful_commit({"git": {"commit": "a" * 40, "icl_core_source": "h1"}, "setup": {"carry_manifest": {"git": carry}}}) == "b" * 40
+    assert SC.faithful_commit({"git": {"commit": "a" * 40, "icl_core_source": "h2"}, "setup": {"carry_manifest": {"git": carry}}}) == "a" * 40
+    assert SC.faithful_commit({}) == "unknown"
+    d = _gpu_build(tmp_path / "g", {}, git={"commit": "a" * 40, "icl_core_source": "h1"}, carry=carry)
+    assert "`bbbbbbbbbb`" in SC.faithful_text(d) and "(00_intro)" in SC.faithful_text(d)
+
+
+def test_the_committed_gpu_build_reads():
+    """results/gpu/ as committed: its claims, its per-run table and its commit all read."""
+    rows, prov = SC.faithful_rows()
+    if prov is None:
+        pytest.skip("no GPU build committed")
+    t = SC.faithful_runs()
+    assert rows and set(t.index) == set(prov["runs"]) and SC.faithful_commit(prov) != "unknown"
+
+
 def test_landing_table_has_a_faithful_scale_column():
     row = SC.row("one_layer", "0 of 2 runs form one", "`attn1`", V.count_verdict(2, 2)).to_dict()
     assert '<td class="faithful">not run yet</td>' in SC.landing_html([row], "laptop")

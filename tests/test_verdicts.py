@@ -255,3 +255,18 @@ def test_rotation_caveat_names_the_setting():
     s = rotation_caveat({"attn2": run("rope"), "attn3": run("rope")})
     assert "`attn2`, `attn3` use rotary" in s and "without the rotation" in s and "offset 0" in s
     assert "rotary" not in rotation_caveat({"attn2": run("shortformer")})
+
+
+def test_icl_by_window_splits_the_logged_score(tiny_run_cfg, tmp_path):
+    """The ICL score per kind and place of the evaluation windows: the 'all' row is the logged score
+    (single-index, or banded with band=True), and the groups partition the windows."""
+    from icl_core.runs import get_or_train
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    t = CM.icl_by_window(run)
+    logged = run.metrics().iloc[-1]
+    assert t.loc["all", "icl"] == pytest.approx(logged["icl_single"], abs=1e-6)
+    assert CM.icl_by_window(run, band=True).loc["all", "icl"] == pytest.approx(logged["icl"], abs=1e-6)
+    assert t["n"].drop("all").sum() == t.loc["all", "n"] == tiny_run_cfg.data.n_eval
+    assert t.loc["prose, first", "n"] >= 1  # every document's first window counts
+    early = CM.icl_by_window(run, run.steps[0])
+    assert early.loc["all", "icl"] == pytest.approx(run.metrics().iloc[0]["icl_single"], abs=1e-6)

@@ -97,13 +97,20 @@ def prune(site: Path, log=print) -> int:
 
 
 def profile_corpora(profile) -> dict:
-    """{corpus folder: [runs]} for every run of the profile, built here if missing."""
+    """{corpus folder: [runs]} for every run of the profile, built here if missing. Each run's
+    evaluation windows are drawn here too, so that a run whose validation text is too short for its
+    ``n_eval`` fails here (ConfigError naming it), not on the lent machine (it did once: 2026-12-04)."""
     from icl_core import data as D
+    from icl_core.config import ConfigError
     from icl_core.runs import cache_dir
 
     out: dict[Path, list[str]] = {}
     for name, cfg in profile.runs.items():
         c = D.Corpus(cfg.data, cache_dir())
+        try:
+            D.eval_window_sources(c, cfg.data.n_eval, cfg.model.n_ctx, cfg.data.eval_seed)
+        except ConfigError as e:
+            raise ConfigError(f"run {name!r} of profile {profile.name!r}: {e}") from None
         out.setdefault(c.dir, []).append(name)
     return out
 
@@ -150,7 +157,11 @@ def main(argv=None) -> int:
             tar_xz(td / "site", dest / "site.tar.xz")
             info["requirements"] = [ln for ln in REQUIREMENTS.read_text().splitlines() if ln and not ln.startswith("#")]
         if "corpora" not in a.skip:
-            folders = profile_corpora(prof)
+            try:
+                folders = profile_corpora(prof)
+            except ConfigError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             (td / "corpora").mkdir()
             for folder in folders:
                 shutil.copytree(folder, td / "corpora" / folder.name, ignore=shutil.ignore_patterns(".lock"))

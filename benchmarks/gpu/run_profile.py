@@ -235,9 +235,10 @@ class GpuSampler:
 # --- provenance -------------------------------------------------------------------------------------
 
 def git_info(root: Path = ROOT, carry_manifest: dict | None = None) -> dict:
-    """Commit, dirty flag and branch of the checkout. The device tool copies the working tree without
-    its .git: there the commit is the one pack_carry.py recorded, and ``icl_core_source`` (a hash of
-    the icl_core source, computed here and there) says whether the tree still matches it."""
+    """Commit, dirty flag and branch of the checkout. With a carry, the commit is the one pack_carry.py
+    recorded (the device tool's copy of .git was stale once: it named a commit two before the carry's),
+    ``matches_carry`` whether the icl_core source hash computed here equals the carry's, and
+    ``git_here`` what the local .git said, if there is one."""
     def git(*args):
         try:
             r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
@@ -250,10 +251,12 @@ def git_info(root: Path = ROOT, carry_manifest: dict | None = None) -> dict:
            "branch": git("rev-parse", "--abbrev-ref", "HEAD"), "source": "git"}
     from icl_core.book.chapters import source_hash
     out["icl_core_source"] = source_hash()
-    if commit is None and carry_manifest:
+    if carry_manifest:  # the device machine's .git can be a stale copy (seen 2026-12-04: HEAD two commits old)
         git_c = carry_manifest.get("git", {})
+        if commit is not None:
+            out["git_here"] = {"commit": commit, "dirty": out["dirty"], "branch": out["branch"]}
         out.update(commit=git_c.get("commit"), dirty=git_c.get("dirty"), branch=git_c.get("branch"),
-                   source="carry.json (no .git here)",
+                   source="carry.json (pack_carry.py, at the last commit before the call)",
                    matches_carry=git_c.get("icl_core_source") == out["icl_core_source"])
     return out
 
