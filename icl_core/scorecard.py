@@ -530,7 +530,9 @@ def faithful_runs_text(table: pd.DataFrame | None) -> str:
     if len(pos):
         parts.append(f"In {len(pos)} of {len(van)} vanilla runs the ICL score rose above zero before any induction head "
                      f"had formed (highest {fmt(pos['highest ICL'].max())} nats): the late token's loss was higher than "
-                     "the early token's, the opposite of in-context learning.")
+                     "the early token's, the opposite of in-context learning. A CPU check of 1-layer models traces most "
+                     "of it to the evaluation windows' rule, which puts the early index in documents' opening lines "
+                     "(`results/gpu/README.md`).")
     return " ".join(parts)
 
 
