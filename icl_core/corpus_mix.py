@@ -142,6 +142,28 @@ def icl_by_window(run, step: int | None = None, band: bool = False) -> pd.DataFr
     return pd.DataFrame(rows).set_index("windows")
 
 
+def icl_on_random_windows(run, step: int | None = None, n: int = 256, seed: int = 0) -> dict:
+    """The ICL score of ``run`` at ``step`` (default the last) on ``n`` windows drawn as training draws
+    them: random offsets in the validation stream, across documents (the evaluation windows instead
+    tile each document from its start, :func:`icl_core.data.eval_window_sources`). Returns the
+    single-index and banded scores over all windows and over those inside one document (no EOS
+    after their first token), and that count."""
+    import torch
+
+    from . import metrics as M
+
+    n_ctx = run.config.model.n_ctx
+    val = np.asarray(run.corpus.val)
+    starts = np.random.default_rng(seed).integers(0, len(val) - n_ctx, n)
+    toks = torch.from_numpy(np.stack([val[s:s + n_ctx] for s in starts]).astype(np.int64))
+    losses = M.per_token_losses(run.load(step), toks, precision=run.metrics_precision)
+    inside = (toks[:, 1:] != D.EOS_ID).all(1)
+    return {"icl": M.icl_score_from_losses(losses, n_ctx), "icl_band": M.icl_band_score(losses, n_ctx),
+            "icl_inside": M.icl_score_from_losses(losses[inside], n_ctx) if inside.any() else float("nan"),
+            "icl_band_inside": M.icl_band_score(losses[inside], n_ctx) if inside.any() else float("nan"),
+            "n": n, "n_inside": int(inside.sum())}
+
+
 def bos_artefact(losses, vocab_size: int) -> dict:
     """From per-index losses (each ``(T-1,)``, e.g. the last snapshot of some runs): the mean loss at
     the first text index, ln(vocabulary) and the mean loss at the next four indices."""

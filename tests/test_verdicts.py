@@ -270,3 +270,26 @@ def test_icl_by_window_splits_the_logged_score(tiny_run_cfg, tmp_path):
     assert t.loc["prose, first", "n"] >= 1  # every document's first window counts
     early = CM.icl_by_window(run, run.steps[0])
     assert early.loc["all", "icl"] == pytest.approx(run.metrics().iloc[0]["icl_single"], abs=1e-6)
+
+
+def test_icl_on_random_windows_known_answers(tiny_run_cfg, tmp_path):
+    """Windows at random offsets of the validation stream: the scores are those of per_token_losses on
+    exactly those windows, the 'inside' ones those without an EOS after their first token."""
+    import numpy as np
+    import torch
+    from icl_core import metrics as M
+    from icl_core.runs import get_or_train
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    r = CM.icl_on_random_windows(run, n=12, seed=3)
+    n_ctx = run.config.model.n_ctx
+    val = np.asarray(run.corpus.val)
+    starts = np.random.default_rng(3).integers(0, len(val) - n_ctx, 12)
+    toks = torch.from_numpy(np.stack([val[s:s + n_ctx] for s in starts]).astype(np.int64))
+    L = M.per_token_losses(run.load(), toks, precision=run.metrics_precision)
+    assert r["icl"] == pytest.approx(M.icl_score_from_losses(L, n_ctx), abs=1e-6)
+    assert r["icl_band"] == pytest.approx(M.icl_band_score(L, n_ctx), abs=1e-6)
+    inside = (toks[:, 1:] != 0).all(1)
+    assert r["n"] == 12 and r["n_inside"] == int(inside.sum())
+    if inside.any():
+        assert r["icl_band_inside"] == pytest.approx(M.icl_band_score(L[inside], n_ctx), abs=1e-6)
+    assert CM.icl_on_random_windows(run, n=12, seed=3) == r  # the same windows for the same seed
