@@ -293,3 +293,20 @@ def test_icl_on_random_windows_known_answers(tiny_run_cfg, tmp_path):
     if inside.any():
         assert r["icl_band_inside"] == pytest.approx(M.icl_band_score(L[inside], n_ctx), abs=1e-6)
     assert CM.icl_on_random_windows(run, n=12, seed=3) == r  # the same windows for the same seed
+
+
+def test_window_rule_table_and_text(tiny_run_cfg, tmp_path):
+    """The methods appendix's measure of the window rule: the logged score beside the random windows'."""
+    from types import SimpleNamespace
+    from icl_core.runs import get_or_train
+    run = get_or_train(tiny_run_cfg, root=tmp_path, progress=False)
+    prof = SimpleNamespace(runs={"attn2": None, "other": None}, run=lambda name: run)
+    t = CM.window_rule_table(prof, n=16, seed=1)
+    assert list(t.index) == ["attn2"]  # attn2_s1/_s2 absent from this profile
+    r = CM.icl_on_random_windows(run, n=16, seed=1)
+    assert t.loc["attn2", "random offsets"] == r["icl_band"]
+    assert t.loc["attn2", "book's windows"] == pytest.approx(float(run.metrics()["icl"].iloc[-1]))
+    assert t.loc["attn2", "book minus random"] == pytest.approx(t.loc["attn2", "book's windows"] - r["icl_band"])
+    txt = CM.window_rule_text(t)
+    assert "`attn2`" in txt and "16 windows drawn as training draws them" in txt and "[Deviation]" in txt
+    assert "not measured" in CM.window_rule_text(CM.window_rule_table(SimpleNamespace(runs={}, run=None)))
