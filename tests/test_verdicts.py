@@ -310,3 +310,7 @@ def test_window_rule_table_and_text(tiny_run_cfg, tmp_path):
     txt = CM.window_rule_text(t)
     assert "`attn2`" in txt and "16 windows drawn as training draws them" in txt and "[Deviation]" in txt
     assert "not measured" in CM.window_rule_text(CM.window_rule_table(SimpleNamespace(runs={}, run=None)))
+
+    def untrained(name):
+        raise FileNotFoundError(name)
+    assert CM.window_rule_table(SimpleNamespace(runs={"attn2": None}, run=untrained)).empty  # the appendix trains nothing
